@@ -1,0 +1,32 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both create .venv and install into it.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# A CPU build of torch that exists as a wheel here; on a GPU cluster pin the matching CUDA build instead.
+TORCH  ?= torch==2.13.0
+# DeepSpeed compiles its CPU ops (shared-memory allreduce) on first use: keep them between runs.
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/build/torch_extensions
+export PYTHONUNBUFFERED := 1
+export RAY_USAGE_STATS_ENABLED := 0
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
+
+.PHONY: install demo test bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	DS_BUILD_OPS=0 $(BIN)/pip install -q -e ".[test,demo]" "$(TORCH)"
+	touch $@
+
+demo: install
+	PATH=$(CURDIR)/$(BIN):$$PATH bash tools/demo.sh
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+clean:
+	rm -rf runs data outputs wandb build .pytest_cache

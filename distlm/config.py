@@ -1,0 +1,293 @@
+"""Typed schema of the composed Hydra config, and the checks that run before any worker starts.
+
+conf/ holds every default; the dataclasses here only say what each key is. `load_config` merges the
+composed config onto the schema (wrong types and unknown keys fail there, naming the key), resolves
+paths to absolute, and `validate` checks the values that depend on each other.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONF_DIR = Path(os.environ.get("DISTLM_CONF", Path(__file__).resolve().parents[1] / "conf"))
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key and what would be valid."""
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+class ExportDtype(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class WandbMode(str, Enum):
+    auto = "auto"
+    online = "online"
+    offline = "offline"
+    disabled = "disabled"
+
+
+@dataclass
+class ModelConfig:
+    dim: int = MISSING
+    n_layers: int = MISSING
+    n_heads: int = MISSING
+    n_kv_heads: int = MISSING
+    ffn_dim: int = MISSING
+    vocab_size: int = MISSING
+    max_seq_len: int = MISSING
+    rope_theta: float = MISSING
+    norm_eps: float = MISSING
+    tie_embeddings: bool = MISSING
+    init_std: float = MISSING
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+
+@dataclass
+class TokenizerConfig:
+    path: Optional[str] = MISSING
+    vocab_size: int = MISSING
+    eos_token: str = MISSING
+    train_docs: int = MISSING
+
+
+@dataclass
+class DataConfig:
+    inputs: list[str] = MISSING
+    text_field: str = MISSING
+    dir: str = MISSING
+    seq_len: int = MISSING
+    val_fraction: float = MISSING
+    min_chars: int = MISSING
+    max_chars: int = MISSING
+    samples_per_shard: int = MISSING
+    docs_per_task: int = MISSING
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = MISSING
+    pp: int = MISSING
+    zero_stage: int = MISSING
+
+
+@dataclass
+class ClusterConfig:
+    address: Optional[str] = MISSING
+    num_workers: int = MISSING
+    use_gpu: bool = MISSING
+    cpus_per_worker: int = MISSING
+    max_failures: int = MISSING
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = MISSING
+    min_lr: float = MISSING
+    warmup_steps: int = MISSING
+    weight_decay: float = MISSING
+    beta1: float = MISSING
+    beta2: float = MISSING
+    eps: float = MISSING
+    grad_clip: float = MISSING
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = MISSING
+    stop_at_step: Optional[int] = MISSING
+    micro_batch_size: int = MISSING
+    grad_accum: int = MISSING
+    precision: Precision = MISSING
+    log_every: int = MISSING
+    eval_every: int = MISSING
+    eval_batches: int = MISSING
+    checkpoint_every: int = MISSING
+    keep_checkpoints: int = MISSING
+    resume: str = MISSING
+
+
+@dataclass
+class LoggerConfig:
+    wandb: bool = MISSING
+    project: str = MISSING
+    entity: Optional[str] = MISSING
+    mode: WandbMode = MISSING
+
+
+@dataclass
+class ExportConfig:
+    checkpoint_dir: str = MISSING
+    tag: Optional[str] = MISSING
+    out_dir: str = MISSING
+    dtype: ExportDtype = MISSING
+    verify: bool = MISSING
+
+
+@dataclass
+class GenerateConfig:
+    model_dir: str = MISSING
+    prompt: str = MISSING
+    max_new_tokens: int = MISSING
+    temperature: float = MISSING
+    top_k: int = MISSING
+    top_p: float = MISSING
+    seed: int = MISSING
+
+
+@dataclass
+class Config:
+    run_name: str = MISSING
+    run_dir: str = MISSING
+    seed: int = MISSING
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+
+    @property
+    def data_parallel_size(self) -> int:
+        return self.cluster.num_workers // (self.parallel.tp * self.parallel.pp)
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.trainer.micro_batch_size * self.trainer.grad_accum * self.data_parallel_size
+
+
+def load_config(cfg: DictConfig | dict) -> Config:
+    """The composed config as a typed `Config`, with paths made absolute. Raises ConfigError."""
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_container(cfg, resolve=False)
+    cfg = {k: v for k, v in cfg.items() if k != "hydra"}
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Config), cfg)
+        config: Config = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"config key '{e.full_key}': {e.msg}") from None
+    _resolve_paths(config)
+    return config
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    """Plain, JSON-able form of a Config (enums as their values), for checkpoints and logs."""
+    return OmegaConf.to_container(OmegaConf.structured(config), resolve=True, enum_to_str=True)
+
+
+def _absolute(path: str) -> str:
+    if "://" in path or path.startswith("pipe:"):
+        return path  # an fsspec URL or a webdataset pipe is left as given
+    return str(Path(path).expanduser().resolve())
+
+
+def _resolve_paths(c: Config) -> None:
+    # Ray workers run in their own working directory: every path they see must be absolute.
+    c.run_dir = _absolute(c.run_dir)
+    c.data.dir = _absolute(c.data.dir)
+    c.data.inputs = [_absolute(p) for p in c.data.inputs]
+    if c.data.tokenizer.path:
+        c.data.tokenizer.path = _absolute(c.data.tokenizer.path)
+    c.export.checkpoint_dir = _absolute(c.export.checkpoint_dir)
+    c.export.out_dir = _absolute(c.export.out_dir)
+    c.generate.model_dir = _absolute(c.generate.model_dir)
+    if c.trainer.resume not in ("auto", "never"):
+        c.trainer.resume = _absolute(c.trainer.resume)
+
+
+def _check(problems: list[str], ok: bool, message: str) -> None:
+    if not ok:
+        problems.append(message)
+
+
+def validate_model(m: ModelConfig) -> list[str]:
+    p: list[str] = []
+    for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "max_seq_len"):
+        _check(p, getattr(m, key) > 0, f"model.{key}={getattr(m, key)} must be positive")
+    if p:
+        return p
+    _check(p, m.dim % m.n_heads == 0,
+           f"model.dim={m.dim} must be divisible by model.n_heads={m.n_heads} (the head size is dim / n_heads)")
+    _check(p, m.n_heads % m.n_kv_heads == 0,
+           f"model.n_heads={m.n_heads} must be divisible by model.n_kv_heads={m.n_kv_heads} "
+           f"(valid n_kv_heads: {[d for d in range(1, m.n_heads + 1) if m.n_heads % d == 0]})")
+    _check(p, m.head_dim % 2 == 0, f"head size model.dim / model.n_heads = {m.head_dim} must be even for RoPE")
+    return p
+
+
+def validate_preprocess(c: Config) -> list[str]:
+    d = c.data
+    p: list[str] = []
+    _check(p, len(d.inputs) > 0, "data.inputs is empty: give at least one JSONL file or glob")
+    for pattern in d.inputs:
+        if "://" not in pattern and not glob.glob(pattern):
+            p.append(f"data.inputs: no file matches '{pattern}'")
+    _check(p, d.seq_len > 0, f"data.seq_len={d.seq_len} must be positive")
+    _check(p, 0.0 <= d.val_fraction < 1.0, f"data.val_fraction={d.val_fraction} must be in [0, 1)")
+    _check(p, 0 <= d.min_chars <= d.max_chars, f"need 0 <= data.min_chars <= data.max_chars, got {d.min_chars}, {d.max_chars}")
+    _check(p, d.samples_per_shard > 0, f"data.samples_per_shard={d.samples_per_shard} must be positive")
+    _check(p, d.docs_per_task > 0, f"data.docs_per_task={d.docs_per_task} must be positive")
+    if d.tokenizer.path:
+        _check(p, Path(d.tokenizer.path).is_file(), f"data.tokenizer.path: no file '{d.tokenizer.path}'")
+    else:
+        _check(p, d.tokenizer.vocab_size >= 260,
+               f"data.tokenizer.vocab_size={d.tokenizer.vocab_size} must be at least 260 (256 bytes + special tokens)")
+    return p
+
+
+def validate_train(c: Config) -> list[str]:
+    t, par, cl, o = c.trainer, c.parallel, c.cluster, c.optimizer
+    p = validate_model(c.model)
+    manifest = Path(c.data.dir) / "manifest.json"
+    _check(p, manifest.is_file(),
+           f"data.dir: no preprocessed data at '{c.data.dir}' (missing manifest.json); run `distlm preprocess` first "
+           f"or point data.dir at a preprocessed dataset")
+    _check(p, c.model.max_seq_len >= c.data.seq_len,
+           f"model.max_seq_len={c.model.max_seq_len} is shorter than data.seq_len={c.data.seq_len}")
+    _check(p, cl.num_workers > 0, f"cluster.num_workers={cl.num_workers} must be positive")
+    _check(p, cl.cpus_per_worker > 0, f"cluster.cpus_per_worker={cl.cpus_per_worker} must be positive")
+    _check(p, par.tp == 1 and par.pp == 1,
+           f"parallel.tp={par.tp}, parallel.pp={par.pp}: tensor and pipeline parallelism are not available yet; "
+           f"use parallel=dp (tp=1, pp=1)")
+    _check(p, cl.num_workers % (par.tp * par.pp) == 0,
+           f"cluster.num_workers={cl.num_workers} must be a multiple of parallel.tp * parallel.pp = {par.tp * par.pp}")
+    _check(p, par.zero_stage in (0, 1, 2, 3), f"parallel.zero_stage={par.zero_stage} must be 0, 1, 2 or 3")
+    for key in ("max_steps", "micro_batch_size", "grad_accum", "log_every", "eval_every", "eval_batches",
+                "checkpoint_every", "keep_checkpoints"):
+        _check(p, getattr(t, key) > 0, f"trainer.{key}={getattr(t, key)} must be positive")
+    if t.stop_at_step is not None:
+        _check(p, 0 < t.stop_at_step <= t.max_steps,
+               f"trainer.stop_at_step={t.stop_at_step} must be in [1, trainer.max_steps={t.max_steps}]")
+    _check(p, t.resume in ("auto", "never") or Path(t.resume).exists(),
+           f"trainer.resume='{t.resume}': use auto, never, or an existing checkpoint directory")
+    _check(p, 0 < o.min_lr <= o.lr, f"need 0 < optimizer.min_lr <= optimizer.lr, got {o.min_lr}, {o.lr}")
+    _check(p, 0 <= o.warmup_steps < t.max_steps,
+           f"optimizer.warmup_steps={o.warmup_steps} must be below trainer.max_steps={t.max_steps}")
+    return p
+
+
+def raise_if(problems: list[str]) -> None:
+    if problems:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
