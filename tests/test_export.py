@@ -1,0 +1,320 @@
+"""Hugging Face export and generation, from real DeepSpeed checkpoints written by 2 gloo ranks on CPU."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import deepspeed
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors import safe_open
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from distlm.config import Config, ExportDtype, compose_config, to_dict
+from distlm.export.generate import generate
+from distlm.export.hf import LOGIT_TOLERANCE, export, verify
+from distlm.model.llama import Llama
+from distlm.train import checkpoint
+from distlm.train.checkpoint import CheckpointError, RunState
+from distlm.train.engine import build_engine
+
+REPO = Path(__file__).resolve().parents[1]
+EOS = "<|endoftext|>"
+VOCAB = 320
+SEQ = 32
+SAVE_AT = (2, 3)  # steps after which each run saves; keep=2 leaves both tags
+RUNS = {  # name -> config overrides
+    "zero0": ["parallel.zero_stage=0"],
+    "zero1": ["parallel.zero_stage=1"],
+    "zero3": ["parallel.zero_stage=3"],
+    "zero1_tied": ["parallel.zero_stage=1", "model.tie_embeddings=true"],
+    "zero3_tied": ["parallel.zero_stage=3", "model.tie_embeddings=true"],
+    "zero1_bf16": ["parallel.zero_stage=1", "trainer.precision=bf16"],
+}
+FP32_RUNS = [name for name in RUNS if "bf16" not in name]
+TEXT = [
+    "In the beginning God created the heaven and the earth.",
+    "And the earth was without form, and void; and darkness was upon the face of the deep.",
+    "And God said, Let there be light: and there was light.",
+    "The quick brown fox jumps over the lazy dog, again and again.",
+    "Numbers like 1234 and 56.78 appear too, with punctuation: (yes!)",
+]
+
+
+@dataclass
+class Run:
+    cfg: Config
+    root: Path  # checkpoints/ and reference/ (the trained weights, gathered apart from the checkpoint)
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.root / "checkpoints"
+
+    def reference_model(self, step: int = SAVE_AT[-1]) -> Llama:
+        model = Llama(self.cfg.model).eval()
+        model.load_state_dict(torch.load(self.root / "reference" / f"{checkpoint.tag_for_step(step)}.pt"))
+        return model
+
+
+def _train_and_save(rank: int, port: int, runs: list[Run], tokenizer_file: Path) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    deepspeed.init_distributed(dist_backend="gloo")
+    sha = hashlib.sha256(tokenizer_file.read_bytes()).hexdigest()
+    for run in runs:
+        c = run.cfg
+        torch.manual_seed(c.seed)
+        engine = build_engine(Llama(c.model), c)
+        data = torch.Generator().manual_seed(rank)
+        for step in range(1, SAVE_AT[-1] + 1):
+            ids = torch.randint(0, VOCAB, (c.trainer.micro_batch_size, SEQ + 1), generator=data)
+            engine.backward(engine(ids[:, :-1], labels=ids[:, 1:]))
+            engine.step()
+            if step not in SAVE_AT:
+                continue
+            state = RunState(step=step, samples_seen=step * c.global_batch_size,
+                             tokens_seen=step * c.global_batch_size * SEQ, config=to_dict(c), tokenizer_sha256=sha)
+            checkpoint.save(engine, run.ckpt_dir, state, tokenizer_file, keep=2)
+            # The live weights, gathered by ZeRO-3 (a no-op otherwise): what the export must reproduce.
+            with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+                if rank == 0:
+                    (run.root / "reference").mkdir(exist_ok=True)
+                    weights = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+                    torch.save(weights, run.root / "reference" / f"{checkpoint.tag_for_step(step)}.pt")
+            dist.barrier()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_file(tmp_path_factory) -> Path:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=[EOS],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(TEXT, trainer)
+    assert tok.token_to_id(EOS) == 0
+    path = tmp_path_factory.mktemp("tokenizer") / "tokenizer.json"
+    tok.save(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tokenizer_file) -> dict[str, Run]:
+    """One 2-rank job trains every run for 3 steps and saves after steps 2 and 3."""
+    base = tmp_path_factory.mktemp("runs")
+    runs = {}
+    for name, overrides in RUNS.items():
+        cfg = compose_config("model=test", f"data.tokenizer.vocab_size={VOCAB}", f"data.seq_len={SEQ}",
+                          "cluster.num_workers=2", "trainer.micro_batch_size=2", "trainer.grad_accum=1",
+                          "trainer.max_steps=3", "optimizer.warmup_steps=1", f"run_dir={base / name}", *overrides)
+        runs[name] = Run(cfg, base / name)
+    mp.spawn(_train_and_save, args=(_free_port(), list(runs.values()), tokenizer_file), nprocs=2)
+    return runs
+
+
+def export_config(source: Path, out_dir: Path, *overrides: str) -> Config:
+    return compose_config(f"export.checkpoint_dir={source}", f"export.out_dir={out_dir}", *overrides)
+
+
+@pytest.fixture(scope="module")
+def zero1_export(runs, tmp_path_factory) -> Path:
+    return export(export_config(runs["zero1"].ckpt_dir, tmp_path_factory.mktemp("export") / "hf"))
+
+
+def fixed_ids() -> torch.Tensor:
+    return torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(7))
+
+
+def hf_model(path: Path, dtype=torch.float32):
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+
+
+def hf_name(name: str) -> str:
+    return name if name == "lm_head.weight" else "model." + name
+
+
+@pytest.mark.parametrize("name", FP32_RUNS)
+def test_export_reproduces_the_trained_model(name, runs, tmp_path):
+    run = runs[name]
+    out = export(export_config(run.ckpt_dir, tmp_path / "hf"))
+    hf, ours = hf_model(out), run.reference_model()
+    hf_weights = hf.state_dict()
+    for k, w in ours.state_dict().items():  # in fp32 training the master weights are the live ones, bit for bit
+        assert torch.equal(hf_weights[hf_name(k)], w), k
+    with torch.no_grad():
+        ref, got = ours(fixed_ids()), hf(input_ids=fixed_ids()).logits
+    assert ref.abs().max() > 0.1  # logits large enough for the comparison to mean something
+    assert (ref - got).abs().max().item() <= 1e-4
+    if run.cfg.model.tie_embeddings:
+        assert hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
+        with safe_open(out / "model.safetensors", "pt") as f:
+            assert "lm_head.weight" not in f.keys()
+
+
+def test_bf16_training_exports_the_fp32_master_weights(runs, tmp_path):
+    run = runs["zero1_bf16"]
+    out = export(export_config(run.ckpt_dir, tmp_path / "hf"))
+    hf_weights = hf_model(out).state_dict()
+    live = run.reference_model().state_dict()  # bf16 copies of the master weights
+    assert all(w.dtype == torch.float32 for w in hf_weights.values())
+    assert any(not torch.equal(hf_weights[hf_name(k)], w.float()) for k, w in live.items())  # more than bf16 bits
+    for k, w in live.items():
+        assert torch.equal(hf_weights[hf_name(k)].to(torch.bfloat16), w), k
+
+
+def test_export_of_an_older_tag(runs, tmp_path):
+    run = runs["zero3"]
+    out = export(export_config(run.ckpt_dir, tmp_path / "hf", f"export.tag={checkpoint.tag_for_step(2)}"))
+    with torch.no_grad():
+        ref, got = run.reference_model(step=2)(fixed_ids()), hf_model(out)(input_ids=fixed_ids()).logits
+        newer = run.reference_model(step=3)(fixed_ids())
+    assert (ref - got).abs().max().item() <= 1e-4
+    assert (newer - got).abs().max().item() > 1e-3
+
+
+def test_verification_rejects_an_export_of_other_weights(runs, zero1_export):
+    run = runs["zero1"]
+    older = run.reference_model(step=2).state_dict()
+    with pytest.raises(RuntimeError, match="does not reproduce the checkpoint"):
+        verify(zero1_export, run.cfg.model, older, ExportDtype.fp32)
+
+
+def test_tokenizer_round_trips_text_and_knows_eos(zero1_export):
+    tok = AutoTokenizer.from_pretrained(zero1_export)
+    text = "In the beginning, a fox (1234) was é\n  unknown-ish!"
+    assert tok.decode(tok(text).input_ids) == text
+    assert tok.eos_token == EOS and tok.eos_token_id == 0
+    assert tok(EOS).input_ids == [0]
+
+
+def test_config_json_describes_the_model(zero1_export, runs):
+    m = runs["zero1"].cfg.model
+    cfg = json.loads((zero1_export / "config.json").read_text())
+    assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["model_type"] == "llama"
+    assert (cfg["vocab_size"], cfg["hidden_size"], cfg["intermediate_size"]) == (VOCAB, m.dim, m.ffn_dim)
+    assert (cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["num_key_value_heads"]) == \
+        (m.n_layers, m.n_heads, m.n_kv_heads)
+    assert cfg["head_dim"] == m.dim // m.n_heads and cfg["max_position_embeddings"] == SEQ
+    assert cfg["rms_norm_eps"] == m.norm_eps
+    assert cfg["rope_parameters"] == {"rope_type": "default", "rope_theta": m.rope_theta}
+    assert cfg["tie_word_embeddings"] is False and cfg["dtype"] == "float32"
+    assert cfg["eos_token_id"] == cfg["bos_token_id"] == 0
+    gen = json.loads((zero1_export / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == 0
+
+
+def test_bf16_export_loads_and_is_close(runs, zero1_export, tmp_path):
+    run = runs["zero1"]
+    out = export(export_config(run.ckpt_dir, tmp_path / "hf", "export.dtype=bf16"))
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    hf = hf_model(out, dtype="auto")
+    assert hf.model.embed_tokens.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        ref, got = run.reference_model()(fixed_ids()), hf(input_ids=fixed_ids()).logits.float()
+    assert (ref - got).abs().max().item() <= LOGIT_TOLERANCE[ExportDtype.bf16] * max(1.0, ref.abs().max().item())
+    size = (out / "model.safetensors").stat().st_size
+    assert size < 0.6 * (zero1_export / "model.safetensors").stat().st_size
+
+
+def test_generate_greedy_is_deterministic_and_matches_distlm(zero1_export, runs, capsys):
+    c = compose_config(f"generate.model_dir={zero1_export}", "generate.temperature=0", "generate.max_new_tokens=12")
+    first, second = generate(c), generate(c)
+    assert first == second
+    assert capsys.readouterr().out.splitlines()[0] == c.generate.prompt + first
+
+    # distlm's own greedy decoding of the same prompt gives the same text, of the requested length.
+    tok = AutoTokenizer.from_pretrained(zero1_export)
+    ids = tok(c.generate.prompt, return_tensors="pt").input_ids
+    model = runs["zero1"].reference_model()
+    new = []
+    with torch.no_grad():
+        while len(new) < c.generate.max_new_tokens and (not new or new[-1] != tok.eos_token_id):
+            new.append(model(torch.cat([ids, torch.tensor([new], dtype=torch.long)], dim=1))[0, -1].argmax().item())
+    assert tok.eos_token_id in new or len(new) == c.generate.max_new_tokens
+    assert first == tok.decode(new, skip_special_tokens=True)
+
+
+def test_generate_sampling_follows_the_seed(zero1_export):
+    overrides = [f"generate.model_dir={zero1_export}", "generate.temperature=1.0", "generate.max_new_tokens=20"]
+    a, b = generate(compose_config(*overrides, "generate.seed=1")), generate(compose_config(*overrides, "generate.seed=1"))
+    c = generate(compose_config(*overrides, "generate.seed=2"))
+    assert a == b and a != c
+
+
+def test_generate_from_a_missing_directory_says_so(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a Hugging Face model directory"):
+        generate(compose_config(f"generate.model_dir={tmp_path / 'nothing'}"))
+
+
+@pytest.mark.parametrize("run_name, damage, message", [
+    ("zero1", "delete zero_pp_rank_1_mp_rank_00_optim_states.pt", "Expected 2 of"),
+    ("zero3", "truncate zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt is damaged"),
+    ("zero0", "truncate mp_rank_00_model_states.pt", "mp_rank_00_model_states.pt is damaged"),
+    ("zero0", "delete mp_rank_00_model_states.pt", "mp_rank_00_model_states.pt"),
+    ("zero1", "delete distlm_state.json", "distlm_state.json is missing"),
+])
+def test_damaged_checkpoint_is_named_and_leaves_no_export(run_name, damage, message, runs, tmp_path):
+    ckpt_dir = shutil.copytree(runs[run_name].ckpt_dir, tmp_path / "checkpoints")
+    tag_dir = ckpt_dir / checkpoint.find_latest(ckpt_dir)
+    action, file = damage.split()
+    if action == "delete":
+        (tag_dir / file).unlink()
+    else:
+        data = (tag_dir / file).read_bytes()
+        (tag_dir / file).write_bytes(data[: len(data) // 2])
+    out = tmp_path / "hf"
+    with pytest.raises(CheckpointError, match=message) as err:
+        export(export_config(tag_dir, out))
+    assert str(tag_dir) in str(err.value)
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoints"]  # no export, no temporary directory
+
+
+def test_export_refuses_to_replace_a_foreign_directory(runs, tmp_path):
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not a Hugging Face model directory"):
+        export(export_config(runs["zero1"].ckpt_dir, tmp_path / "hf"))
+    assert (tmp_path / "hf" / "notes.txt").read_text() == "mine"
+
+
+def test_export_replaces_an_earlier_export(runs, tmp_path):
+    run = runs["zero1"]
+    export(export_config(run.ckpt_dir, tmp_path / "hf", f"export.tag={checkpoint.tag_for_step(2)}"))
+    out = export(export_config(run.ckpt_dir, tmp_path / "hf"))
+    with torch.no_grad():
+        ref, got = run.reference_model()(fixed_ids()), hf_model(out)(input_ids=fixed_ids()).logits
+    assert (ref - got).abs().max().item() <= 1e-4
+    assert [p.name for p in tmp_path.iterdir()] == ["hf"]
+
+
+def test_convert_tool_runs_as_a_script(runs, tmp_path):
+    tag_dir = runs["zero3_tied"].ckpt_dir / checkpoint.tag_for_step(3)
+    out = tmp_path / "hf"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "convert_to_hf.py"), str(tag_dir), str(out)],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "max |Δlogits|" in proc.stderr
+    with torch.no_grad():
+        ref, got = runs["zero3_tied"].reference_model()(fixed_ids()), hf_model(out)(input_ids=fixed_ids()).logits
+    assert (ref - got).abs().max().item() <= 1e-4
