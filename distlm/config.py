@@ -192,6 +192,14 @@ def load_config(cfg: DictConfig | dict) -> Config:
     return config
 
 
+def compose_config(*overrides: str) -> Config:
+    """Compose conf/ with Hydra overrides outside a `distlm` command (tools, tests, notebooks)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        return load_config(compose("config", overrides=list(overrides)))
+
+
 def to_dict(config: Config) -> dict[str, Any]:
     """Plain, JSON-able form of a Config (enums as their values), for checkpoints and logs."""
     return OmegaConf.to_container(OmegaConf.structured(config), resolve=True, enum_to_str=True)

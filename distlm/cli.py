@@ -1,0 +1,92 @@
+"""The `distlm` command. Each subcommand composes conf/ with Hydra and calls one stage's function.
+
+    distlm preprocess [overrides]   raw JSONL -> cleaned, tokenized, packed WebDataset shards (Ray)
+    distlm train      [overrides]   Ray Train workers running DeepSpeed; resumes from the latest checkpoint
+    distlm export     [overrides]   a checkpoint -> a Hugging Face LlamaForCausalLM directory
+    distlm generate   [overrides]   continue a prompt with an exported (or any local HF Llama) model
+    distlm report     RUN_DIR       summary of a run and a PNG plot of its loss curve
+
+Overrides are Hydra's: `key=value` or `group=option` (e.g. `model=tiny trainer.max_steps=500`).
+`distlm COMMAND --cfg job` prints the composed config; `distlm COMMAND --help` lists the groups.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Callable
+
+log = logging.getLogger("distlm")
+
+
+def _preprocess(c) -> None:
+    from distlm.data.preprocess import preprocess
+
+    preprocess(c)
+
+
+def _train(c) -> None:
+    from distlm.train.launch import train
+
+    train(c)
+
+
+def _export(c) -> None:
+    from distlm.export.hf import export
+
+    export(c)
+
+
+def _generate(c) -> None:
+    from distlm.export.generate import generate
+
+    generate(c)
+
+
+HYDRA_COMMANDS: dict[str, Callable] = {
+    "preprocess": _preprocess,
+    "train": _train,
+    "export": _export,
+    "generate": _generate,
+}
+
+
+def _run_with_hydra(command: str, args: list[str]) -> None:
+    import hydra
+    from omegaconf import DictConfig
+
+    from distlm.config import CONF_DIR, ConfigError, load_config
+    from distlm.train.checkpoint import CheckpointError
+
+    def task(cfg: DictConfig) -> None:
+        try:
+            HYDRA_COMMANDS[command](load_config(cfg))
+        except (ConfigError, CheckpointError) as e:
+            log.error("%s", e)
+            sys.exit(2)
+
+    # Hydra reads sys.argv; the job name names the log file in the run dir (train.log, export.log, ...).
+    sys.argv = [f"distlm {command}", *args, f"hydra.job.name={command}"]
+    hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="config")(task)()
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return
+    command, args = argv[0], argv[1:]
+    if command == "report":
+        from distlm.report import main as report_main
+
+        report_main(args)
+    elif command in HYDRA_COMMANDS:
+        _run_with_hydra(command, args)
+    else:
+        print(f"distlm: unknown command '{command}'; choose from: {', '.join([*HYDRA_COMMANDS, 'report'])}",
+              file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""Config composition and validation: bad values fail on the driver, naming the key, before any worker."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import ray
+from distlm.config import ConfigError, compose_config, raise_if, validate_train
+from distlm.train.launch import train
+
+DISTLM = [sys.executable, "-m", "distlm.cli"]
+
+
+def test_defaults_compose_into_typed_config():
+    c = compose_config()
+    assert c.model.vocab_size == c.data.tokenizer.vocab_size
+    assert c.model.max_seq_len == c.data.seq_len
+    assert Path(c.run_dir).is_absolute() and Path(c.data.dir).is_absolute()
+    assert c.export.checkpoint_dir == str(Path(c.run_dir) / "checkpoints")
+    assert c.global_batch_size == c.trainer.micro_batch_size * c.trainer.grad_accum * c.cluster.num_workers
+
+
+def test_wrong_type_names_the_key():
+    with pytest.raises(ConfigError, match="trainer.max_steps"):
+        compose_config("trainer.max_steps=many")
+
+
+def test_unknown_enum_value_lists_the_valid_ones():
+    with pytest.raises(ConfigError, match=r"trainer.precision.*fp32.*bf16"):
+        compose_config("trainer.precision=fp8")
+
+
+def test_heads_not_divisible_by_kv_heads_says_what_is_valid(tmp_path):
+    c = compose_config("model.n_heads=4", "model.n_kv_heads=3", f"data.dir={tmp_path}")
+    with pytest.raises(ConfigError, match=r"model.n_heads=4 must be divisible by model.n_kv_heads=3 .*\[1, 2, 4\]"):
+        raise_if(validate_train(c))
+
+
+def test_missing_data_fails_before_any_worker_starts(tmp_path):
+    c = compose_config(f"data.dir={tmp_path / 'nowhere'}", f"run_dir={tmp_path / 'run'}")
+    assert not ray.is_initialized()
+    with pytest.raises(ConfigError, match=r"data.dir: no preprocessed data at .*nowhere.*distlm preprocess"):
+        train(c)
+    assert not ray.is_initialized(), "validation must fail before Ray starts"
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_prints_composed_config_and_rejects_bad_values(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    shown = subprocess.run([*DISTLM, "train", "--cfg", "job", "model.dim=96"], capture_output=True, text=True,
+                           env=env, cwd=tmp_path, check=True)
+    assert "dim: 96" in shown.stdout and "zero_stage: 1" in shown.stdout
+    bad = subprocess.run([*DISTLM, "train", "model.n_kv_heads=3", f"data.dir={tmp_path}"], capture_output=True,
+                         text=True, env=env, cwd=tmp_path)
+    assert bad.returncode == 2
+    assert "model.n_kv_heads=3" in bad.stdout + bad.stderr
+    usage = subprocess.run([*DISTLM, "--help"], capture_output=True, text=True, env=env, check=True)
+    assert all(cmd in usage.stdout for cmd in ("preprocess", "train", "export", "generate", "report"))
