@@ -30,5 +30,5 @@ def connect(cluster: ClusterConfig, cpus_needed: int = 0) -> None:
     else:
         num_cpus = max(os.cpu_count() or 1, cpus_needed)
         log.info("starting a local Ray cluster with %d CPUs", num_cpus)
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env,
-                 log_to_driver=True)
+        # The dashboard also serves the state API that Ray Train's clean-up watcher polls.
+        ray.init(address="local", num_cpus=num_cpus, runtime_env=runtime_env, log_to_driver=True)

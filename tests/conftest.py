@@ -23,7 +23,7 @@ def ray_local():
     that their commands start no Ray before failing)."""
     started = not ray.is_initialized()
     if started:
-        ray.init(address="local", num_cpus=2, include_dashboard=False)
+        ray.init(address="local", num_cpus=2)
     yield
     if started:
         ray.shutdown()

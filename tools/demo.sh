@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=${RUN:-demo}
-STEPS=${STEPS:-600}
+STEPS=${STEPS:-500}
 SECONDS=0
 
 step() { printf '\n==== %s\n' "$*"; }

@@ -12,7 +12,7 @@ import yaml
 from distlm import cluster
 from distlm.config import Config, ConfigError, raise_if, to_dict, validate_train
 from distlm.train import checkpoint
-from distlm.train.metrics import summarize
+from distlm.train.metrics import ProgressBar, summarize
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,8 @@ def train(c: Config) -> dict[str, Any]:
                              failure_config=FailureConfig(max_failures=cl.max_failures)),
     )
     start = time.perf_counter()
-    trainer.fit()
+    with ProgressBar(run_dir, total_steps=c.trainer.stop_at_step or c.trainer.max_steps):
+        trainer.fit()
     summary = summarize(run_dir)
     log.info("training finished in %.0fs: step %d, %s tokens seen, train loss %.4f, val loss %.4f; "
              "checkpoint %s; metrics %s", time.perf_counter() - start, summary["steps"],

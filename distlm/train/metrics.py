@@ -6,11 +6,13 @@ import json
 import logging
 import math
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from distlm.config import Config, WandbMode, to_dict
 from distlm.train.checkpoint import find_latest
@@ -59,6 +61,47 @@ class MetricsLogger:
     def close(self) -> None:
         if self.wandb is not None:
             self.wandb.finish()
+
+
+class ProgressBar(threading.Thread):
+    """The driver's progress bar (step, loss, tokens/s, ETA), drawn from the records rank 0 appends to
+    metrics.jsonl: bars drawn by workers would interleave with their forwarded logs. Off when stderr is
+    not a terminal; the workers' periodic log lines carry the progress there."""
+
+    def __init__(self, run_dir: str | Path, total_steps: int):
+        super().__init__(daemon=True)
+        self.path = Path(run_dir) / METRICS_FILE
+        self.offset = self.path.stat().st_size if self.path.is_file() else 0  # only this run's records
+        self.bar = tqdm(total=total_steps, desc="train", unit="step", disable=None, dynamic_ncols=True)
+        self.finished = threading.Event()
+
+    def __enter__(self) -> "ProgressBar":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.finished.set()
+        self.join()
+
+    def run(self) -> None:
+        while not self.finished.wait(1.0):
+            self._read_new_records()
+        self._read_new_records()
+        self.bar.close()
+
+    def _read_new_records(self) -> None:
+        if not self.path.is_file():
+            return
+        with self.path.open("rb") as f:
+            f.seek(self.offset)
+            chunk = f.read()
+        complete = chunk[: chunk.rfind(b"\n") + 1]  # a line still being written waits for the next poll
+        self.offset += len(complete)
+        for line in complete.splitlines():
+            record = json.loads(line)
+            if "loss" in record:
+                self.bar.n = record["step"]
+                self.bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:

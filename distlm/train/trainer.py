@@ -101,7 +101,6 @@ class Trainer:
         c, t = self.c, self.c.trainer
         end = t.stop_at_step or t.max_steps
         batches = self.train_data.iter_batches(start_sample=self.state.samples_seen)
-        progress = self._progress_bar(end)
         if self.state.step >= end and self.rank == 0:
             log.info("already at step %d, nothing to train (stop at %d)", self.state.step, end)
         if not self.resumed:
@@ -120,40 +119,25 @@ class Trainer:
             self.state.step += 1
             self.state.samples_seen += c.global_batch_size
             self.state.tokens_seen += self.tokens_per_step
-            self._log_step(loss, seconds, progress)
+            self._log_step(loss, seconds)
             if self.state.step % t.eval_every == 0 or self.state.step == end:
                 self._log_eval()
             if self.state.step % t.checkpoint_every == 0 or self.state.step == end:
                 self.save()
-        if progress:
-            progress.close()
         if self.metrics:
             self.metrics.close()
 
-    def _log_step(self, loss: float, seconds: float, progress) -> None:
+    def _log_step(self, loss: float, seconds: float) -> None:
         if self.metrics is None:
             return
         step = self.state.step
         tokens_per_s = self.tokens_per_step / seconds
         record = {"loss": loss, "lr": self.engine.get_lr()[0], "grad_norm": self.engine.get_global_grad_norm(),
-                  "tokens_per_s": tokens_per_s, "step_seconds": seconds, "tokens_seen": self.state.tokens_seen}
+                  "tokens_per_s": tokens_per_s, "step_seconds": seconds}
         if self.peak_flops:
             record["mfu"] = self.flops_per_step / seconds / (self.peak_flops * self.world)
         record = {k: float(v) if v is not None else None for k, v in record.items()}
-        self.metrics.log(step, **record)
-        if progress:
-            progress.set_description(f"train loss {loss:.3f}, {tokens_per_s:,.0f} tok/s")
-            progress.update(1)
+        self.metrics.log(step, **record, tokens_seen=self.state.tokens_seen)
         if step % self.c.trainer.log_every == 0:
             log.info("step %d: loss %.4f lr %.2e grad_norm %.3f tokens/s %.0f", step, loss, record["lr"],
                      record["grad_norm"] or float("nan"), tokens_per_s)
-
-    def _progress_bar(self, end: int):
-        if self.rank != 0:
-            return None
-        from ray.experimental.tqdm_ray import tqdm
-
-        # Ray's tqdm draws one bar on the driver for a worker's progress.
-        bar = tqdm(total=end, desc="train", unit="step")
-        bar.update(self.state.step)
-        return bar
