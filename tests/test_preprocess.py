@@ -1,54 +1,83 @@
-"""distlm.data.preprocess on a real local Ray cluster, with real shards and a real tokenizer."""
+"""distlm.data.preprocess on a real local Ray cluster, with real input formats, real shards and a real tokenizer."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
-import tarfile
+import random
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+import zstandard
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from distlm.config import ConfigError
-from distlm.data import dedup
-from distlm.data.clean import clean_text, read_documents
-from distlm.data.loader import ShardLoader
+from distlm.data import dedup, minhash
+from distlm.data.clean import clean_text
+from distlm.data.loader import ShardLoader, read_shard
 from distlm.data.preprocess import preprocess
-from distlm.data.shards import Manifest
+from distlm.data.shards import STATS_FILE, Manifest
+from distlm.data.sources import InputFile, ReadTask, read_documents
 from distlm.data.tokenizer import TokenizerError, file_sha256
 
 MAX_CHARS = 20_000
-MALFORMED_LINES = [
-    b"{not json\n",
-    b'{"id": "no text field"}\n',
-    b'{"text": 5}\n',
-    b'{"text": "caf\xe9 latin-1 bytes are not UTF-8, and this line is long enough"}\n',
-    b'{"text": "tiny"}\n',
-    b"\n",  # a blank line is not a document and not an error
-]
+NUMBERS_7 = 123   # chapter index of Numbers 7: twelve tribes bring the same offering, line for line
 
 
-def write_jsonl(path: Path, docs: list[dict], extra_lines: list[bytes] = ()) -> Path:
-    with open(path, "wb") as f:
-        for doc in docs:
-            f.write((json.dumps(doc) + "\n").encode("utf-8"))
-        for line in extra_lines:
-            f.write(line)
-    return path
+def jsonl(docs) -> bytes:
+    return "".join(json.dumps(doc) + "\n" for doc in docs).encode("utf-8")
+
+
+def reworded(text: str, fraction: float, seed: int) -> str:
+    """The text with `fraction` of its words replaced by made-up ones."""
+    words = text.split(" ")
+    rng = random.Random(seed)
+    for i in rng.sample(range(len(words)), int(fraction * len(words))):
+        words[i] = "zq" + "".join(rng.choice("bcdfgkmnp") for _ in range(5))
+    return " ".join(words)
+
+
+BAD_LINES = {   # reason -> lines planted in a.jsonl
+    "invalid_json": [b"{not json\n"],
+    "bad_utf8": [b'{"text": "caf\xe9: latin-1 bytes are not UTF-8, and this line is long enough"}\n',
+                 b'{"text": "a lone surrogate \\ud800 cannot be encoded, long enough"}\n'],
+    "missing_text": [b'{"id": "no text field"}\n', b'{"text": 5}\n'],
+    "empty": [b'{"text": " \\u0000 \\t "}\n'],
+    "too_short": [b'{"text": "tiny"}\n'],
+    "too_long": [jsonl([{"text": "long " * 5000}]), jsonl([{"text": "x" * (7 * MAX_CHARS)}])],  # parsed / never parsed
+    "low_alpha": [jsonl([{"text": "| 1024 | 2048 | 4096 | 8192 | 16384 | 32768 | 65536 |\n" * 3}])],
+    "repeated_lines": [jsonl([{"text": "Buy now!\nBest price.\n" * 6 + "Call us."}])],
+}
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory, kjv_chapters) -> list[Path]:
-    """Two files: 150 chapters, malformed lines, a too-long document, and 3 duplicates across files
-    (one differing only in whitespace, equal after cleaning)."""
+def chapters(kjv_chapters) -> list[str]:
+    return [c["text"] for c in kjv_chapters[:130]]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, chapters) -> list[Path]:
+    """The first 130 Bible chapters in book order over five formats, with bad input of every kind, two exact
+    and one near duplicate of earlier chapters, and a chapter reworded enough to count as distinct."""
     root = tmp_path_factory.mktemp("corpus")
-    chapters = kjv_chapters[:150]
-    spaced = {"text": "  " + chapters[7]["text"].replace(" ", "   ").replace("\n", " \r\n") + "\t\n"}
-    a = write_jsonl(root / "a.jsonl", chapters[:80] + [{"text": "long " * 5000}], MALFORMED_LINES)
-    b = write_jsonl(root / "b.jsonl", chapters[80:] + [chapters[3], chapters[5], spaced])
-    return [a, b]
+    docs = [{"text": t} for t in chapters]
+    (root / "a.jsonl").write_bytes(jsonl(docs[:50]) + b"".join(b"".join(v) for v in BAD_LINES.values()) + b"\n")
+    spaced = "  " + chapters[3].upper().replace(" ", "   ").replace("\n", " \r\n") + "\t\n"   # exact duplicate
+    (root / "b.jsonl.gz").write_bytes(gzip.compress(jsonl(docs[50:80] + [{"text": spaced}])))
+    near, distinct = reworded(chapters[10], 0.01, seed=1), reworded(chapters[11], 0.3, seed=2)
+    (root / "c.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(jsonl(docs[80:110] + [{"text": near},
+                                                                                               {"text": distinct}])))
+    (root / "d.txt").write_text(chapters[110], encoding="utf-8")
+    pq.write_table(pa.table({"text": chapters[111:130] + [chapters[5], None]}), root / "e.parquet")
+    pq.write_table(pa.table({"body": ["no text column"] * 3}), root / "f.parquet")
+    (root / "g.jsonl").write_bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes())  # binary
+    packed = gzip.compress(jsonl(docs[:1]))
+    (root / "h.jsonl.gz").write_bytes(packed[: len(packed) // 2])                                # truncated
+    return sorted(root.iterdir())
 
 
 @pytest.fixture(scope="module")
@@ -57,61 +86,78 @@ def processed(ray_local, corpus, data_config, tmp_path_factory):
     return cfg, preprocess(cfg)
 
 
-def expected_documents(corpus: list[Path], min_chars: int) -> list[str]:
-    """The cleaned, length-filtered, deduplicated documents, computed without the pipeline."""
-    docs: list[str] = []
-    for path in corpus:
-        for line in path.read_bytes().splitlines():
-            try:
-                text = json.loads(line.decode("utf-8")).get("text")
-            except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-                continue
-            if isinstance(text, str) and min_chars <= len(clean_text(text)) <= MAX_CHARS:
-                docs.append(clean_text(text))
-    return list(dict.fromkeys(docs))
+def removed(manifest: Manifest) -> dict[str, int]:
+    return {row["stage"]: row.get("docs_removed", row.get("files")) for row in manifest.stats["removals"]}
 
 
-def test_tokens_in_shards_plus_dropped_equal_direct_tokenization(processed, corpus):
-    cfg, manifest = processed
+def decoded_documents(manifest: Manifest, split: str) -> list[str]:
+    """The split's documents as the shards hold them (the last one may be cut by the dropped tail)."""
     tokenizer = Tokenizer.from_file(str(manifest.tokenizer_path))
-    docs = expected_documents(corpus, cfg.data.min_chars)
-    is_val = dedup.validation_mask(dedup.digests([d.encode() for d in docs]), cfg.data.val_fraction)
-    for split, docs_of_split in (("train", [d for d, v in zip(docs, is_val) if not v]),
-                                 ("val", [d for d, v in zip(docs, is_val) if v])):
-        direct = sum(len(tokenizer.encode(d).ids) + 1 for d in docs_of_split)
-        assert manifest.stats["docs"][split] == len(docs_of_split)
-        assert manifest.splits[split].tokens + manifest.stats["dropped_tokens"][split] == direct
-    # The first train sample is the start of the first train document, then EOS where it ends.
-    first_doc = [d for d, v in zip(docs, is_val) if not v][0]
-    stream = tokenizer.encode(first_doc).ids + [manifest.eos_id]
-    sample = next(ShardLoader(manifest.data_dir, "train", 1, 0, 1, seed=0, shuffle=False).iter_batches())
-    assert sample[0, : min(len(stream), manifest.sample_len)].tolist() == stream[: manifest.sample_len]
-    assert manifest.stats["docs"]["val"] > 0
+    stream = np.concatenate([read_shard(str(manifest.shard_path(s)), s, manifest.sample_len, True, False)[0].ravel()
+                             for s in manifest.shards(split)])
+    ends = np.flatnonzero(stream == manifest.eos_id)
+    return [tokenizer.decode(doc.tolist()) for doc in np.split(stream, ends + 1)[:-1]] + ["<cut>"]
 
 
-def test_malformed_lines_are_counted_per_reason_and_skipped(processed):
+def test_each_kind_of_bad_input_is_counted_per_reason_and_skipped(processed, corpus):
     _, manifest = processed
-    assert manifest.stats["removed"] == {"invalid_json": 1, "bad_utf8": 1, "missing_text": 2, "too_short": 1,
-                                         "too_long": 1}
-    assert manifest.stats["duplicates"] == 3
-    assert manifest.stats["docs_read"] == 150 + 1 + 5 + 3
+    counts = removed(manifest)
+    for reason in ("invalid_json", "bad_utf8", "empty", "too_short", "too_long", "low_alpha"):
+        assert counts[reason] == len(BAD_LINES[reason]), reason
+    assert counts["missing_text"] == 2 + 1 + 3   # two JSON lines, a null parquet value, a file without the column
+    assert counts["binary_file"] == 1 and counts["corrupt_file"] == 1
+    assert sorted(manifest.stats["bad_files"]) == [["binary_file", str(corpus[-2])], ["corrupt_file", str(corpus[-1])]]
+
+
+def test_filters_report_documents_and_bytes_removed(processed):
+    _, manifest = processed
+    rows = {row["stage"]: row for row in manifest.stats["removals"]}
+    assert rows["repeated_lines"]["docs_removed"] == 2   # the planted one and Numbers 7
+    assert rows["low_alpha"]["bytes_removed"] == len(clean_text(json.loads(BAD_LINES["low_alpha"][0])["text"]))
+    assert rows["too_long"]["bytes_removed"] == len(BAD_LINES["too_long"][1]) + len(clean_text("long " * 5000))
+    for before, after in zip(manifest.stats["removals"][2:], manifest.stats["removals"][3:]):
+        assert before["docs_out"] == after["docs_in"]   # documents in/out chain through the stages
+    kept = sum(manifest.stats["documents"].values())
+    assert manifest.stats["removals"][-1]["docs_out"] == kept == 130   # 130 chapters - Numbers 7 + the reworded one
+
+
+def test_dedup_removes_planted_exact_and_near_duplicates_and_keeps_distinct_ones(processed, chapters):
+    _, manifest = processed
+    assert removed(manifest)["exact_duplicate"] == 2 and removed(manifest)["near_duplicate"] == 1
+    found = decoded_documents(manifest, "train") + decoded_documents(manifest, "val")
+    assert len(found) - 2 >= sum(manifest.stats["documents"].values()) - 2   # all but a tail cut short
+    assert found.count(clean_text(chapters[3])) == found.count(clean_text(chapters[5])) == 1
+    assert sum(clean_text(chapters[10]) == doc for doc in found) == 1   # the near duplicate went, the original stayed
+    assert reworded(chapters[11], 0.3, seed=2) in found and clean_text(chapters[11]) in found
+    assert set(found) - {"<cut>"} <= {clean_text(t) for t in chapters} | {reworded(chapters[11], 0.3, seed=2)}
+
+
+def test_every_part_of_the_stream_mixes_the_whole_corpus(processed, chapters):
+    """The inputs are in book order (Genesis first); every quarter of the packed training stream (so every
+    shard, whatever its size) must still hold chapters from every quarter of the book."""
+    _, manifest = processed
+    index = {clean_text(t): i for i, t in enumerate(chapters)}
+    chapter_ids = [index[doc] for doc in decoded_documents(manifest, "train") if doc in index]
+    for quarter in np.array_split(np.array(chapter_ids), 4):
+        assert set(quarter * 4 // len(chapters)) == {0, 1, 2, 3}
+    neighbours = np.mean(np.abs(np.diff(chapter_ids)) <= 2)
+    assert neighbours < 0.1   # in book order it would be 1.0
 
 
 def test_manifest_matches_the_tars_on_disk(processed):
     _, manifest = processed
     manifest.verify()
-    names = set()
+    assert manifest.dtype == "uint16" and manifest.tokenizer.eos_id == 0
     for split in ("train", "val"):
-        for shard in manifest.shards(split):
-            path = manifest.shard_path(shard)
-            assert file_sha256(path) == shard.sha256 and path.stat().st_size == shard.bytes
-            with tarfile.open(path) as tar:
-                members = tar.getnames()
-            assert len(members) == shard.samples and all(m.endswith(".npy") for m in members)
-            names.add(shard.name)
-        assert manifest.num_samples(split) == sum(s.samples for s in manifest.shards(split))
-    on_disk = {p.name for p in manifest.data_dir.iterdir()}
-    assert on_disk == names | {"manifest.json", "tokenizer.json"}
+        shards = manifest.shards(split)
+        assert all(s.samples == 64 for s in shards[:-1]) and 0 < shards[-1].samples <= 64
+        assert manifest.num_samples(split) == sum(s.samples for s in shards)
+        assert manifest.splits[split].tokens == manifest.num_samples(split) * manifest.sample_len
+        assert manifest.stats["dropped_tokens"][split] < manifest.sample_len   # only the stream's tail
+        assert manifest.stats["tokens"][split] == manifest.splits[split].tokens + manifest.stats["dropped_tokens"][split]
+    names = {s.name for split in ("train", "val") for s in manifest.shards(split)}
+    assert {p.name for p in manifest.data_dir.iterdir()} == names | {"manifest.json", "tokenizer.json", STATS_FILE}
+    assert json.loads((manifest.data_dir / STATS_FILE).read_text()) == manifest.stats
     assert Manifest.load(manifest.data_dir) == manifest
 
 
@@ -125,27 +171,45 @@ def test_rerun_with_same_inputs_skips_the_work(processed, caplog):
     assert {p.name: p.stat().st_mtime_ns for p in manifest.data_dir.iterdir()} == before
 
 
-def test_two_runs_give_byte_identical_shards_and_a_new_config_removes_stale_ones(processed, corpus, data_config,
-                                                                                 tmp_path):
-    cfg, manifest = processed
-    other = preprocess(data_config(corpus, tmp_path, f"data.max_chars={MAX_CHARS}"))
-    assert other.fingerprint == manifest.fingerprint
-    for split in ("train", "val"):
-        assert [s.sha256 for s in other.shards(split)] == [s.sha256 for s in manifest.shards(split)]
-        for mine, theirs in zip(manifest.shards(split), other.shards(split)):
-            assert manifest.shard_path(mine).read_bytes() == other.shard_path(theirs).read_bytes()
+def shard_hashes(manifest: Manifest) -> list[str]:
+    return [s.sha256 for split in ("train", "val") for s in manifest.shards(split)]
 
+
+def test_two_runs_give_byte_identical_shards_however_the_work_is_split(processed, corpus, data_config, tmp_path):
+    _, manifest = processed
+    other = preprocess(data_config(corpus, tmp_path, f"data.max_chars={MAX_CHARS}", "data.docs_per_task=7"))
+    assert shard_hashes(other) == shard_hashes(manifest) and other.tokenizer_sha256 == manifest.tokenizer_sha256
     bigger = preprocess(data_config(corpus, tmp_path, f"data.max_chars={MAX_CHARS}", "data.samples_per_shard=256"))
-    shards = {s.name for split in ("train", "val") for s in bigger.shards(split)}
-    assert len(shards) < len({s.name for split in ("train", "val") for s in other.shards(split)})
-    assert {p.name for p in tmp_path.iterdir()} == shards | {"manifest.json", "tokenizer.json"}
-    assert bigger.num_samples("train") == other.num_samples("train")
+    names = {s.name for split in ("train", "val") for s in bigger.shards(split)}
+    assert {p.name for p in tmp_path.iterdir()} == names | {"manifest.json", "tokenizer.json", STATS_FILE}
+    assert bigger.num_samples("train") == manifest.num_samples("train")
 
 
-def test_missing_input_fails_before_any_work_naming_it(data_config, tmp_path):
-    missing = tmp_path / "nowhere" / "corpus.jsonl"
-    with pytest.raises(ConfigError, match=str(missing)):
-        preprocess(data_config([missing], tmp_path / "out"))
+def test_a_rerun_after_a_crash_redoes_only_the_missing_work(processed, corpus, data_config, tmp_path):
+    _, clean_run = processed
+    cfg = data_config(corpus, tmp_path, f"data.max_chars={MAX_CHARS}")
+    (tmp_path / "train-00001.tar").mkdir(parents=True)   # the write of shard 1 fails, the rest goes on
+    with pytest.raises(Exception, match="train-00001.tar"):
+        preprocess(cfg)
+    assert not (tmp_path / "manifest.json").exists()
+    (tmp_path / "train-00001.tar").rmdir()
+    next(tmp_path.glob(".work-*/blocks/00000-00001.tokens.npz")).unlink()   # as if killed while tokenizing a.jsonl
+    resumed = preprocess(cfg)
+    assert resumed.stats["reused"]["blocks"] == resumed.stats["read_tasks"] - 1   # only a.jsonl read again
+    written = len(shard_hashes(resumed)) - resumed.stats["reused"]["shards"]
+    assert 0 < written < len(shard_hashes(resumed)) / 2    # only the failed group's shards were written
+    assert shard_hashes(resumed) == shard_hashes(clean_run)
+    assert not list(tmp_path.glob(".work-*")), "the work directory is removed once the manifest is written"
+
+
+def test_unreadable_inputs_fail_before_any_work_naming_them(data_config, tmp_path):
+    (tmp_path / "folder.jsonl").mkdir()
+    (tmp_path / "table.csv").write_text("a,b\n")
+    cases = {tmp_path / "nowhere" / "corpus.jsonl": "nowhere/corpus.jsonl", tmp_path / "folder.jsonl": "not a file",
+             tmp_path / "table.csv": "cannot tell the format", "nosuchproto://bucket/x.jsonl": "nosuchproto"}
+    for path, message in cases.items():
+        with pytest.raises(ConfigError, match=message):
+            preprocess(data_config([path], tmp_path / "out"))
     assert not (tmp_path / "out").exists()
 
 
@@ -158,36 +222,85 @@ def byte_level_tokenizer(texts: list[str], special_tokens: list[str]) -> Tokeniz
     return tokenizer
 
 
-def test_given_tokenizer_is_used_as_is(ray_local, kjv_chapters, data_config, tmp_path):
-    corpus = write_jsonl(tmp_path / "small.jsonl", kjv_chapters[:30])
+def test_a_given_tokenizer_is_used_as_is_with_its_special_tokens(ray_local, chapters, data_config, tmp_path):
+    corpus = tmp_path / "small.jsonl"
+    corpus.write_bytes(jsonl([{"text": t} for t in chapters[:30]]))
     given = tmp_path / "given.json"
-    byte_level_tokenizer([c["text"] for c in kjv_chapters[:30]], ["<pad>", "<|endoftext|>"]).save(str(given))
-    manifest = preprocess(data_config([corpus], tmp_path / "out", f"data.tokenizer.path={given}"))
+    byte_level_tokenizer(chapters[:30], ["<pad>", "<|endoftext|>", "<s>"]).save(str(given))
+    manifest = preprocess(data_config([corpus], tmp_path / "out", f"data.tokenizer.path={given}",
+                                      "data.tokenizer.bos_token='<s>'", "data.tokenizer.pad_token='<pad>'"))
     assert manifest.tokenizer_sha256 == file_sha256(given) == file_sha256(manifest.tokenizer_path)
-    assert manifest.eos_id == 1 and manifest.vocab_size == Tokenizer.from_file(str(given)).get_vocab_size()
-    assert manifest.stats["tokenizer_trained"] is False
+    assert (manifest.tokenizer.eos_id, manifest.tokenizer.bos_id, manifest.tokenizer.pad_id) == (1, 2, 0)
+    assert manifest.stats["tokenizer"]["trained"] is False
+    first = next(ShardLoader(manifest.data_dir, "train", 1, 0, 1, seed=0, shuffle=False, shuffle_window=1).iter_batches())
+    assert first[0, 0] == 2   # every document starts with BOS
 
 
-def test_given_tokenizer_without_the_eos_token_fails_naming_the_file(kjv_chapters, data_config, tmp_path):
-    corpus = write_jsonl(tmp_path / "small.jsonl", kjv_chapters[:5])
+def test_a_given_tokenizer_without_the_eos_token_fails_naming_the_file(chapters, data_config, tmp_path):
+    corpus = tmp_path / "small.jsonl"
+    corpus.write_bytes(jsonl([{"text": t} for t in chapters[:5]]))
     given = tmp_path / "no_eos.json"
-    byte_level_tokenizer([c["text"] for c in kjv_chapters[:5]], ["<pad>"]).save(str(given))
+    byte_level_tokenizer(chapters[:5], ["<pad>"]).save(str(given))
     with pytest.raises(TokenizerError, match="no_eos.json"):
         preprocess(data_config([corpus], tmp_path / "out", f"data.tokenizer.path={given}"))
     assert not (tmp_path / "out").exists()
 
 
+def test_document_boundaries_are_kept_when_asked(ray_local, chapters, data_config, tmp_path):
+    corpus = tmp_path / "small.jsonl"
+    corpus.write_bytes(jsonl([{"text": t} for t in chapters[:20]]))
+    manifest = preprocess(data_config([corpus], tmp_path / "out", "data.keep_doc_boundaries=true",
+                                      "data.val_fraction=0"))
+    source = ShardLoader(manifest.data_dir, "train", 8, 0, 1, seed=0, shuffle=True, shuffle_window=16,
+                         doc_boundaries=True)
+    for tokens, segments in source.iter_batches(max_batches=20):
+        after_eos = np.zeros_like(segments)
+        after_eos[:, 1:] = np.cumsum((tokens[:, :-1] == manifest.eos_id).numpy(), axis=1)
+        assert np.array_equal(segments.numpy(), after_eos)   # a new document right after every EOS
+
+
 def test_byte_ranges_split_a_file_without_losing_or_repeating_lines(corpus):
-    path, size = str(corpus[0]), corpus[0].stat().st_size
-    whole, _ = read_documents(path, "text", 20, MAX_CHARS)
+    path = corpus[0]
+    size = path.stat().st_size
+    source = InputFile(url=str(path), fmt="jsonl", compression=None, size=size, mtime="")
+
+    def texts(lo, hi):
+        return read_documents(ReadTask(source, lo, hi), "text", "file", 4 * MAX_CHARS).texts
+
+    whole = texts(0, None)
     for cuts in ([size // 2], [1, 2, 3, 777, size - 1], list(range(0, size, size // 7))[1:]):
         bounds = [0, *cuts, size]
-        parts = [read_documents(path, "text", 20, MAX_CHARS, lo, hi)[0] for lo, hi in zip(bounds, bounds[1:])]
-        assert [d for part in parts for d in part] == whole
+        assert [t for lo, hi in zip(bounds, bounds[1:]) for t in texts(lo, hi)] == whole
 
 
 def test_clean_text_normalizes_unicode_controls_and_spaces():
     assert clean_text("  Cafe\u0301\x00 and\u00a0\u00a0tea \t\r\nnext   line \n\n\n\nend\x1b ") == \
         "Caf\u00e9 and tea\nnext line\n\nend"
-    assert clean_text("tab\tinside  a line") == "tab\tinside a line"
-    assert np.array_equal(dedup.first_occurrences(dedup.digests([b"a", b"b", b"a"])), [True, True, False])
+    assert clean_text("tab\tinside  a line\u3000x") == "tab\tinside a line x"
+    assert clean_text("\ufb01ne", "NFKC") == "fine" and clean_text("\ufb01ne", None) == "\ufb01ne"
+
+
+def shingle_jaccard(a: np.ndarray, b: np.ndarray, n: int = 5) -> float:
+    sa, sb = ({tuple(x[i: i + n]) for i in range(len(x) - n + 1)} for x in (a, b))
+    return len(sa & sb) / len(sa | sb)
+
+
+def test_minhash_signatures_agree_as_often_as_documents_overlap():
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 4000, 1500)
+    for changed in (0.01, 0.05, 0.2):
+        b = a.copy()
+        b[rng.choice(len(a), int(changed * len(a)), replace=False)] = rng.integers(4000, 8000, int(changed * len(a)))
+        sig = minhash.signatures(np.concatenate([a, b]), np.array([len(a), len(b)]), 5, 256)
+        assert abs((sig[0] == sig[1]).mean() - shingle_jaccard(a, b)) < 0.07, changed
+    bands, rows = minhash.lsh_bands(0.8, 128)
+    assert bands * rows <= 128 and 1 - (1 - 0.95**rows) ** bands > 0.99 and 1 - (1 - 0.5**rows) ** bands < 0.01
+
+
+def test_content_hash_orders_do_not_depend_on_input_order():
+    texts = pa.array([f"document number {i}" for i in range(50)], pa.string())
+    digests = dedup.digests(texts)
+    order = dedup.mix_order(digests, seed=3)
+    shuffled = np.random.default_rng(1).permutation(50)
+    assert np.array_equal(shuffled[dedup.mix_order(digests[shuffled], seed=3)], order)
+    assert not np.array_equal(dedup.mix_order(digests, seed=4), order)

@@ -1,57 +1,55 @@
-"""Raw JSONL → cleaned, deduplicated, tokenized, packed WebDataset shards + manifest, on Ray.
+"""Raw text -> cleaned, deduplicated, tokenized, mixed, packed WebDataset shards + manifest, on Ray.
 
-Stages (Ray tasks except where noted):
-  read     one task per file chunk: parse, clean, filter, hash each document
-  (driver) drop exact duplicates, split train/val by content hash, train or load the tokenizer
-  tokenize one task per `data.docs_per_task` documents of a split, in document order: encode, pack
-  write    one task per shard of `data.samples_per_shard` samples
-Documents stay in Ray's object store; the driver only sees hashes, counts and the tokenizer's sample.
-All chunking follows document order, so the output does not depend on the number of workers.
+  1. read + tokenize  per input file / 64 MB range: read, clean, filter, hash (stages.read_block); then per
+                      data.docs_per_task documents: tokens + MinHash band keys (stages.tokenize_part). A trained
+                      tokenizer is trained on the driver in between, on a content-chosen sample.
+  2. deduplicate      exact (digest) on the driver; near (LSH bands, one task per band) -> clusters
+  3. plan             train/val by content hash; each split's documents in a seeded content-hash order;
+                      stream offsets -> samples -> shards -> write groups
+  4. write            every block cuts its documents into pieces per write group; each group writes its shards
+The driver holds hashes, lengths and counts, never the text. Every decision depends on content and input
+order only, so the shards are byte-identical whatever the cluster. Finished tokenize parts and shards
+are recorded under data.dir/.work-<fingerprint>/: a re-run after a crash redoes only what is missing.
 """
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import logging
 import re
 import time
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import ray
 from tokenizers import Tokenizer
-from tqdm import tqdm
 
 from distlm.cluster import connect
-from distlm.config import Config, ConfigError, DataConfig, raise_if, to_dict, validate_preprocess
-from distlm.data import dedup
-from distlm.data.clean import REMOVAL_REASONS, read_documents
-from distlm.data.pack import pack_sequences, token_dtype
-from distlm.data.shards import (FORMAT_VERSION, MANIFEST_FILE, SPLITS, TOKENIZER_FILE, Manifest, ShardInfo,
-                                SplitInfo, TokenizerInfo, shard_name, write_shard)
-from distlm.data.tokenizer import (eos_id, file_sha256, load_tokenizer, save_bytes, save_tokenizer,
+from distlm.config import Config, raise_if, to_dict, validate_preprocess
+from distlm.data import dedup, minhash, stages
+from distlm.data.pack import plan_stream, samples_per_shard, token_dtype
+from distlm.data.report import EXACT_DUPLICATE, NEAR_DUPLICATE, Progress, log_summary, removal_table
+from distlm.data.shards import (FORMAT_VERSION, MANIFEST_FILE, SPLITS, STATS_FILE, TOKENIZER_FILE, Manifest, SplitInfo,
+                                TokenizerInfo)
+from distlm.data.sources import InputFile, list_inputs, read_tasks
+from distlm.data.tokenizer import (file_sha256, load_tokenizer, save_bytes, save_tokenizer, special_ids, special_tokens,
                                    train_tokenizer, vocab_size)
+from distlm.data.workdir import BlockResult, WorkDir
 
 log = logging.getLogger(__name__)
-
-# Big files are read by several tasks, one per byte range of this size (a line belongs to the range
-# holding its first byte). Documents keep their file order whatever the size, so the output does not
-# depend on it.
-READ_CHUNK_BYTES = 64 << 20
+LOADER_KEYS = ("shuffle_window", "loader_workers", "shard_url", "verify_shards")  # do not change the shards
 _SHARD_FILE = re.compile(r"(train|val)-\d{5}\.tar(\.tmp)?")
 
 
 def preprocess(cfg: Config) -> Manifest:
     """Preprocess cfg.data.inputs into cfg.data.dir; skip the work if the dir already holds the output
-    of the same inputs and config."""
+    of the same inputs and config, and reuse what an interrupted run finished."""
     raise_if(validate_preprocess(cfg))
     d = cfg.data
-    files = input_files(d.inputs)
-    given_tokenizer = load_tokenizer(d.tokenizer.path, d.tokenizer.eos_token) if d.tokenizer.path else None
+    files = list_inputs(d.inputs)  # every path checked readable before any work
+    given = load_tokenizer(d.tokenizer.path, special_tokens(d.tokenizer)) if d.tokenizer.path else None
     fingerprint = compute_fingerprint(cfg, files)
     data_dir = Path(d.dir)
     existing = _up_to_date_manifest(data_dir, fingerprint)
@@ -61,38 +59,31 @@ def preprocess(cfg: Config) -> Manifest:
 
     data_dir.mkdir(parents=True, exist_ok=True)
     (data_dir / MANIFEST_FILE).unlink(missing_ok=True)  # from here on the old manifest is no longer true
+    work = WorkDir.open(data_dir, fingerprint, d.docs_per_task)
     started_ray = not ray.is_initialized()
     connect(cfg.cluster)
     try:
-        manifest = _run(cfg, files, fingerprint, given_tokenizer)
+        manifest = _run(cfg, files, fingerprint, given, work)
     finally:
         if started_ray:
             ray.shutdown()
     _remove_stale_shards(data_dir, manifest)
-    log_summary(manifest)
+    work.remove()
+    log_summary(manifest.stats, str(data_dir / STATS_FILE))
     return manifest
 
 
-def input_files(patterns: list[str]) -> list[str]:
-    files: list[str] = []
-    for pattern in patterns:
-        if "://" in pattern:
-            raise ConfigError(f"data.inputs: '{pattern}': preprocess reads local files only")
-        files += [f for f in sorted(glob.glob(pattern)) if f not in files]
-    return files
-
-
-def compute_fingerprint(cfg: Config, files: list[str]) -> str:
-    """Hash of everything that determines the output: the data config (except where it is written), each
-    input's path, size and modification time, and a given tokenizer's content."""
+def compute_fingerprint(cfg: Config, files: list[InputFile]) -> str:
+    """Hash of everything that determines the output: the data config (except where it is written and the
+    loader's keys), each input's URL, size and modification time, and a given tokenizer's content."""
     data = to_dict(cfg)["data"]
-    data.pop("dir")
-    data.pop("inputs")
+    for key in ("dir", "inputs", *LOADER_KEYS):
+        data.pop(key)
     tokenizer_path = data["tokenizer"].pop("path")
     record = {
         "format_version": FORMAT_VERSION,
         "data": data,
-        "inputs": [(f, Path(f).stat().st_size, Path(f).stat().st_mtime_ns) for f in files],
+        "inputs": [(f.url, f.size, f.mtime) for f in files],
         "tokenizer_sha256": file_sha256(tokenizer_path) if tokenizer_path else None,
     }
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
@@ -117,167 +108,227 @@ def _up_to_date_manifest(data_dir: Path, fingerprint: str) -> Manifest | None:
     return manifest
 
 
-# ---------------------------------------------------------------- Ray tasks
+# ---------------------------------------------------------------- 1. read + tokenize
 
-# A block of documents: their UTF-8 bytes joined in one uint8 array + offsets, which Ray passes between
-# processes without copying (a list of str would be unpickled by every task that reads it).
-def _to_block(encoded_docs: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
-    offsets = np.zeros(len(encoded_docs) + 1, dtype=np.int64)
-    np.cumsum([len(doc) for doc in encoded_docs], out=offsets[1:])
-    return np.frombuffer(b"".join(encoded_docs), dtype=np.uint8), offsets
-
-
-def _docs_of_block(block: tuple[np.ndarray, np.ndarray], indices) -> list[str]:
-    blob, offsets = block
-    return [blob[offsets[i]:offsets[i + 1]].tobytes().decode("utf-8") for i in indices]
-
-
-@ray.remote(num_returns=2)
-def _read_chunk(path: str, start: int, end: int, text_field: str, min_chars: int, max_chars: int):
-    docs, counts = read_documents(path, text_field, min_chars, max_chars, start, end)
-    encoded = [doc.encode("utf-8") for doc in docs]
-    return _to_block(encoded), (dedup.digests(encoded), counts)
+def _read_and_tokenize(files: list[InputFile], d, given: Tokenizer | None, work: WorkDir,
+                       seconds: dict) -> tuple[list[BlockResult], Tokenizer]:
+    started = time.perf_counter()
+    tasks = read_tasks(files, d.txt_document)
+    cached = [work.load_block(b) for b in range(len(tasks))]
+    reads = {b: stages.read_block.remote(task, d) for b, task in enumerate(tasks) if cached[b] is None}
+    tokenizer = given if given is not None else work.load_tokenizer()
+    if tokenizer is None:
+        tokenizer = _train_tokenizer(d, reads, work, seconds)
+    tokenization = _Tokenization(tasks, d, tokenizer, work)
+    for b, found in enumerate(cached):
+        if found is not None:
+            tokenization.reuse(b, found)
+    tokenization.run(reads)
+    seconds["read_and_tokenize"] = time.perf_counter() - started
+    return tokenization.results, tokenizer
 
 
-@ray.remote(num_returns=2)
-def _tokenize_and_pack(tokenizer_json: str, sample_len: int, eos: int, vocab: int,
-                       indices_per_block: list[np.ndarray], *blocks):
-    texts = [doc for block, indices in zip(blocks, indices_per_block) for doc in _docs_of_block(block, indices)]
-    tokenizer = Tokenizer.from_str(tokenizer_json)
-    token_lists = [e.ids for e in tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
-    samples, dropped = pack_sequences(token_lists, sample_len, eos, vocab)
-    stats = {"docs": len(texts), "samples": len(samples), "doc_tokens": sum(len(t) + 1 for t in token_lists),
-             "dropped_tokens": dropped, "text_bytes": sum(len(t.encode("utf-8")) for t in texts)}
-    return samples, stats
+class _Tokenization:
+    """Stage 1 on the driver: each block's tokenize parts start as soon as the block is read; the driver
+    collects only their token counts (and shows progress)."""
+
+    def __init__(self, tasks: list, d, tokenizer: Tokenizer, work: WorkDir):
+        self.tasks, self.d, self.work = tasks, d, work
+        self.tokenizer_json = ray.put(tokenizer.to_str())
+        self.dtype = token_dtype(vocab_size(tokenizer)).name
+        self.lsh = _lsh_params(d)
+        self.progress = Progress(sum(task.size_hint() for task in tasks))
+        self.results: list[BlockResult | None] = [None] * len(tasks)
+        self.parts: dict = {}   # lengths ref -> (block, part, first document, end document)
+
+    def reuse(self, b: int, found: tuple) -> None:
+        self.results[b] = BlockResult.from_cache(found, b, self.work)
+        self.progress.advance(self.tasks[b].size_hint(), len(found[0]["digests"]), self.results[b].token_count())
+
+    def run(self, reads: dict) -> None:
+        pending = {meta: b for b, (_, meta) in reads.items()}
+        while pending or self.parts:
+            ref = ray.wait(list(pending) + list(self.parts), num_returns=1)[0][0]
+            if ref in pending:
+                b = pending.pop(ref)
+                self._start(b, reads.pop(b)[0], ray.get(ref))  # the parts keep the texts alive while they need them
+            else:
+                self._finish(ref)
+        self.progress.close()
+
+    def _start(self, b: int, texts, meta: dict) -> None:
+        """A block is read: save its metadata, start tokenizing it in parts of data.docs_per_task documents."""
+        self.work.save_meta(b, meta)
+        self.results[b] = BlockResult(index=b, meta=meta)
+        count = len(meta["digests"])
+        for k, lo in enumerate(range(0, count, self.d.docs_per_task)):
+            hi = min(lo + self.d.docs_per_task, count)
+            tokens, keys, lengths = stages.tokenize_part.remote(texts, lo, hi, self.tokenizer_json, self.dtype, self.lsh,
+                                                                str(self.work.part_path(b, k)), b)
+            self.results[b].parts.append((tokens, keys))
+            self.parts[lengths] = (b, k, lo, hi)
+        if not count:
+            self.progress.advance(self.tasks[b].size_hint(), 0, 0)
+
+    def _finish(self, ref) -> None:
+        b, k, lo, hi = self.parts.pop(ref)
+        block = self.results[b]
+        block.set_lengths(k, ray.get(ref))
+        share = block.meta["text_bytes"][lo:hi].sum() / max(block.meta["text_bytes"].sum(), 1)
+        self.progress.advance(self.tasks[b].size_hint() * share, hi - lo, int(block.part_lengths[k].sum()))
 
 
-@ray.remote
-def _write_shard(path: str, row_ranges: list[tuple[int, int]], *sample_arrays) -> ShardInfo:
-    samples = np.concatenate([a[lo:hi] for a, (lo, hi) in zip(sample_arrays, row_ranges)])
-    return write_shard(Path(path), samples)
-
-
-def _gather(refs_per_split: dict[str, list], stage: str) -> dict[str, list]:
-    """Results of every split's tasks, in order, with a progress bar over completed tasks."""
-    pending = [ref for refs in refs_per_split.values() for ref in refs]
-    with tqdm(total=len(pending), desc=f"preprocess {stage}", unit="task") as bar:
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            bar.update(len(done))
-    return {split: ray.get(refs) for split, refs in refs_per_split.items()}
-
-
-# ---------------------------------------------------------------- the driver
-
-@dataclass
-class _Corpus:
-    """The cleaned documents, held in Ray's object store as blocks in input order."""
-    block_refs: list          # ObjectRef of each block
-    block_starts: np.ndarray  # position of each block's first document in the whole corpus
-    digests: np.ndarray       # [documents, 16] content hashes
-    counts: Counter           # lines read and removed per reason
-
-    def locate(self, positions: np.ndarray) -> list[tuple]:
-        """(block ref, indices in that block) of the documents at `positions`, in order."""
-        block_ids = np.searchsorted(self.block_starts, positions, side="right") - 1
-        return [(self.block_refs[b], positions[block_ids == b] - self.block_starts[b]) for b in np.unique(block_ids)]
-
-
-def _read(files: list[str], d: DataConfig) -> _Corpus:
-    ranges = [(f, lo, lo + READ_CHUNK_BYTES) for f in files
-              for lo in range(0, max(Path(f).stat().st_size, 1), READ_CHUNK_BYTES)]
-    reads = [_read_chunk.remote(f, lo, hi, d.text_field, d.min_chars, d.max_chars) for f, lo, hi in ranges]
-    results = _gather({"all": [info for _, info in reads]}, "read")["all"]
-    return _Corpus(block_refs=[block for block, _ in reads],
-                   block_starts=np.cumsum([0] + [len(digests) for digests, _ in results]),
-                   digests=np.concatenate([digests for digests, _ in results]),
-                   counts=sum((counts for _, counts in results), Counter()))
-
-
-def _make_tokenizer(d: DataConfig, corpus: _Corpus, train_positions: np.ndarray, given: Tokenizer | None,
-                    path: Path) -> Tokenizer:
-    """The given tokenizer copied as-is (same sha256), or one trained here on the driver (it is
-    multi-threaded itself) on a content-determined sample of the training documents."""
-    if given is not None:
-        save_bytes(Path(d.tokenizer.path).read_bytes(), path)
-        return given
-    chosen = train_positions[dedup.sample_order(corpus.digests[train_positions])[: d.tokenizer.train_docs]]
-    texts = [t for block, idx in corpus.locate(np.sort(chosen)) for t in _docs_of_block(ray.get(block), idx)]
+def _train_tokenizer(d, reads: dict, work: WorkDir, seconds: dict) -> Tokenizer:
+    """Train on data.tokenizer.train_docs documents chosen by content hash among the (exactly deduplicated)
+    training documents: the same sample whatever the input order or the cluster."""
+    metas = ray.get([meta for _, meta in reads.values()])
+    digests = np.concatenate([m["digests"] for m in metas])
+    block_of = np.repeat(list(reads), [len(m["digests"]) for m in metas])
+    local = np.concatenate([np.arange(len(m["digests"])) for m in metas])
+    eligible = np.flatnonzero(dedup.first_occurrences(digests) & ~dedup.validation_mask(digests, d.val_fraction))
+    chosen = np.sort(eligible[dedup.sample_order(digests[eligible])[: d.tokenizer.train_docs]])
+    picks = [stages.take_texts.remote(reads[b][0], local[chosen[block_of[chosen] == b]]) for b in reads]
+    texts = [text for part in ray.get(picks) for text in part]
     log.info("preprocess: training a %d-token byte-level BPE on %d documents", d.tokenizer.vocab_size, len(texts))
-    tokenizer = train_tokenizer(texts, d.tokenizer.vocab_size, d.tokenizer.eos_token)
-    save_tokenizer(tokenizer, path)
+    started = time.perf_counter()
+    tokenizer = train_tokenizer(texts, d.tokenizer.vocab_size, special_tokens(d.tokenizer))
+    seconds["train_tokenizer"] = time.perf_counter() - started   # part of read_and_tokenize
+    work.save_tokenizer(tokenizer)
     return tokenizer
 
 
-def _tokenize(corpus: _Corpus, positions: dict[str, np.ndarray], tokenizer: Tokenizer,
-              d: DataConfig) -> dict[str, list]:
-    """(samples ref, stats) per task: fixed runs of docs_per_task documents of each split, in order."""
-    eos, vocab = eos_id(tokenizer, d.tokenizer.eos_token), vocab_size(tokenizer)
-    tokenizer_ref = ray.put(tokenizer.to_str())
-    packs = {split: [] for split in SPLITS}
-    for split in SPLITS:
-        for lo in range(0, len(positions[split]), d.docs_per_task):
-            pieces = corpus.locate(positions[split][lo: lo + d.docs_per_task])
-            packs[split].append(_tokenize_and_pack.remote(
-                tokenizer_ref, d.seq_len + 1, eos, vocab, [idx for _, idx in pieces], *[block for block, _ in pieces]))
-    stats = _gather({split: [s for _, s in packs[split]] for split in SPLITS}, "tokenize")
-    return {split: [(samples, s) for (samples, _), s in zip(packs[split], stats[split])] for split in SPLITS}
+def _lsh_params(d) -> dict | None:
+    if d.near_dup_threshold is None:
+        return None
+    bands, rows = minhash.lsh_bands(d.near_dup_threshold, d.minhash_perms)
+    return {"ngram": d.minhash_ngram, "perms": d.minhash_perms, "bands": bands, "rows": rows}
 
 
-def _write(packs: dict[str, list], samples_per_shard: int, data_dir: Path) -> dict[str, list[ShardInfo]]:
-    """Shard j of a split holds the split's samples [j * S, (j + 1) * S), whichever tasks made them."""
-    writes = {split: [] for split in SPLITS}
-    for split in SPLITS:
-        task_starts = np.cumsum([0] + [stats["samples"] for _, stats in packs[split]])
-        for j, lo in enumerate(range(0, int(task_starts[-1]), samples_per_shard)):
-            hi = min(lo + samples_per_shard, int(task_starts[-1]))
-            tasks = [t for t in range(len(packs[split])) if task_starts[t] < hi and task_starts[t + 1] > lo]
-            row_ranges = [(max(lo, task_starts[t]) - task_starts[t], min(hi, task_starts[t + 1]) - task_starts[t])
-                          for t in tasks]
-            writes[split].append(_write_shard.remote(
-                str(data_dir / shard_name(split, j)), row_ranges, *[packs[split][t][0] for t in tasks]))
-    return _gather(writes, "write")
+# ---------------------------------------------------------------- 2. deduplicate
+
+def _deduplicate(blocks: list[BlockResult], d, lsh: dict | None) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, first-of-its-exact-group) masks over all documents in input order."""
+    digests = np.concatenate([b.meta["digests"] for b in blocks])
+    exact_first = dedup.first_occurrences(digests) if d.dedup_exact else np.ones(len(digests), dtype=bool)
+    if lsh is None or not len(digests):
+        return exact_first, exact_first
+    keys = [keys for b in blocks for _, keys in b.parts]
+    edges = ray.get([stages.band_edges.remote(band, *keys) for band in range(lsh["bands"])])
+    a = np.concatenate([e[0] for e in edges])
+    b = np.concatenate([e[1] for e in edges])
+    cluster_first = dedup.component_minimum(len(digests), a, b) == np.arange(len(digests))
+    return exact_first & cluster_first, exact_first
 
 
-def _run(cfg: Config, files: list[str], fingerprint: str, given_tokenizer: Tokenizer | None) -> Manifest:
-    d, data_dir, started = cfg.data, Path(cfg.data.dir), time.time()
-    corpus = _read(files, d)
-    # Dedup and split on content hashes: the driver holds 16 bytes per document, not its text.
-    keep = dedup.first_occurrences(corpus.digests)
-    is_val = dedup.validation_mask(corpus.digests, d.val_fraction)
-    positions = {"train": np.flatnonzero(keep & ~is_val), "val": np.flatnonzero(keep & is_val)}
+# ---------------------------------------------------------------- 3. plan and 4. write
+
+def _plan(blocks, keep, d, per_shard: int, specials: int):
+    """Each split's documents in mixed order: stream offset and split of every document, and the layouts."""
+    digests = np.concatenate([b.meta["digests"] for b in blocks])
+    lengths = np.concatenate([b.lengths() for b in blocks]) + specials
+    is_val = dedup.validation_mask(digests, d.val_fraction)
+    stream_starts = np.full(len(digests), -1, dtype=np.int64)
+    split_of = np.full(len(digests), -1, dtype=np.int8)
+    layouts = []
+    for s, split in enumerate(SPLITS):
+        docs = np.flatnonzero(keep & (is_val == (split == "val")))
+        order = docs[dedup.mix_order(digests[docs], d.mix_seed)]
+        stream_starts[order] = np.cumsum(lengths[order]) - lengths[order]
+        split_of[order] = s
+        layouts.append(plan_stream(split, int(lengths[order].sum()), d.seq_len + 1, per_shard, len(blocks)))
+    return stream_starts, split_of, layouts
+
+
+def _write(blocks, stream_starts, split_of, layouts, ids, dtype, d, work: WorkDir) -> tuple[dict, int]:
+    bounds = [layout.group_bounds() for layout in layouts]
+    groups = sum(len(b) - 1 for b in bounds)
+    starts = np.cumsum([0] + [len(b.meta["digests"]) for b in blocks])
+    pieces = []
+    for i, block in enumerate(blocks):
+        lo, hi = starts[i], starts[i + 1]
+        if lo == hi or not groups:
+            continue  # nothing survived the filters in this block
+        refs = stages.partition_block.options(num_returns=groups).remote(
+            stream_starts[lo:hi], split_of[lo:hi], bounds, ids.eos, ids.bos, *[t for t, _ in block.parts])
+        pieces.append([refs] if groups == 1 else refs)
+    writes, offset = {}, 0
+    for layout in layouts:
+        writes[layout.split] = [stages.write_group.remote(layout, g, d.dir, str(work.shards_dir), dtype.name,
+                                                          d.keep_doc_boundaries, *[p[offset + g] for p in pieces])
+                                for g in range(len(layout.shard_groups))]
+        offset += len(layout.shard_groups)
+    every = [ref for refs in writes.values() for ref in refs]
+    ray.wait(every, num_returns=len(every))  # on a failure, the other groups still finish and are kept
+    done = {split: ray.get(refs) for split, refs in writes.items()}
+    reused = sum(r for results in done.values() for _, r in results)
+    return {split: [info for infos, _ in results for info in infos] for split, results in done.items()}, reused
+
+
+def _run(cfg: Config, files: list[InputFile], fingerprint: str, given: Tokenizer | None, work: WorkDir) -> Manifest:
+    d, data_dir, started, seconds = cfg.data, Path(cfg.data.dir), time.perf_counter(), {}
+    blocks, tokenizer = _read_and_tokenize(files, d, given, work, seconds)
+    ids, vocab = special_ids(tokenizer, d.tokenizer), vocab_size(tokenizer)
+    dtype = token_dtype(vocab)
+    tick = time.perf_counter()
+    keep, exact_first = _deduplicate(blocks, d, _lsh_params(d))
+    seconds["deduplicate"] = time.perf_counter() - tick
+    tick = time.perf_counter()
+    per_shard = samples_per_shard(d.shard_mb, d.samples_per_shard, d.seq_len + 1, dtype)
+    stream_starts, split_of, layouts = _plan(blocks, keep, d, per_shard, 1 + (ids.bos is not None))
+    shards, reused_shards = _write(blocks, stream_starts, split_of, layouts, ids, dtype, d, work)
+    seconds["pack_and_write"] = time.perf_counter() - tick
     tokenizer_path = data_dir / TOKENIZER_FILE
-    tokenizer = _make_tokenizer(d, corpus, positions["train"], given_tokenizer, tokenizer_path)
-    read_stats = {
-        "files": len(files),
-        "read_tasks": len(corpus.block_refs),
-        "docs_read": corpus.counts["lines"],
-        "removed": {reason: corpus.counts[reason] for reason in REMOVAL_REASONS},
-        "duplicates": int(len(keep) - keep.sum()),
-    }
-    packs = _tokenize(corpus, positions, tokenizer, d)
-    del corpus  # its text is no longer needed in the object store
-    shards = _write(packs, d.samples_per_shard, data_dir)
-
-    pack_stats = {split: [stats for _, stats in packs[split]] for split in SPLITS}
-    stats = {
-        **read_stats,
-        "tokenizer_trained": given_tokenizer is None,
-        **{key: {split: sum(s[key] for s in pack_stats[split]) for split in SPLITS}
-           for key in ("docs", "doc_tokens", "dropped_tokens", "text_bytes")},
-        "elapsed_s": round(time.time() - started, 3),
-    }
-    vocab = vocab_size(tokenizer)
+    if given is not None:
+        save_bytes(Path(d.tokenizer.path).read_bytes(), tokenizer_path)  # as given: the same sha256
+    else:
+        save_tokenizer(tokenizer, tokenizer_path)
+    seconds["total"] = time.perf_counter() - started
+    stats = _stats(files, blocks, keep, exact_first, split_of, layouts, shards, seconds, reused_shards)
+    stats["tokenizer"] = {"trained": given is None, "vocab_size": vocab, "sha256": file_sha256(tokenizer_path)}
+    stats = json.loads(json.dumps(stats))  # plain JSON types, as it reads back from stats.json and the manifest
+    save_bytes((json.dumps(stats, indent=1) + "\n").encode(), data_dir / STATS_FILE)
     manifest = Manifest(
-        fingerprint=fingerprint, seq_len=d.seq_len, sample_len=d.seq_len + 1, dtype=token_dtype(vocab).name,
-        tokenizer=TokenizerInfo(file=TOKENIZER_FILE, sha256=file_sha256(tokenizer_path), vocab_size=vocab,
-                                eos_id=eos_id(tokenizer, d.tokenizer.eos_token)),
+        fingerprint=fingerprint, seq_len=d.seq_len, sample_len=d.seq_len + 1, dtype=dtype.name,
+        tokenizer=TokenizerInfo(file=TOKENIZER_FILE, sha256=stats["tokenizer"]["sha256"], vocab_size=vocab,
+                                eos_id=ids.eos, bos_id=ids.bos, pad_id=ids.pad),
         splits={split: SplitInfo(samples=sum(s.samples for s in shards[split]),
                                  tokens=sum(s.tokens for s in shards[split]), shards=shards[split])
                 for split in SPLITS},
-        stats=stats, inputs=files, config=to_dict(cfg)["data"])
+        stats=stats, inputs=[f.url for f in files], config=to_dict(cfg)["data"], doc_boundaries=d.keep_doc_boundaries)
     manifest.save(data_dir)  # last: a manifest means the directory is complete
     return manifest
+
+
+def _stats(files, blocks, keep, exact_first, split_of, layouts, shards, seconds, reused_shards) -> dict:
+    removed, removed_bytes = Counter(), Counter()
+    for b in blocks:
+        removed.update(b.meta["removed"])
+        removed_bytes.update(b.meta["removed_bytes"])
+    text_bytes = np.concatenate([b.meta["text_bytes"] for b in blocks])
+    removed[EXACT_DUPLICATE], removed_bytes[EXACT_DUPLICATE] = int((~exact_first).sum()), int(text_bytes[~exact_first].sum())
+    near = exact_first & ~keep
+    removed[NEAR_DUPLICATE], removed_bytes[NEAR_DUPLICATE] = int(near.sum()), int(text_bytes[near].sum())
+    units = sum(b.meta["units"] for b in blocks)
+    tokens = {layout.split: layout.total_tokens for layout in layouts}
+    kept_bytes = {split: int(text_bytes[keep & (split_of == s)].sum()) for s, split in enumerate(SPLITS)}
+    return {
+        "files": len(files), "input_bytes": sum(f.size for f in files), "read_tasks": len(blocks),
+        "tokenize_tasks": sum(len(b.parts) for b in blocks), "documents_read": units,
+        "removals": removal_table(units, removed, removed_bytes),
+        "bad_files": [tuple(x) for b in blocks for x in b.meta["bad_files"]],
+        "documents": {split: int((keep & (split_of == s)).sum()) for s, split in enumerate(SPLITS)},
+        "tokens": tokens, "text_bytes": kept_bytes,
+        "bytes_per_token": sum(kept_bytes.values()) / max(sum(tokens.values()), 1),
+        "sample_len": layouts[0].sample_len,
+        "samples": {layout.split: layout.num_samples for layout in layouts},
+        "dropped_tokens": {layout.split: layout.dropped_tokens for layout in layouts},
+        "dropped_fraction": sum(x.dropped_tokens for x in layouts) / max(sum(tokens.values()), 1),
+        "shards": {split: len(infos) for split, infos in shards.items()},
+        "shard_bytes": sum(info.bytes for infos in shards.values() for info in infos),
+        "reused": {"blocks": sum(b.reused for b in blocks), "shards": reused_shards},
+        "seconds": {k: round(v, 3) for k, v in seconds.items()},
+        "tokens_per_second": sum(tokens.values()) / max(seconds["total"], 1e-9),
+    }
 
 
 def _remove_stale_shards(data_dir: Path, manifest: Manifest) -> None:
@@ -287,29 +338,3 @@ def _remove_stale_shards(data_dir: Path, manifest: Manifest) -> None:
         path.unlink()
     if stale:
         log.info("preprocess: removed %d stale shard file(s) from an earlier run", len(stale))
-
-
-def log_summary(m: Manifest) -> None:
-    s = m.stats
-    doc_tokens = sum(s["doc_tokens"].values())
-    dropped = sum(s["dropped_tokens"].values())
-    shard_bytes = sum(shard.bytes for split in m.splits for shard in m.shards(split))
-    lines = [
-        f"documents read {s['docs_read']:,} from {s['files']} file(s) in {s['read_tasks']} read task(s)",
-        "removed " + " ".join(f"{reason}={n:,}" for reason, n in s["removed"].items()),
-        f"removed duplicates={s['duplicates']:,}",
-        f"documents train={s['docs']['train']:,} val={s['docs']['val']:,}",
-        f"tokens train={s['doc_tokens']['train']:,} val={s['doc_tokens']['val']:,} (with one EOS per document)",
-        f"samples train={m.num_samples('train'):,} val={m.num_samples('val'):,} of {m.sample_len} tokens",
-        f"dropped at pack boundaries {dropped:,} tokens ({100 * dropped / max(doc_tokens, 1):.2f}%)",
-        f"shards train={len(m.shards('train'))} val={len(m.shards('val'))}, {shard_bytes / 2**20:.1f} MiB "
-        f"in {m.data_dir}",
-        f"tokenizer vocab={m.vocab_size:,} eos_id={m.eos_id} "
-        f"{'trained' if s['tokenizer_trained'] else 'given'}, "
-        f"{sum(s['text_bytes'].values()) / max(doc_tokens, 1):.2f} text bytes/token",
-        f"elapsed {s['elapsed_s']:.1f} s, {doc_tokens / max(s['elapsed_s'], 1e-9):,.0f} tokens/s",
-    ]
-    for line in lines:
-        log.info("preprocess: %s", line)
-    if m.num_samples("train") == 0:
-        log.warning("preprocess: no training samples: check data.inputs, data.text_field and the removals above")

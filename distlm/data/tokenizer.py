@@ -1,13 +1,15 @@
-"""The tokenizer: a byte-level BPE trained with Hugging Face `tokenizers`, or a given tokenizer.json.
+"""The tokenizer: a byte-level BPE trained with Hugging Face `tokenizers`, or any given tokenizer.json.
 
-A trained tokenizer has the end-of-document token at id 0 and decodes back to the exact text (byte-level,
-no prefix space). Its file loads in `transformers.PreTrainedTokenizerFast(tokenizer_file=...)`.
+Special tokens are explicit (data.tokenizer.eos_token / bos_token / pad_token). A trained tokenizer has EOS
+at id 0, then PAD and BOS when configured, and decodes back to the exact text (byte-level, no prefix
+space). Its file loads in `transformers.PreTrainedTokenizerFast(tokenizer_file=...)`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
@@ -18,14 +20,26 @@ class TokenizerError(ValueError):
     """A tokenizer file that cannot be used; the message names the file."""
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, eos_token: str) -> Tokenizer:
-    """A byte-level BPE of (at most) `vocab_size` tokens trained on `texts`; `eos_token` gets id 0."""
+@dataclass(frozen=True)
+class SpecialIds:
+    eos: int
+    bos: int | None
+    pad: int | None
+
+
+def special_tokens(t) -> list[str]:
+    """The configured special tokens (`t` is data.tokenizer), EOS first."""
+    return [tok for tok in (t.eos_token, t.pad_token, t.bos_token) if tok is not None]
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, specials: list[str]) -> Tokenizer:
+    """A byte-level BPE of (at most) `vocab_size` tokens trained on `texts`; specials get ids 0, 1, ..."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=[eos_token],                          # special tokens come first: id 0
+        special_tokens=specials,                             # special tokens come first
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte encodable, even unseen ones
         show_progress=False,
     )
@@ -33,16 +47,29 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, eos_token: str) -> To
     return tokenizer
 
 
-def load_tokenizer(path: str | Path, eos_token: str) -> Tokenizer:
-    """Any Hugging Face tokenizer.json; fails naming the file if it lacks `eos_token`."""
+def load_tokenizer(path: str | Path, specials: list[str]) -> Tokenizer:
+    """Any Hugging Face tokenizer.json; fails naming the file if it lacks a configured special token."""
     try:
         tokenizer = Tokenizer.from_file(str(path))
     except Exception as e:
         raise TokenizerError(f"cannot load tokenizer '{path}': {e}") from None
-    if tokenizer.token_to_id(eos_token) is None:
-        raise TokenizerError(f"tokenizer '{path}' has no token '{eos_token}' (data.tokenizer.eos_token); "
-                             f"set data.tokenizer.eos_token to one of its special tokens")
+    missing = [tok for tok in specials if tokenizer.token_to_id(tok) is None]
+    if missing:
+        raise TokenizerError(f"tokenizer '{path}' has no token(s) {missing} (data.tokenizer.eos_token / bos_token / "
+                             f"pad_token); set them to special tokens it has, or bos/pad to null")
     return tokenizer
+
+
+def special_ids(tokenizer: Tokenizer, t) -> SpecialIds:
+    def id_of(token: str | None) -> int | None:
+        if token is None:
+            return None
+        token_id = tokenizer.token_to_id(token)
+        if token_id is None:
+            raise TokenizerError(f"tokenizer has no token '{token}'")
+        return token_id
+
+    return SpecialIds(eos=id_of(t.eos_token), bos=id_of(t.bos_token), pad=id_of(t.pad_token))
 
 
 def eos_id(tokenizer: Tokenizer, eos_token: str) -> int:
