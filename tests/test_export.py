@@ -6,7 +6,6 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -16,7 +15,6 @@ import deepspeed
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from safetensors import safe_open
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -27,7 +25,9 @@ from distlm.export.hf import LOGIT_TOLERANCE, export, verify
 from distlm.model.llama import Llama
 from distlm.train import checkpoint
 from distlm.train.checkpoint import CheckpointError, RunState
+from distlm.parallel.layout import make_layout
 from distlm.train.engine import build_engine
+from distributed import run_ranks
 
 REPO = Path(__file__).resolve().parents[1]
 EOS = "<|endoftext|>"
@@ -67,16 +67,12 @@ class Run:
         return model
 
 
-def _train_and_save(rank: int, port: int, runs: list[Run], tokenizer_file: Path) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    deepspeed.init_distributed(dist_backend="gloo")
+def _train_and_save(rank: int, runs: list[Run], tokenizer_file: Path) -> None:
     sha = hashlib.sha256(tokenizer_file.read_bytes()).hexdigest()
     for run in runs:
         c = run.cfg
         torch.manual_seed(c.seed)
-        engine = build_engine(Llama(c.model), c)
+        engine = build_engine(Llama(c.model), c, make_layout(tp=1, pp=1))
         data = torch.Generator().manual_seed(rank)
         for step in range(1, SAVE_AT[-1] + 1):
             ids = torch.randint(0, VOCAB, (c.trainer.micro_batch_size, SEQ + 1), generator=data)
@@ -94,14 +90,6 @@ def _train_and_save(rank: int, port: int, runs: list[Run], tokenizer_file: Path)
                     weights = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
                     torch.save(weights, run.root / "reference" / f"{checkpoint.tag_for_step(step)}.pt")
             dist.barrier()
-    dist.barrier()
-    dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +116,7 @@ def runs(tmp_path_factory, tokenizer_file) -> dict[str, Run]:
                           "cluster.num_workers=2", "trainer.micro_batch_size=2", "trainer.grad_accum=1",
                           "trainer.max_steps=3", "optimizer.warmup_steps=1", f"run_dir={base / name}", *overrides)
         runs[name] = Run(cfg, base / name)
-    mp.spawn(_train_and_save, args=(_free_port(), list(runs.values()), tokenizer_file), nprocs=2)
+    run_ranks(_train_and_save, 2, list(runs.values()), tokenizer_file)
     return runs
 
 

@@ -80,7 +80,10 @@ def locate_checkpoint(root: Path, tag: str | None) -> Path:
 
 def read_weights(tag_dir: Path, state: RunState, model_cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """The fp32 weights of the checkpoint under distlm's parameter names, checked against the model's shapes."""
-    zero_stage = state.config["parallel"]["zero_stage"]
+    zero_stage, tp, pp = (state.config["parallel"][k] for k in ("zero_stage", "tp", "pp"))
+    if tp > 1 or pp > 1:
+        raise CheckpointError(f"checkpoint {tag_dir} was written with parallel.tp={tp}, parallel.pp={pp}; "
+                              f"exporting tensor/pipeline-parallel checkpoints is not supported yet")
     for f in sorted([*tag_dir.glob("*_model_states.pt"), *tag_dir.glob("*_optim_states.pt")]):
         # torch.save writes zip archives: a truncated or overwritten file lacks the zip's central directory.
         if not zipfile.is_zipfile(f):

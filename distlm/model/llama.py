@@ -12,6 +12,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from distlm.config import ModelConfig
 
@@ -86,10 +87,23 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy, computed in fp32."""
+    return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.reshape(-1))
+
+
+def _run_blocks(blocks: nn.ModuleList, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    for block in blocks:
+        x = block(x, cos, sin)
+    return x
+
+
 class Llama(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
+        self.loss_fn = cross_entropy  # tensor parallelism swaps in a vocabulary-parallel one
+        self.activation_checkpoint_interval = 0  # recompute every N blocks in backward (0 = keep activations)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
@@ -115,12 +129,14 @@ class Llama(nn.Module):
         seq = input_ids.shape[1]
         cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
         x = self.embed_tokens(input_ids)
-        for layer in self.layers:
-            x = layer(x, cos, sin)
+        step = self.activation_checkpoint_interval if self.training else 0
+        if step:  # trade compute for memory: keep only each segment's input for backward
+            for i in range(0, len(self.layers), step):
+                x = checkpoint(_run_blocks, self.layers[i:i + step], x, cos, sin, use_reentrant=False)
+        else:
+            x = _run_blocks(self.layers, x, cos, sin)
         logits = self.lm_head(self.norm(x))
-        if labels is None:
-            return logits
-        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.reshape(-1))
+        return logits if labels is None else self.loss_fn(logits, labels)
 
     def num_params(self, exclude_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())

@@ -9,6 +9,9 @@ import torch
 import torch.nn as nn
 
 from distlm.config import Config, Precision
+from distlm.model.llama import Llama
+from distlm.model.parallelize import pipeline_stages, tensor_parallel
+from distlm.parallel.layout import Layout
 
 
 def deepspeed_config(c: Config, use_cuda: bool) -> dict[str, Any]:
@@ -18,7 +21,7 @@ def deepspeed_config(c: Config, use_cuda: bool) -> dict[str, Any]:
         "gradient_accumulation_steps": t.grad_accum,
         "train_batch_size": c.global_batch_size,
         "gradient_clipping": o.grad_clip,
-        "zero_optimization": {"stage": c.parallel.zero_stage},
+        "zero_optimization": zero_config(c, use_cuda),
         "bf16": {"enabled": t.precision == Precision.bf16},
         "optimizer": {
             "type": "AdamW",
@@ -43,6 +46,20 @@ def deepspeed_config(c: Config, use_cuda: bool) -> dict[str, Any]:
     }
 
 
+def zero_config(c: Config, use_cuda: bool) -> dict[str, Any]:
+    par = c.parallel
+    zero: dict[str, Any] = {"stage": par.zero_stage}
+    if not use_cuda:
+        # Copying every gradient into one contiguous buffer saves GPU memory fragmentation; on CPU it
+        # made the backward pass several times slower (benchmarks/bench_train_step.py).
+        zero["contiguous_gradients"] = False
+    if par.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if par.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    return zero
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Decay matrices (linear and embedding weights), not norm gains."""
     decay, no_decay = [], []
@@ -52,11 +69,22 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_engine(model: nn.Module, c: Config):
+def build_engine(model: Llama, c: Config, layout: Layout):
+    """Split the model as the layout says and wrap it in a DeepSpeed engine (a PipelineEngine when pp > 1)."""
     use_cuda = torch.cuda.is_available() and c.cluster.use_gpu
+    if layout.tp > 1:
+        tensor_parallel(model, layout)
+    interval = c.parallel.activation_checkpoint_interval
+    if layout.pp > 1:
+        module = pipeline_stages(model, layout, c.parallel.pipeline_partition.value, interval)
+    else:
+        model.activation_checkpoint_interval = interval
+        module = model
     engine, *_ = deepspeed.initialize(
-        model=model,
-        model_parameters=param_groups(model, c.optimizer.weight_decay),
+        model=module,
+        model_parameters=param_groups(module, c.optimizer.weight_decay),
         config=deepspeed_config(c, use_cuda),
+        # The pipeline module brings its own grid; a one-stage model needs ours for its TP and DP groups.
+        mpu=layout.grid if layout.pp == 1 and layout.tp > 1 else None,
     )
     return engine
