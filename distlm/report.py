@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from distlm.train.metrics import last_per_step, read_metrics, summarize
@@ -44,11 +45,18 @@ def main(argv: list[str]) -> None:
     s = summarize(run_dir)
     png = plot(run_dir, args.plot or run_dir / "loss.png")
     print(f"run            {run_dir}")
-    print(f"steps          {s['steps']}   tokens seen {s['tokens_seen']:,}   median {s['tokens_per_s']:,.0f} tokens/s")
+    print(f"steps          {s['steps']}   tokens seen {s['tokens_seen']:,}   median {s['tokens_per_s']:,.0f} tokens/s, "
+          f"{s['step_seconds']:.2f} s/step")
     print(f"train loss     {s['first_train_loss']:.3f} -> {s['final_train_loss']:.3f} (mean of the last 10 steps)")
     print(f"val loss       {s['first_val_loss']:.3f} -> {s['final_val_loss']:.3f}   (perplexity {s['final_val_ppl']:.1f})")
+    mfu = "n/a (unknown device peak; set logger.peak_tflops)" if math.isnan(s["mfu"]) else f"{s['mfu']:.1%}"
+    print(f"efficiency     MFU {mfu}   data-loader wait {s['data_wait_share']:.1%} of step time   "
+          f"peak {s['memory_kind']} memory {s['peak_memory_gib']:.2f} GiB")
+    print(f"checkpoints    median save {s['checkpoint_seconds']:.1f} s   skipped steps {s['skipped_steps']}")
     print(f"checkpoint     {s['checkpoint']}")
     print(f"HF export      {s['hf_export']}")
     print(f"metrics        {s['metrics']}")
     print(f"wandb          {s['wandb']}  (offline runs upload with `wandb sync {run_dir}/wandb/offline-run-*`)")
     print(f"plot           {png}")
+    for sample in s["last_samples"]:
+        print(f"sample @{sample['step']:<6} {sample['prompt']!r} -> {sample['continuation']!r}")

@@ -26,6 +26,7 @@ def _worker_main(loop_config: dict[str, Any]) -> None:
     c: Config = loop_config["config"]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     torch.set_num_threads(c.cluster.cpus_per_worker)
+    cluster.check_worker_node(c)  # TP group within a node, shared run_dir and data.dir
     Trainer(c).fit()
 
 
@@ -65,7 +66,7 @@ def check_before_launch(c: Config) -> None:
 
 
 def train(c: Config) -> dict[str, Any]:
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     check_before_launch(c)
@@ -77,8 +78,7 @@ def train(c: Config) -> dict[str, Any]:
     trainer = TorchTrainer(
         _worker_main,
         train_loop_config={"config": c},
-        scaling_config=ScalingConfig(num_workers=cl.num_workers, use_gpu=cl.use_gpu,
-                                     resources_per_worker={"CPU": cl.cpus_per_worker}),
+        scaling_config=cluster.scaling_config(cl),  # one worker per GPU, packed node by node
         run_config=RunConfig(name=c.run_name, storage_path=str(run_dir / "ray"),
                              failure_config=FailureConfig(max_failures=cl.max_failures)),
     )

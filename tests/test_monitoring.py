@@ -1,0 +1,174 @@
+"""Monitoring: what rank 0 records per step and per evaluation (metrics.jsonl, samples.jsonl, wandb offline),
+a resumed run continuing its W&B run, secrets written nowhere, `distlm report`, and the driver's progress bar."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import secrets
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from distlm.config import compose_config, to_dict
+from distlm.model.llama import Llama
+from distlm.train import checkpoint
+from distlm.train.launch import train
+from distlm.train.metrics import (DataWait, MetricsLogger, ProgressBar, peak_tflops_of, read_metrics)
+
+STEPS = 6
+SECRET = f"wandb-key-{secrets.token_hex(16)}"
+STEP_KEYS = {"loss", "lr", "grad_norm", "tokens_per_s", "tokens_seen", "step_seconds", "data_wait_seconds", "rss_gib",
+             "mfu"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def wandb_key_in_environment():
+    """A W&B key in the environment, as a submitted job has it, set before the module's Ray cluster starts so
+    that its workers inherit it too; logger.mode=offline keeps the run off the network."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("WANDB_API_KEY", SECRET)
+        yield
+
+
+def monitored_config(data_dir: Path, run_dir: Path, *overrides: str):
+    return compose_config(
+        "model=test", "data.seq_len=64", "data.tokenizer.vocab_size=512", f"data.dir={data_dir}", f"run_dir={run_dir}",
+        f"trainer.max_steps={STEPS}", "trainer.micro_batch_size=4", "optimizer.warmup_steps=1", "trainer.eval_every=3",
+        "trainer.eval_batches=1", "trainer.checkpoint_every=3", "logger.mode=offline", "logger.name=monitor-test",
+        "logger.group=sweep-7", "logger.tags=[cpu,monitoring]", "logger.samples=2", "logger.sample_tokens=5",
+        "logger.peak_tflops=0.001", *overrides)
+
+
+@pytest.fixture(scope="module")
+def monitored_run(bible_shards, tmp_path_factory) -> Path:
+    """6 steps on 2 workers, stopped at step 3 and resumed, as a preempted job would be."""
+    run_dir = tmp_path_factory.mktemp("monitored")
+    train(monitored_config(bible_shards, run_dir, "trainer.stop_at_step=3"))
+    train(monitored_config(bible_shards, run_dir))
+    return run_dir
+
+
+def records_with(run_dir: Path, key: str) -> list[dict]:
+    return [r for r in read_metrics(run_dir) if key in r]
+
+
+def test_every_step_records_the_training_metrics(monitored_run):
+    steps = records_with(monitored_run, "loss")
+    assert [r["step"] for r in steps] == list(range(1, STEPS + 1)), "one record per step: only rank 0 logs"
+    for r in steps:
+        assert STEP_KEYS <= r.keys(), STEP_KEYS - r.keys()
+        assert all(math.isfinite(r[k]) for k in STEP_KEYS)
+        assert 0 <= r["data_wait_seconds"] <= r["step_seconds"] and r["rss_gib"] > 0.1
+        assert r["tokens_seen"] == r["step"] * 8 * 64
+
+
+def test_mfu_is_model_flops_per_second_over_the_peak_of_all_devices(monitored_run):
+    c = monitored_config(Path("."), monitored_run)
+    flops_per_step = Llama(c.model).flops_per_token(64) * 8 * 64   # global batch 8 x 64 tokens
+    for r in records_with(monitored_run, "loss"):
+        assert r["mfu"] == pytest.approx(flops_per_step / r["step_seconds"] / (0.001e12 * 2), rel=1e-6)
+
+
+def test_evaluations_log_validation_loss_perplexity_and_checkpoint_time(monitored_run):
+    val = records_with(monitored_run, "val_loss")
+    assert [r["step"] for r in val] == [0, 3, 6]
+    assert all(r["val_ppl"] == pytest.approx(math.exp(r["val_loss"])) for r in val)
+    assert [r["step"] for r in records_with(monitored_run, "checkpoint_seconds")] == [3, 6]
+
+
+def test_evaluations_generate_samples_of_validation_prompts(monitored_run):
+    rows = read_metrics(monitored_run, "samples.jsonl")
+    assert [r["step"] for r in rows] == [0, 0, 3, 3, 6, 6]
+    assert rows[0]["prompt"] == rows[4]["prompt"], "the same prompts at every evaluation, to compare"
+    assert all(r["prompt"] and r["continuation"] and r["reference"] for r in rows)
+
+
+def wandb_runs(run_dir: Path) -> list[Path]:
+    return sorted((run_dir / "wandb").glob("offline-run-*"))
+
+
+def test_resumed_run_continues_the_same_wandb_run(monitored_run):
+    runs = wandb_runs(monitored_run)
+    assert len(runs) == 2, "one wandb run per launch (rank 0 only)"
+    run_id = checkpoint.read_state(monitored_run / "checkpoints" / "step00000006").wandb_run_id
+    assert all(r.name.endswith(f"-{run_id}") for r in runs), (runs, run_id)
+
+
+def test_wandb_run_has_name_group_tags_config_and_sample_tables(monitored_run):
+    record_bytes = b"".join(p.read_bytes() for r in wandb_runs(monitored_run) for p in r.glob("run-*.wandb"))
+    for expected in (b"monitor-test", b"sweep-7", b"monitoring", b"zero_stage", b"sample_tokens"):
+        assert expected in record_bytes, expected
+    tables = list(monitored_run.glob("wandb/offline-run-*/files/media/table/samples_*.table.json"))
+    assert {int(t.name.split("_")[1]) for t in tables} == {0, 3, 6}
+    table = json.loads(tables[0].read_text())
+    assert table["columns"] == ["step", "prompt", "continuation", "reference"] and len(table["data"]) == 2
+
+
+def test_api_key_is_written_nowhere(monitored_run):
+    assert SECRET not in json.dumps(to_dict(monitored_config(Path("."), monitored_run)))
+    files = [p for p in monitored_run.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".wandb" for p in files) and any(p.name.startswith("mp_rank") for p in files)
+    leaked = [str(p) for p in files if SECRET.encode() in p.read_bytes()]
+    assert leaked == []
+
+
+def test_report_prints_a_summary_and_writes_a_plot(monitored_run):
+    out = subprocess.run([sys.executable, "-m", "distlm.cli", "report", str(monitored_run)], capture_output=True,
+                         text=True, check=True)
+    assert f"steps          {STEPS}" in out.stdout
+    for line in ("MFU ", "data-loader wait", "peak RSS memory", "median save", "sample @6"):
+        assert line in out.stdout, line
+    png = monitored_run / "loss.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_shows_steps_loss_throughput_and_eta(tmp_path):
+    screen = Terminal()
+    with ProgressBar(tmp_path, total_steps=10, file=screen):
+        with (tmp_path / "metrics.jsonl").open("a") as f:
+            for step in (1, 2, 3):
+                f.write(json.dumps({"step": step, "loss": 5.0 - step, "tokens_per_s": 12345.0, "mfu": 0.41}) + "\n")
+            f.write(json.dumps({"step": 3, "val_loss": 2.5}) + "\n")
+        time.sleep(1.5)
+    shown = screen.getvalue()
+    assert "3/10" in shown and "loss=2.000" in shown and "tok_s=12,345" in shown and "mfu=41.0%" in shown
+    assert "val=2.500" in shown and "<" in shown  # tqdm's "elapsed<remaining"
+
+
+def test_peak_flops_come_from_the_device_name():
+    assert peak_tflops_of("NVIDIA H100 80GB HBM3") == 989
+    assert peak_tflops_of("NVIDIA H100 PCIe") == 756
+    assert peak_tflops_of("NVIDIA A100-SXM4-80GB") == 312
+    assert peak_tflops_of("NVIDIA GeForce GTX 1080") is None
+
+
+def test_data_wait_adds_up_time_spent_waiting_for_batches():
+    def slow_batches():
+        for i in range(3):
+            time.sleep(0.05)
+            yield i
+
+    batches = DataWait(slow_batches())
+    assert [next(batches), next(batches)] == [0, 1]
+    assert 0.09 < batches.take() < 0.5
+    assert batches.take() == 0.0
+
+
+@pytest.mark.parametrize("overrides, model", [((), torch.nn.Linear(4, 4)), (("parallel.pp=2",), "llama")])
+def test_samples_are_skipped_where_rank_0_does_not_hold_a_whole_llama(tmp_path, overrides, model):
+    c = compose_config("model=test", f"run_dir={tmp_path}", "logger.wandb=false", *overrides)
+    model = Llama(c.model) if model == "llama" else model
+    logger = MetricsLogger(c, wandb_run_id="unused")
+    logger.log_samples(0, model, val_loader=None, tokenizer_file=tmp_path / "no-tokenizer.json")
+    assert not (tmp_path / "samples.jsonl").exists()
