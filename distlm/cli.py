@@ -5,6 +5,9 @@
     distlm export     [overrides]   a checkpoint -> a Hugging Face LlamaForCausalLM directory
     distlm generate   [overrides]   continue a prompt with an exported (or any local HF Llama) model
     distlm report     RUN_DIR       summary of a run and a PNG plot of its loss curve
+    distlm plan       [overrides]   parameters and per-GPU memory of a model and layout: does it fit?
+    distlm submit     [--address URL] [--wait] COMMAND [overrides]
+                                    run preprocess/train/export/generate as a job on a running Ray cluster
 
 Overrides are Hydra's: `key=value` or `group=option` (e.g. `model=tiny trainer.max_steps=500`).
 `distlm COMMAND --cfg job` prints the composed config; `distlm COMMAND --help` lists the groups.
@@ -43,11 +46,18 @@ def _generate(c) -> None:
     generate(c)
 
 
+def _plan(c) -> None:
+    from distlm.plan import print_plan
+
+    print_plan(c)
+
+
 HYDRA_COMMANDS: dict[str, Callable] = {
     "preprocess": _preprocess,
     "train": _train,
     "export": _export,
     "generate": _generate,
+    "plan": _plan,
 }
 
 
@@ -80,10 +90,14 @@ def main(argv: list[str] | None = None) -> None:
         from distlm.report import main as report_main
 
         report_main(args)
+    elif command == "submit":
+        from distlm.submit import main as submit_main
+
+        submit_main(args)
     elif command in HYDRA_COMMANDS:
         _run_with_hydra(command, args)
     else:
-        print(f"distlm: unknown command '{command}'; choose from: {', '.join([*HYDRA_COMMANDS, 'report'])}",
+        print(f"distlm: unknown command '{command}'; choose from: {', '.join([*HYDRA_COMMANDS, 'report', 'submit'])}",
               file=sys.stderr)
         sys.exit(2)
 

@@ -66,6 +66,8 @@ class TokenizerConfig:
     path: Optional[str] = MISSING
     vocab_size: int = MISSING
     eos_token: str = MISSING
+    bos_token: Optional[str] = MISSING
+    pad_token: Optional[str] = MISSING
     train_docs: int = MISSING
 
 
@@ -73,14 +75,35 @@ class TokenizerConfig:
 class DataConfig:
     inputs: list[str] = MISSING
     text_field: str = MISSING
+    txt_document: str = MISSING
     dir: str = MISSING
     seq_len: int = MISSING
     val_fraction: float = MISSING
+    mix_seed: int = MISSING
+    docs_per_task: int = MISSING
+    unicode_form: Optional[str] = MISSING
     min_chars: int = MISSING
     max_chars: int = MISSING
-    samples_per_shard: int = MISSING
-    docs_per_task: int = MISSING
+    min_alpha_fraction: float = MISSING
+    max_repeated_line_fraction: float = MISSING
+    dedup_exact: bool = MISSING
+    near_dup_threshold: Optional[float] = MISSING
+    minhash_perms: int = MISSING
+    minhash_ngram: int = MISSING
+    keep_doc_boundaries: bool = MISSING
+    samples_per_shard: Optional[int] = MISSING
+    shard_mb: float = MISSING
+    shuffle_window: int = MISSING
+    loader_workers: int = MISSING
+    shard_url: Optional[str] = MISSING
+    verify_shards: bool = MISSING
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+
+
+class PipelinePartition(str, Enum):
+    blocks = "blocks"          # the same number of transformer blocks per stage
+    parameters = "parameters"  # balance parameter counts (embedding and head weigh in)
+    uniform = "uniform"        # the same number of pipeline layers (embedding and head count as layers)
 
 
 @dataclass
@@ -88,6 +111,10 @@ class ParallelConfig:
     tp: int = MISSING
     pp: int = MISSING
     zero_stage: int = MISSING
+    offload_optimizer: bool = MISSING
+    offload_params: bool = MISSING
+    pipeline_partition: PipelinePartition = MISSING
+    activation_checkpoint_interval: int = MISSING
 
 
 @dataclass
@@ -97,6 +124,9 @@ class ClusterConfig:
     use_gpu: bool = MISSING
     cpus_per_worker: int = MISSING
     max_failures: int = MISSING
+    workers_per_node: Optional[int] = MISSING
+    submit_env: list[str] = MISSING
+    gpu_mem_gb: float = MISSING
 
 
 @dataclass
@@ -132,6 +162,12 @@ class LoggerConfig:
     project: str = MISSING
     entity: Optional[str] = MISSING
     mode: WandbMode = MISSING
+    name: Optional[str] = MISSING
+    group: Optional[str] = MISSING
+    tags: list[str] = MISSING
+    samples: int = MISSING
+    sample_tokens: int = MISSING
+    peak_tflops: Optional[float] = MISSING
 
 
 @dataclass
@@ -170,7 +206,7 @@ class Config:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
 
     @property
-    def data_parallel_size(self) -> int:
+    def data_parallel_size(self) -> int:  # world = tp x pp x dp
         return self.cluster.num_workers // (self.parallel.tp * self.parallel.pp)
 
     @property
@@ -246,22 +282,42 @@ def validate_model(m: ModelConfig) -> list[str]:
 
 
 def validate_preprocess(c: Config) -> list[str]:
-    d = c.data
+    d, t = c.data, c.data.tokenizer
     p: list[str] = []
-    _check(p, len(d.inputs) > 0, "data.inputs is empty: give at least one JSONL file or glob")
+    _check(p, len(d.inputs) > 0, "data.inputs is empty: give at least one file, glob or fsspec URL")
     for pattern in d.inputs:
         if "://" not in pattern and not glob.glob(pattern):
             p.append(f"data.inputs: no file matches '{pattern}'")
+    _check(p, "://" not in d.dir, f"data.dir={d.dir}: preprocessing writes to a local (or mounted) directory")
+    _check(p, d.txt_document in ("file", "paragraph", "line"),
+           f"data.txt_document={d.txt_document!r} must be file, paragraph or line")
+    _check(p, d.unicode_form in (None, "NFC", "NFKC", "NFD", "NFKD"),
+           f"data.unicode_form={d.unicode_form!r} must be NFC, NFKC, NFD, NFKD or null")
     _check(p, d.seq_len > 0, f"data.seq_len={d.seq_len} must be positive")
     _check(p, 0.0 <= d.val_fraction < 1.0, f"data.val_fraction={d.val_fraction} must be in [0, 1)")
     _check(p, 0 <= d.min_chars <= d.max_chars, f"need 0 <= data.min_chars <= data.max_chars, got {d.min_chars}, {d.max_chars}")
-    _check(p, d.samples_per_shard > 0, f"data.samples_per_shard={d.samples_per_shard} must be positive")
+    _check(p, 0.0 <= d.min_alpha_fraction <= 1.0, f"data.min_alpha_fraction={d.min_alpha_fraction} must be in [0, 1]")
+    _check(p, 0.0 <= d.max_repeated_line_fraction <= 1.0,
+           f"data.max_repeated_line_fraction={d.max_repeated_line_fraction} must be in [0, 1]")
+    _check(p, d.near_dup_threshold is None or 0.0 < d.near_dup_threshold <= 1.0,
+           f"data.near_dup_threshold={d.near_dup_threshold} must be in (0, 1], or null to skip near-duplicate removal")
+    _check(p, d.minhash_perms >= 16 and d.minhash_perms & (d.minhash_perms - 1) == 0,
+           f"data.minhash_perms={d.minhash_perms} must be a power of two >= 16")
+    _check(p, d.minhash_ngram > 0, f"data.minhash_ngram={d.minhash_ngram} must be positive")
+    _check(p, d.samples_per_shard is None or d.samples_per_shard > 0,
+           f"data.samples_per_shard={d.samples_per_shard} must be positive, or null to size shards by data.shard_mb")
+    _check(p, d.shard_mb > 0, f"data.shard_mb={d.shard_mb} must be positive")
     _check(p, d.docs_per_task > 0, f"data.docs_per_task={d.docs_per_task} must be positive")
-    if d.tokenizer.path:
-        _check(p, Path(d.tokenizer.path).is_file(), f"data.tokenizer.path: no file '{d.tokenizer.path}'")
+    if t.path:
+        _check(p, Path(t.path).is_file(), f"data.tokenizer.path: no file '{t.path}'")
     else:
-        _check(p, d.tokenizer.vocab_size >= 260,
-               f"data.tokenizer.vocab_size={d.tokenizer.vocab_size} must be at least 260 (256 bytes + special tokens)")
+        _check(p, t.vocab_size >= 260,
+               f"data.tokenizer.vocab_size={t.vocab_size} must be at least 260 (256 bytes + special tokens)")
+        _check(p, t.train_docs > 0, f"data.tokenizer.train_docs={t.train_docs} must be positive")
+    specials = [x for x in (t.eos_token, t.bos_token, t.pad_token) if x is not None]
+    _check(p, len(set(specials)) == len(specials) and all(specials),
+           f"data.tokenizer: eos_token, bos_token and pad_token must be distinct non-empty strings (or null for "
+           f"bos/pad), got {specials}")
     return p
 
 
@@ -276,12 +332,8 @@ def validate_train(c: Config) -> list[str]:
            f"model.max_seq_len={c.model.max_seq_len} is shorter than data.seq_len={c.data.seq_len}")
     _check(p, cl.num_workers > 0, f"cluster.num_workers={cl.num_workers} must be positive")
     _check(p, cl.cpus_per_worker > 0, f"cluster.cpus_per_worker={cl.cpus_per_worker} must be positive")
-    _check(p, par.tp == 1 and par.pp == 1,
-           f"parallel.tp={par.tp}, parallel.pp={par.pp}: tensor and pipeline parallelism are not available yet; "
-           f"use parallel=dp (tp=1, pp=1)")
-    _check(p, cl.num_workers % (par.tp * par.pp) == 0,
-           f"cluster.num_workers={cl.num_workers} must be a multiple of parallel.tp * parallel.pp = {par.tp * par.pp}")
-    _check(p, par.zero_stage in (0, 1, 2, 3), f"parallel.zero_stage={par.zero_stage} must be 0, 1, 2 or 3")
+    p += validate_layout(c)
+    p += validate_cluster(c)
     for key in ("max_steps", "micro_batch_size", "grad_accum", "log_every", "eval_every", "eval_batches",
                 "checkpoint_every", "keep_checkpoints"):
         _check(p, getattr(t, key) > 0, f"trainer.{key}={getattr(t, key)} must be positive")
@@ -293,6 +345,75 @@ def validate_train(c: Config) -> list[str]:
     _check(p, 0 < o.min_lr <= o.lr, f"need 0 < optimizer.min_lr <= optimizer.lr, got {o.min_lr}, {o.lr}")
     _check(p, 0 <= o.warmup_steps < t.max_steps,
            f"optimizer.warmup_steps={o.warmup_steps} must be below trainer.max_steps={t.max_steps}")
+    return p
+
+
+def validate_layout(c: Config) -> list[str]:
+    """The parallel layout against the world size, the model and DeepSpeed's rules."""
+    par, m, world = c.parallel, c.model, c.cluster.num_workers
+    p: list[str] = []
+    for key in ("tp", "pp"):
+        _check(p, getattr(par, key) >= 1, f"parallel.{key}={getattr(par, key)} must be at least 1")
+    if p:
+        return p
+    tp, pp = par.tp, par.pp
+    _check(p, world % (tp * pp) == 0,
+           f"cluster.num_workers={world} (the world size) must be a multiple of parallel.tp * parallel.pp = "
+           f"{tp * pp}: world = tp x pp x data-parallel; e.g. cluster.num_workers={tp * pp * max(1, world // (tp * pp))}")
+    _check(p, m.n_heads % tp == 0 and m.n_kv_heads % tp == 0,
+           f"parallel.tp={tp} must divide model.n_heads={m.n_heads} and model.n_kv_heads={m.n_kv_heads} "
+           f"(each rank holds whole heads); valid tp: "
+           f"{[d for d in range(1, m.n_kv_heads + 1) if m.n_heads % d == 0 and m.n_kv_heads % d == 0]}")
+    _check(p, m.n_layers >= pp, f"parallel.pp={pp} is more pipeline stages than model.n_layers={m.n_layers}")
+    _check(p, par.zero_stage in (0, 1, 2, 3), f"parallel.zero_stage={par.zero_stage} must be 0, 1, 2 or 3")
+    _check(p, pp == 1 or par.zero_stage <= 1,
+           f"parallel.zero_stage={par.zero_stage} with parallel.pp={pp}: DeepSpeed's pipeline engine supports "
+           f"ZeRO stages 0 and 1 only; set parallel.zero_stage=1")
+    _check(p, pp == 1 or c.trainer.precision != Precision.bf16 or par.zero_stage == 1,
+           f"bf16 pipelines need parallel.zero_stage=1 (DeepSpeed cannot reload a ZeRO-0 bf16 pipeline checkpoint)")
+    _check(p, tp == 1 or par.zero_stage <= 2,
+           f"parallel.zero_stage=3 with parallel.tp={tp} is not supported; use zero_stage<=2 with tensor parallelism")
+    _check(p, not par.offload_optimizer or par.zero_stage >= 1,
+           "parallel.offload_optimizer=true needs parallel.zero_stage >= 1")
+    _check(p, not par.offload_params or par.zero_stage == 3, "parallel.offload_params=true needs parallel.zero_stage=3")
+    _check(p, par.activation_checkpoint_interval >= 0,
+           f"parallel.activation_checkpoint_interval={par.activation_checkpoint_interval} must be >= 0 (0 = off)")
+    return p
+
+
+def node_placement_problems(num_workers: int, tp: int, workers_per_node: Optional[int]) -> list[str]:
+    """Can every tensor-parallel group (tp consecutive ranks) live inside one node?
+
+    Ray Train numbers ranks node by node, so the groups never straddle a node boundary exactly when the
+    workers on every node are a multiple of tp; with PACK placement on free nodes that holds when
+    workers_per_node is (the last, partial node then holds num_workers mod workers_per_node, also a multiple
+    of tp since tp divides num_workers). None means one machine: nothing to check."""
+    if workers_per_node is None:
+        return []
+    if workers_per_node < 1:
+        return [f"cluster.workers_per_node={workers_per_node} must be positive, or null for a single machine"]
+    if tp > workers_per_node:
+        return [f"parallel.tp={tp} is more than cluster.workers_per_node={workers_per_node}: a tensor-parallel "
+                f"group must fit in one node (its all-reduces need NVLink); use parallel.tp<={workers_per_node} "
+                f"and parallel.pp to span nodes"]
+    if workers_per_node % tp:
+        valid = [d for d in range(1, workers_per_node + 1) if workers_per_node % d == 0]
+        return [f"cluster.workers_per_node={workers_per_node} is not a multiple of parallel.tp={tp}: tensor-parallel "
+                f"groups of consecutive ranks would straddle two nodes; valid parallel.tp: {valid}"]
+    return []
+
+
+def validate_cluster(c: Config) -> list[str]:
+    """Cluster placement and monitoring keys (the parts `distlm submit` can check before anything ships)."""
+    cl, lg = c.cluster, c.logger
+    p = node_placement_problems(cl.num_workers, c.parallel.tp, cl.workers_per_node)
+    bad_names = [name for name in cl.submit_env if not name.isidentifier()]
+    _check(p, not bad_names, f"cluster.submit_env: {bad_names} are not environment variable names")
+    _check(p, cl.max_failures >= 0, f"cluster.max_failures={cl.max_failures} must be >= 0")
+    _check(p, lg.samples >= 0, f"logger.samples={lg.samples} must be >= 0 (0 = no generated samples)")
+    _check(p, lg.sample_tokens > 0, f"logger.sample_tokens={lg.sample_tokens} must be positive")
+    _check(p, lg.peak_tflops is None or lg.peak_tflops > 0,
+           f"logger.peak_tflops={lg.peak_tflops} must be positive, or null to look the GPU up")
     return p
 
 

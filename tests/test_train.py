@@ -36,7 +36,7 @@ def test_training_lowers_validation_loss(straight_run):
     run_dir, summary = straight_run
     val = by_step(run_dir, "val_loss")
     assert sorted(val) == [0, 6, 12]
-    assert val[12] < val[0] - 0.5, val
+    assert val[12] < val[0] - 0.3, val  # from ln(512) = 6.24 in 12 steps of 8 x 64 tokens
     assert summary["steps"] == STEPS and summary["final_val_loss"] == val[12]
     assert len(by_step(run_dir, "loss")) == STEPS
 

@@ -15,10 +15,11 @@ from distlm.config import Config, to_dict
 from distlm.data.loader import ShardLoader
 from distlm.data.shards import Manifest
 from distlm.model.llama import Llama
+from distlm.parallel.layout import make_layout
 from distlm.train import checkpoint
 from distlm.train.checkpoint import RunState
 from distlm.train.engine import build_engine
-from distlm.train.metrics import MetricsLogger, peak_flops
+from distlm.train.metrics import DataWait, MetricsLogger, memory_metrics, mfu, peak_flops
 
 log = logging.getLogger(__name__)
 
@@ -35,28 +36,53 @@ class Trainer:
         deepspeed.init_distributed(dist_backend="nccl" if c.cluster.use_gpu else "gloo")
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.manifest = Manifest.load(c.data.dir)  # checked against the config on the driver
-        torch.manual_seed(c.seed)  # the same initial weights on every rank
-        self.model = Llama(c.model)
-        self.engine = build_engine(self.model, c)
+        self.layout = make_layout(c.parallel.tp, c.parallel.pp)
+        # The same full initial weights on every rank, whatever the layout; each keeps its own part.
+        torch.manual_seed(c.seed)
+        model = Llama(c.model)
+        self.num_params, self.flops_per_token = model.num_params(), model.flops_per_token(c.data.seq_len)
+        self.engine = build_engine(model, c, self.layout)
+        self.pipelined = self.layout.pp > 1
         self.device = self.engine.device
         self.state = RunState(config=to_dict(c), tokenizer_sha256=self.manifest.tokenizer_sha256)
         self.resumed = self._maybe_resume()
         if self.state.wandb_run_id is None:
             self.state.wandb_run_id = f"{c.run_name}-{int(time.time())}"
         self.metrics = MetricsLogger(c, self.state.wandb_run_id) if self.rank == 0 else None
-        dp = c.data_parallel_size
-        self.dp_rank = self.rank % dp
-        self.train_data = ShardLoader(c.data.dir, split="train", micro_batch_size=c.trainer.micro_batch_size,
-                                      dp_rank=self.dp_rank, dp_size=dp, seed=c.seed, shuffle=True)
-        self.val_data = ShardLoader(c.data.dir, split="val", micro_batch_size=c.trainer.micro_batch_size,
-                                    dp_rank=self.dp_rank, dp_size=dp, seed=0, shuffle=False)
+        lay = self.layout
+        loading = dict(micro_batch_size=c.trainer.micro_batch_size, dp_rank=lay.dp_rank, dp_size=lay.dp,
+                       shuffle_window=c.data.shuffle_window, workers=c.data.loader_workers,
+                       shard_url=c.data.shard_url, verify=c.data.verify_shards)
+        self.train_data = ShardLoader(c.data.dir, split="train", seed=c.seed, shuffle=True, **loading)
+        self.val_data = ShardLoader(c.data.dir, split="val", seed=0, shuffle=False, **loading)
+        # Pipeline stages in the middle receive activations, not data.
+        self.reads_data = not self.pipelined or lay.is_first_stage or lay.is_last_stage
         self.tokens_per_step = c.global_batch_size * c.data.seq_len
-        self.flops_per_step = self.model.flops_per_token(c.data.seq_len) * self.tokens_per_step
-        self.peak_flops = peak_flops()
+        self.flops_per_step = self.flops_per_token * self.tokens_per_step
+        self.peak_flops = peak_flops(c)
         if self.rank == 0:
-            log.info("model: %.2fM parameters; %d workers, data parallel %d, ZeRO-%d, %s; global batch %d x %d tokens",
-                     self.model.num_params() / 1e6, self.world, dp, c.parallel.zero_stage,
+            log.info("model: %.2fM parameters; %d workers = tp %d x pp %d x dp %d, ZeRO-%d, %s; global batch %d x %d "
+                     "tokens", self.num_params / 1e6, self.world, lay.tp, lay.pp, lay.dp, c.parallel.zero_stage,
                      c.trainer.precision.value, c.global_batch_size, c.data.seq_len)
+
+    def _pairs(self, batches):
+        """(inputs, labels) on the device, or None where a pipeline stage reads no data."""
+        if not self.reads_data:
+            return None
+        return ((b[:, :-1].to(self.device), b[:, 1:].to(self.device)) for b in batches)
+
+    def _train_step(self, pairs) -> float:
+        """One optimizer step over grad_accum micro-batches; the loss averaged over them and all replicas."""
+        if self.pipelined:
+            return self.engine.train_batch(data_iter=pairs).item()  # 1F1B schedule; the loss reaches every stage
+        micro_losses = []
+        for _ in range(self.c.trainer.grad_accum):
+            inputs, labels = next(pairs)
+            micro_loss = self.engine(inputs, labels)
+            self.engine.backward(micro_loss)
+            self.engine.step()
+            micro_losses.append(micro_loss.detach())
+        return _all_mean(torch.stack(micro_losses).mean())
 
     def _maybe_resume(self) -> bool:
         found = checkpoint.to_resume(self.c)  # checked against the config on the driver
@@ -71,15 +97,18 @@ class Trainer:
         return True
 
     def evaluate(self) -> float:
+        """Mean validation loss over eval_batches batches per replica (the same count on every rank)."""
+        count = min(self.c.trainer.eval_batches, self.val_data.batches_per_epoch)
+        if count == 0:
+            return float("nan")
+        pairs = self._pairs(self.val_data.iter_batches(max_batches=count))
+        if self.pipelined:
+            return self.engine.eval_batch(data_iter=pairs, num_micro_batches=count).item()
         self.engine.eval()
-        total = torch.zeros(2, device=self.device)
         with torch.no_grad():
-            for batch in self.val_data.iter_batches(max_batches=self.c.trainer.eval_batches):
-                batch = batch.to(self.device)
-                total += torch.stack([self.engine(batch[:, :-1], batch[:, 1:]).float(), torch.ones((), device=self.device)])
+            loss = torch.stack([self.engine(inputs, labels).float() for inputs, labels in pairs]).mean()
         self.engine.train()
-        dist.all_reduce(total)
-        return (total[0] / total[1]).item() if total[1] > 0 else float("nan")
+        return _all_mean(loss)
 
     def _log_eval(self) -> None:
         val_loss = self.evaluate()
@@ -87,6 +116,7 @@ class Trainer:
             self.metrics.log(self.state.step, val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50)),
                              tokens_seen=self.state.tokens_seen)
             log.info("step %d: val_loss %.4f val_ppl %.2f", self.state.step, val_loss, math.exp(min(val_loss, 50)))
+            self.metrics.log_samples(self.state.step, self.engine.module, self.val_data, self.manifest.tokenizer_path)
 
     def save(self) -> None:
         start = time.perf_counter()
@@ -100,21 +130,15 @@ class Trainer:
     def fit(self) -> None:
         c, t = self.c, self.c.trainer
         end = t.stop_at_step or t.max_steps
-        batches = self.train_data.iter_batches(start_sample=self.state.samples_seen)
+        self.train_batches = DataWait(self.train_data.iter_batches(start_sample=self.state.samples_seen))
+        pairs = self._pairs(self.train_batches)
         if self.state.step >= end and self.rank == 0:
             log.info("already at step %d, nothing to train (stop at %d)", self.state.step, end)
         if not self.resumed:
             self._log_eval()  # the starting point of the validation curve
         while self.state.step < end:
             start = time.perf_counter()
-            micro_losses = []
-            for _ in range(t.grad_accum):
-                batch = next(batches).to(self.device)
-                micro_loss = self.engine(batch[:, :-1], batch[:, 1:])
-                self.engine.backward(micro_loss)
-                self.engine.step()
-                micro_losses.append(micro_loss.detach())
-            loss = _all_mean(torch.stack(micro_losses).mean())
+            loss = self._train_step(pairs)
             seconds = time.perf_counter() - start
             self.state.step += 1
             self.state.samples_seen += c.global_batch_size
@@ -133,9 +157,11 @@ class Trainer:
         step = self.state.step
         tokens_per_s = self.tokens_per_step / seconds
         record = {"loss": loss, "lr": self.engine.get_lr()[0], "grad_norm": self.engine.get_global_grad_norm(),
-                  "tokens_per_s": tokens_per_s, "step_seconds": seconds}
+                  "tokens_per_s": tokens_per_s, "step_seconds": seconds,
+                  "data_wait_seconds": self.train_batches.take(), **memory_metrics(self.device)}
         if self.peak_flops:
-            record["mfu"] = self.flops_per_step / seconds / (self.peak_flops * self.world)
+            record["mfu"] = mfu(self.flops_per_step, seconds, self.peak_flops, self.world)
+        # A skipped_steps counter (NaN/spike skipping) belongs here once the trainer keeps one.
         record = {k: float(v) if v is not None else None for k, v in record.items()}
         self.metrics.log(step, **record, tokens_seen=self.state.tokens_seen)
         if step % self.c.trainer.log_every == 0:
