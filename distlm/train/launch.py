@@ -50,7 +50,10 @@ def check_before_launch(c: Config) -> None:
     from distlm.data.shards import Manifest
 
     raise_if(validate_train(c))
-    manifest = Manifest.load(c.data.dir)
+    try:
+        manifest = Manifest.load(c.data.dir)
+    except ValueError as e:  # a manifest from an older distlm, or unreadable
+        raise ConfigError(f"data.dir: {e}") from None
     if manifest.vocab_size > c.model.vocab_size:
         raise ConfigError(f"the tokenizer in data.dir={c.data.dir} has {manifest.vocab_size} tokens but "
                           f"model.vocab_size={c.model.vocab_size}; set model.vocab_size>={manifest.vocab_size}")
