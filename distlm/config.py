@@ -322,7 +322,7 @@ def validate_preprocess(c: Config) -> list[str]:
 
 
 def validate_train(c: Config) -> list[str]:
-    t, par, cl, o = c.trainer, c.parallel, c.cluster, c.optimizer
+    t, cl, o = c.trainer, c.cluster, c.optimizer
     p = validate_model(c.model)
     manifest = Path(c.data.dir) / "manifest.json"
     _check(p, manifest.is_file(),
@@ -370,7 +370,7 @@ def validate_layout(c: Config) -> list[str]:
            f"parallel.zero_stage={par.zero_stage} with parallel.pp={pp}: DeepSpeed's pipeline engine supports "
            f"ZeRO stages 0 and 1 only; set parallel.zero_stage=1")
     _check(p, pp == 1 or c.trainer.precision != Precision.bf16 or par.zero_stage == 1,
-           f"bf16 pipelines need parallel.zero_stage=1 (DeepSpeed cannot reload a ZeRO-0 bf16 pipeline checkpoint)")
+           "bf16 pipelines need parallel.zero_stage=1 (DeepSpeed cannot reload a ZeRO-0 bf16 pipeline checkpoint)")
     _check(p, tp == 1 or par.zero_stage <= 2,
            f"parallel.zero_stage=3 with parallel.tp={tp} is not supported; use zero_stage<=2 with tensor parallelism")
     _check(p, not par.offload_optimizer or par.zero_stage >= 1,
