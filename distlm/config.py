@@ -152,8 +152,13 @@ class TrainerConfig:
     eval_every: int = MISSING
     eval_batches: int = MISSING
     checkpoint_every: int = MISSING
+    checkpoint_minutes: Optional[float] = MISSING
     keep_checkpoints: int = MISSING
+    keep_every: Optional[int] = MISSING
     resume: str = MISSING
+    stop_grace_seconds: float = MISSING
+    skip_spike_factor: Optional[float] = MISSING
+    max_skipped_in_a_row: int = MISSING
 
 
 @dataclass
@@ -177,6 +182,17 @@ class ExportConfig:
     out_dir: str = MISSING
     dtype: ExportDtype = MISSING
     verify: bool = MISSING
+    max_shard_mb: float = MISSING
+
+
+@dataclass
+class EvalConfig:
+    checkpoint: str = MISSING
+    model_dir: Optional[str] = MISSING
+    split: str = MISSING
+    batch_size: int = MISSING
+    batches: Optional[int] = MISSING
+    out: str = MISSING
 
 
 @dataclass
@@ -204,6 +220,7 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     @property
     def data_parallel_size(self) -> int:  # world = tp x pp x dp
@@ -257,6 +274,10 @@ def _resolve_paths(c: Config) -> None:
     c.export.checkpoint_dir = _absolute(c.export.checkpoint_dir)
     c.export.out_dir = _absolute(c.export.out_dir)
     c.generate.model_dir = _absolute(c.generate.model_dir)
+    c.eval.checkpoint = _absolute(c.eval.checkpoint)
+    if c.eval.model_dir:
+        c.eval.model_dir = _absolute(c.eval.model_dir)
+    c.eval.out = _absolute(c.eval.out)
     if c.trainer.resume not in ("auto", "never"):
         c.trainer.resume = _absolute(c.trainer.resume)
 
@@ -340,6 +361,14 @@ def validate_train(c: Config) -> list[str]:
     if t.stop_at_step is not None:
         _check(p, 0 < t.stop_at_step <= t.max_steps,
                f"trainer.stop_at_step={t.stop_at_step} must be in [1, trainer.max_steps={t.max_steps}]")
+    for key in ("checkpoint_minutes", "keep_every"):
+        _check(p, getattr(t, key) is None or getattr(t, key) > 0,
+               f"trainer.{key}={getattr(t, key)} must be positive, or null for none")
+    _check(p, t.stop_grace_seconds > 0, f"trainer.stop_grace_seconds={t.stop_grace_seconds} must be positive")
+    _check(p, t.skip_spike_factor is None or t.skip_spike_factor > 1,
+           f"trainer.skip_spike_factor={t.skip_spike_factor} must be above 1 (a multiple of the recent mean loss), "
+           f"or null to skip only NaN/inf losses")
+    _check(p, t.max_skipped_in_a_row >= 0, f"trainer.max_skipped_in_a_row={t.max_skipped_in_a_row} must be >= 0")
     _check(p, t.resume in ("auto", "never") or Path(t.resume).exists(),
            f"trainer.resume='{t.resume}': use auto, never, or an existing checkpoint directory")
     _check(p, 0 < o.min_lr <= o.lr, f"need 0 < optimizer.min_lr <= optimizer.lr, got {o.min_lr}, {o.lr}")

@@ -13,12 +13,15 @@ from distlm.train.metrics import read_metrics
 STEPS = 12
 
 
+def train_overrides(data_dir: Path, run_dir: Path, *overrides: str) -> list[str]:
+    return ["model=test", "data.seq_len=64", "data.tokenizer.vocab_size=512", f"data.dir={data_dir}",
+            f"run_dir={run_dir}", f"trainer.max_steps={STEPS}", "trainer.micro_batch_size=4", "optimizer.warmup_steps=2",
+            "trainer.eval_every=6", "trainer.eval_batches=2", "trainer.checkpoint_every=4", "trainer.log_every=4",
+            "logger.wandb=false", *overrides]
+
+
 def train_config(data_dir: Path, run_dir: Path, *overrides: str):
-    return compose_config(
-        "model=test", "data.seq_len=64", "data.tokenizer.vocab_size=512", f"data.dir={data_dir}",
-        f"run_dir={run_dir}", f"trainer.max_steps={STEPS}", "trainer.micro_batch_size=4", "optimizer.warmup_steps=2",
-        "trainer.eval_every=6", "trainer.eval_batches=2", "trainer.checkpoint_every=4", "trainer.log_every=4",
-        "logger.wandb=false", *overrides)
+    return compose_config(*train_overrides(data_dir, run_dir, *overrides))
 
 
 def by_step(run_dir: Path, key: str) -> dict[int, float]:

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from deepspeed.checkpoint import constants as uc
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 
 from distlm.model.llama import Llama
@@ -119,12 +120,35 @@ def pipeline_stages(model: Llama, layout: Layout, partition: str, checkpoint_int
 _STAGE_PREFIX = re.compile(r"^(\d+\.|tied_modules\.\w+\.)")
 
 
+def canonical_name(name: str) -> str:
+    """A parameter's one-process Llama name, whatever the layout: `3.layers.2.mlp.up_proj.weight` ->
+    `layers.2.mlp.up_proj.weight`, `tied_modules.embed.embed_tokens.weight` -> `embed_tokens.weight`."""
+    return _STAGE_PREFIX.sub("", name)
+
+
+def universal_checkpoint_info(vocab_size: int) -> dict:
+    """How each parameter is split, for DeepSpeed's universal checkpoints (`ds_to_universal` merges the
+    slices of a checkpoint by these rules; loading re-slices them for any other layout). Patterns are
+    `re.match`ed against parameter names of any layout (`5.layers.3.self_attn.o_proj.weight`, ...).
+    Column-parallel weights (q/k/v, gate/up) are DeepSpeed's default: split along dim 0."""
+    return {
+        uc.UNIVERSAL_CHECKPOINT_VERSION_KEY: uc.UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+        uc.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: [r".*\.(o_proj|down_proj)\.weight$"],
+        uc.TP_REPLICATED_PARAMETER_PATTERNS: [r".*norm\.weight$"],
+        # Split along the (padded) vocabulary: the merge drops the padding, loading pads for the new tp.
+        uc.VOCABULARY_PARAMETER_PATTERNS: [r"(.*\.)?(embed_tokens|lm_head)\.weight$"],
+        uc.ORIGINAL_VOCAB_SIZE: vocab_size,
+        # Tied embeddings live on the first and the last pipeline stage: one copy is kept.
+        uc.PIPELINE_REPLICATED_PARAMETER_PATTERNS: [r"tied_modules\..*"],
+    }
+
+
 def full_state_dict(module: nn.Module, layout: Layout, vocab_size: int) -> dict[str, torch.Tensor]:
     """The whole model's weights under one-process Llama names, on every rank: TP slices concatenated,
     vocabulary padding dropped, pipeline stages merged. Collective; for tests and small models."""
     local = {}
     for name, p in module.named_parameters():
-        name = _STAGE_PREFIX.sub("", name)
+        name = canonical_name(name)
         tensor = p.detach().float().cpu()
         if getattr(p, "tensor_model_parallel", False) and layout.tp > 1:
             pieces = [torch.empty_like(tensor) for _ in range(layout.tp)]

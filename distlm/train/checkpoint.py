@@ -5,30 +5,44 @@ Layout of `<run_dir>/checkpoints/`:
         mp_rank_00_model_states.pt, zero_pp_rank_*_optim_states.pt ...   (DeepSpeed's shards)
         rng_rank00000.pt ...   every rank's RNG states
         tokenizer.json         so the checkpoint alone can be exported
-        distlm_state.json      step, samples and tokens seen, config; written last = complete
+        distlm_state.json      step, samples and tokens seen, config, and the name and size of every
+                               file above; written last = complete
     latest                     the newest complete tag; moved only after every rank has finished
+
+A checkpoint is used only if it verifies: its state file reads, every file it lists is there with the
+size it had when saved, and every .pt file is a whole zip archive. `find_latest` skips (and names) one
+that does not, so a truncated or half-deleted newest checkpoint falls back to the previous one.
+Retention keeps the newest `keep` checkpoints plus every `keep_every`-th step's, which are permanent.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import random
+import re
 import shutil
-from dataclasses import asdict, dataclass, field
+import zipfile
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file
+
+from distlm.train import universal
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "distlm_state.json"
 LATEST_FILE = "latest"
 TOKENIZER_FILE = "tokenizer.json"
+STOP_FILE = "stop_requested"  # in run_dir: the driver asks the workers to save and stop (SIGTERM, SIGINT)
+WEIGHTS_FILE = "model.safetensors"  # only in imported checkpoints: their whole model, one-process names
 
 
 class CheckpointError(RuntimeError):
@@ -45,6 +59,9 @@ class RunState:
     wandb_run_id: str | None = None
     config: dict[str, Any] = field(default_factory=dict)  # the composed config that wrote it
     tokenizer_sha256: str = ""
+    skipped_steps: int = 0  # steps skipped for a NaN/inf or spiking loss, over the whole run
+    recent_losses: list[float] = field(default_factory=list)  # the spike rule's window, so a resume decides alike
+    files: dict[str, int] = field(default_factory=dict)  # every file of the checkpoint and its size in bytes
 
 
 def tag_for_step(step: int) -> str:
@@ -62,7 +79,32 @@ def read_state(tag_dir: Path) -> RunState:
     path = Path(tag_dir) / STATE_FILE
     if not path.is_file():
         raise CheckpointError(f"checkpoint {tag_dir} is incomplete: {STATE_FILE} is missing (the save did not finish)")
-    return RunState(**json.loads(path.read_text()))
+    try:
+        return RunState(**json.loads(path.read_text()))
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {tag_dir} is corrupt: {path} does not read ({e})") from None
+
+
+def verify(tag_dir: Path) -> RunState:
+    """The run state of a checkpoint that is whole; CheckpointError naming it and the first problem otherwise.
+    Cheap: sizes and zip directories, no tensor is read."""
+    tag_dir = Path(tag_dir)
+    state = read_state(tag_dir)
+    for name, size in sorted(state.files.items()):  # empty for checkpoints written before files were listed
+        path = tag_dir / name
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {tag_dir} is incomplete: {name} is missing")
+        if path.stat().st_size != size:
+            raise CheckpointError(f"checkpoint {tag_dir} is corrupt: {name} has {path.stat().st_size} bytes, "
+                                  f"{size} when it was saved (truncated or overwritten)")
+    for path in sorted(tag_dir.glob("*.pt")):
+        if not zipfile.is_zipfile(path):  # torch.save writes zip archives; a cut one has no central directory
+            raise CheckpointError(f"checkpoint {tag_dir} is corrupt: {path.name} is not a whole torch file")
+    return state
+
+
+def _list_files(tag_dir: Path) -> dict[str, int]:
+    return {str(p.relative_to(tag_dir)): p.stat().st_size for p in sorted(tag_dir.rglob("*")) if p.is_file()}
 
 
 def complete_tags(ckpt_dir: Path) -> list[str]:
@@ -73,22 +115,37 @@ def complete_tags(ckpt_dir: Path) -> list[str]:
 
 
 def find_latest(ckpt_dir: Path) -> str | None:
-    """The tag named by `latest`, or else the newest complete tag; None if there is none."""
+    """The tag named by `latest` if it verifies, or else the newest one that does; None if there is none.
+    Every checkpoint passed over is logged with the reason."""
     ckpt_dir = Path(ckpt_dir)
     tags = complete_tags(ckpt_dir)
     latest = ckpt_dir / LATEST_FILE
     if latest.is_file():
         tag = latest.read_text().strip()
-        if tag in tags:
+        if tag in tags and _verifies(ckpt_dir / tag):
             return tag
-        log.warning("checkpoint %s named by %s is incomplete; using the newest complete one", ckpt_dir / tag, latest)
-    return tags[-1] if tags else None
+        if tag not in tags:
+            log.warning("checkpoint %s named by %s is incomplete; using the newest complete one", ckpt_dir / tag, latest)
+    for tag in reversed(tags):
+        if _verifies(ckpt_dir / tag):
+            return tag
+    return None
+
+
+def _verifies(tag_dir: Path) -> bool:
+    try:
+        verify(tag_dir)
+        return True
+    except CheckpointError as e:
+        log.warning("%s; skipping it", e)
+        return False
 
 
 def resolve(path: Path) -> tuple[Path, str]:
     """A checkpoints directory (its latest tag) or one tag directory -> (checkpoints dir, tag)."""
     path = Path(path)
     if (path / STATE_FILE).is_file():
+        verify(path)  # a checkpoint asked for by name is used whole or not at all
         return path.parent, path.name
     tag = find_latest(path)
     if tag is None:
@@ -107,6 +164,19 @@ def to_resume(c) -> tuple[Path, str] | None:
     return resolve(Path(c.trainer.resume))
 
 
+def snapshot(ckpt_dir: Path) -> dict[str, int]:
+    """Complete tags and when they were published: what a launch found, to tell later saves apart."""
+    return {tag: (Path(ckpt_dir) / tag / STATE_FILE).stat().st_mtime_ns for tag in complete_tags(ckpt_dir)}
+
+
+def newest_since(ckpt_dir: Path, before: dict[str, int]) -> Path | None:
+    """The newest verified checkpoint published after `before = snapshot(ckpt_dir)` was taken, or None."""
+    for tag, published in reversed(snapshot(ckpt_dir).items()):
+        if before.get(tag) != published and _verifies(Path(ckpt_dir) / tag):
+            return Path(ckpt_dir) / tag
+    return None
+
+
 def _rng_state() -> dict[str, Any]:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -122,34 +192,149 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save(engine, ckpt_dir: Path, state: RunState, tokenizer_file: Path, keep: int) -> Path:
-    """Every rank writes its shards; rank 0 publishes the checkpoint once all have finished."""
+def save(engine, ckpt_dir: Path, state: RunState, tokenizer_file: Path, keep: int,
+         keep_every: int | None = None) -> Path:
+    """Every rank writes its shards; rank 0 publishes the checkpoint once all have finished. Collective.
+
+    A failed write (disk full, quota, I/O error) on any rank makes every rank raise the same CheckpointError
+    naming the file and the free space; the partial directory is removed and `latest` still names the
+    previous checkpoint. Keeps the newest `keep` checkpoints and every `keep_every`-th step's."""
     ckpt_dir = Path(ckpt_dir)
     tag = tag_for_step(state.step)
     tag_dir = ckpt_dir / tag
     rank = dist.get_rank()
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
-    torch.save(_rng_state(), tag_dir / f"rng_rank{rank:05d}.pt")
-    dist.barrier()  # every rank's shards are on disk
+    if rank == 0 and tag_dir.exists():
+        shutil.rmtree(tag_dir)  # an older save of this step (a run restarted over its own directory)
+    dist.barrier()
+    failure = _write_shards(engine, ckpt_dir, tag)
+    if failure is None:
+        failure = _attempt(lambda path: torch.save(_rng_state(), path), tag_dir / f"rng_rank{rank:05d}.pt")
+    _raise_if_any_failed(failure, engine.device, tag_dir)  # also the barrier: every rank's shards are on disk
     if rank == 0:
-        shutil.copyfile(tokenizer_file, tag_dir / TOKENIZER_FILE)
-        write_atomic(tag_dir / STATE_FILE, json.dumps(asdict(state), indent=1))
-        write_atomic(ckpt_dir / LATEST_FILE, tag)
-        for old in complete_tags(ckpt_dir)[:-keep]:
-            shutil.rmtree(ckpt_dir / old, ignore_errors=True)
+        failure = _attempt(lambda path: _publish(tag_dir, state, tokenizer_file), tag_dir / STATE_FILE)
+    _raise_if_any_failed(failure, engine.device, tag_dir)
+    if rank == 0:
+        _prune(ckpt_dir, keep, keep_every)
     dist.barrier()
     return tag_dir
 
 
-def load(engine, ckpt_dir: Path, tag: str) -> RunState:
-    """Restore model, optimizer, LR schedule and this rank's RNG; return the run state."""
+def _publish(tag_dir: Path, state: RunState, tokenizer_file: Path) -> None:
+    shutil.copyfile(tokenizer_file, tag_dir / TOKENIZER_FILE)
+    write_atomic(tag_dir / STATE_FILE, json.dumps(asdict(replace(state, files=_list_files(tag_dir))), indent=1))
+    write_atomic(tag_dir.parent / LATEST_FILE, tag_dir.name)
+
+
+def _prune(ckpt_dir: Path, keep: int, keep_every: int | None) -> None:
+    """Delete all but the newest `keep` checkpoints, except permanent ones (a step divisible by keep_every)."""
+    for old in complete_tags(ckpt_dir)[:-keep]:
+        step = re.fullmatch(r"step(\d+)", old)
+        if not (keep_every and step and int(step.group(1)) % keep_every == 0):
+            shutil.rmtree(ckpt_dir / old, ignore_errors=True)
+
+
+Failure = tuple[Path, BaseException]  # the file being written and what went wrong
+
+
+def _attempt(write, path: Path) -> Failure | None:
+    try:
+        write(path)
+        return None
+    except Exception as e:  # OSError, or torch's RuntimeError for a failed zip write (errno lost)
+        return path, e
+
+
+def _write_shards(engine, ckpt_dir: Path, tag: str) -> Failure | None:
+    """engine.save_checkpoint with this rank's failed write recorded, not raised: a rank that raised inside
+    it would leave the other ranks waiting in DeepSpeed's barriers. After a failure it writes nothing more."""
+    failures: list[Failure] = []
+    writer = engine.checkpoint_engine
+    original = writer.save
+
+    def save(state_dict, path):
+        if not failures:
+            failure = _attempt(lambda p: original(state_dict, str(p)), Path(path))
+            if failure:
+                failures.append(failure)
+
+    writer.save = save
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
+    finally:
+        del writer.save  # back to the class's method
+    return failures[0] if failures else None
+
+
+def _raise_if_any_failed(failure: Failure | None, device, tag_dir: Path) -> None:
+    """Collective: if any rank failed, every rank raises the lowest failed rank's description."""
+    world = dist.get_world_size()
+    first = torch.tensor([dist.get_rank() if failure else world], device=device)
+    dist.all_reduce(first, op=dist.ReduceOp.MIN)
+    first = int(first.item())
+    if first == world:
+        return
+    message = [_describe(failure, tag_dir) if failure and dist.get_rank() == first else None]
+    dist.broadcast_object_list(message, src=first)
+    if dist.get_rank() == 0:
+        shutil.rmtree(tag_dir, ignore_errors=True)  # never published; frees the space it took
+    raise CheckpointError(f"rank {first}: {message[0]}")
+
+
+def _describe(failure: Failure, tag_dir: Path) -> str:
+    path, error = failure
+    try:
+        usage = shutil.disk_usage(tag_dir.parent)
+        free = f"{usage.free / 1e6:,.0f} MB free"
+    except OSError:
+        usage, free = None, "free space unknown"
+    code = getattr(error, "errno", None)  # torch.save's zip writer raises RuntimeError, without errno
+    cause = {errno.ENOSPC: "the disk is full (ENOSPC)", errno.EDQUOT: "the disk quota is exceeded (EDQUOT)",
+             errno.EFBIG: "the file size limit was hit (EFBIG)"}.get(code, "the write failed")
+    if code is None and usage and usage.free < max(2**30, usage.total // 100):
+        cause = "the write failed and the disk is (nearly) full"
+    latest = find_latest(tag_dir.parent)
+    kept = (f"the previous checkpoint {tag_dir.parent / latest} is intact and a restart resumes from it"
+            if latest else "there is no earlier checkpoint")
+    return (f"saving checkpoint {tag_dir} failed: {cause} writing {path} ({type(error).__name__}: {error}); "
+            f"{free} on the filesystem of {tag_dir.parent}; the partial checkpoint was removed and {kept}. "
+            f"Free space there (or set run_dir to a larger filesystem) and start the run again")
+
+
+def is_weights_only(found: tuple[Path, str]) -> bool:
+    """An imported checkpoint (`distlm import-hf`): weights and run state, no optimizer or layout."""
+    return (found[0] / found[1] / WEIGHTS_FILE).is_file()
+
+
+def load_weights(found: tuple[Path, str]) -> dict[str, torch.Tensor]:
+    return load_file(found[0] / found[1] / WEIGHTS_FILE)
+
+
+def prepare_universal(found: tuple[Path, str], config: dict[str, Any]) -> bool:
+    """Whether the checkpoint was written at another layout; if so, make its universal form (rank 0,
+    once) before any rank loads it. Collective."""
+    tag_dir = found[0] / found[1]
+    if not universal.needs_universal(read_state(tag_dir).config, config):
+        return False
+    if dist.get_rank() == 0:
+        universal.convert(tag_dir)
+    dist.barrier()
+    return True
+
+
+def load(engine, ckpt_dir: Path, tag: str, from_universal: bool = False) -> RunState:
+    """Restore model, optimizer, LR schedule and this rank's RNG; return the run state. `from_universal`:
+    read the checkpoint's universal form (it was written at another layout)."""
     tag_dir = Path(ckpt_dir) / tag
     state = read_state(tag_dir)
+    if from_universal:
+        universal.link_names(tag_dir / universal.UNIVERSAL_DIR, (n for n, _ in engine.module.named_parameters()))
+        dist.barrier()
+        ckpt_dir, tag = tag_dir, universal.UNIVERSAL_DIR
     path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
                                      load_lr_scheduler_states=True)
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load checkpoint {tag_dir}")
     rng_file = tag_dir / f"rng_rank{dist.get_rank():05d}.pt"
-    if rng_file.is_file():  # absent when the checkpoint came from fewer ranks
+    if rng_file.is_file() and not from_universal:  # another layout's ranks hold other RNG streams
         _set_rng_state(torch.load(rng_file, weights_only=False))
     return state

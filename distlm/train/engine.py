@@ -10,11 +10,11 @@ import torch.nn as nn
 
 from distlm.config import Config, Precision
 from distlm.model.llama import Llama
-from distlm.model.parallelize import pipeline_stages, tensor_parallel
+from distlm.model.parallelize import pipeline_stages, tensor_parallel, universal_checkpoint_info
 from distlm.parallel.layout import Layout
 
 
-def deepspeed_config(c: Config, use_cuda: bool) -> dict[str, Any]:
+def deepspeed_config(c: Config, use_cuda: bool, load_universal: bool = False) -> dict[str, Any]:
     t, o = c.trainer, c.optimizer
     return {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
@@ -41,6 +41,8 @@ def deepspeed_config(c: Config, use_cuda: bool) -> dict[str, Any]:
                 "cos_min_ratio": o.min_lr / o.lr,
             },
         },
+        # Resuming a checkpoint of another layout reads its universal (layout-free) form.
+        "checkpoint": {"load_universal": load_universal},
         "steps_per_print": 10**9,  # distlm logs its own metrics
         "wall_clock_breakdown": False,
     }
@@ -69,8 +71,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_engine(model: Llama, c: Config, layout: Layout):
-    """Split the model as the layout says and wrap it in a DeepSpeed engine (a PipelineEngine when pp > 1)."""
+def build_engine(model: Llama, c: Config, layout: Layout, load_universal: bool = False):
+    """Split the model as the layout says and wrap it in a DeepSpeed engine (a PipelineEngine when pp > 1).
+    `load_universal`: the checkpoint to be loaded is a universal one (written at another layout)."""
     use_cuda = torch.cuda.is_available() and c.cluster.use_gpu
     if layout.tp > 1:
         tensor_parallel(model, layout)
@@ -80,10 +83,12 @@ def build_engine(model: Llama, c: Config, layout: Layout):
     else:
         model.activation_checkpoint_interval = interval
         module = model
+    # Saved with every checkpoint, so that it can be resumed at any other layout.
+    module.universal_checkpoint_info = universal_checkpoint_info(c.model.vocab_size)
     engine, *_ = deepspeed.initialize(
         model=module,
         model_parameters=param_groups(module, c.optimizer.weight_decay),
-        config=deepspeed_config(c, use_cuda),
+        config=deepspeed_config(c, use_cuda, load_universal),
         # The pipeline module brings its own grid; a one-stage model needs ours for its TP and DP groups.
         mpu=layout.grid if layout.pp == 1 and layout.tp > 1 else None,
     )

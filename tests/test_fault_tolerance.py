@@ -1,0 +1,285 @@
+"""Fault tolerance on real parts: a real Ray cluster whose worker is killed (kill -9) or whose driver gets
+SIGTERM, real DeepSpeed gloo ranks that skip NaN steps, resume exactly under ZeRO-3 and a pipeline, survive a
+failed (disk-full) save, and corrupt checkpoints that are detected before loading."""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import ray
+
+from distlm.config import compose_config
+from distlm.train import checkpoint
+from distlm.train.checkpoint import CheckpointError
+from distlm.train.launch import train
+from distlm.train.metrics import last_per_step, read_metrics
+from distlm.train.trainer import NAN_STEPS_ENV, why_skip
+from distributed import run_ranks
+from test_train import train_config, train_overrides
+
+STEPS = 100  # the Ray runs (50 ms a step here): long enough that a kill lands mid-run
+
+
+def ray_overrides(data_dir: Path, run_dir: Path, *overrides: str) -> list[str]:
+    return train_overrides(data_dir, run_dir, f"trainer.max_steps={STEPS}", "trainer.eval_every=100",
+                           "trainer.checkpoint_every=10", *overrides)
+
+
+def ray_config(data_dir: Path, run_dir: Path, *overrides: str):
+    return compose_config(*ray_overrides(data_dir, run_dir, *overrides))
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return dict(last_per_step(read_metrics(run_dir), "loss"))  # a restart logs its steps again: the newest wins
+
+
+def by_step(run_dir: Path, key: str) -> dict[int, float]:
+    return dict(last_per_step(read_metrics(run_dir), key))
+
+
+def wait_for_step(run_dir: Path, step: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not any(s >= step for s in losses(run_dir)):
+        assert time.monotonic() < deadline, f"no step {step} in {run_dir} after {timeout}s"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def straight_run(bible_shards, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("straight")
+    train(ray_config(bible_shards, run_dir, "trainer.keep_every=10"))  # keeps every checkpoint (10, 20, ... 100)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def straight(straight_run) -> dict[int, float]:
+    return losses(straight_run)
+
+
+# ---------------------------------------------------------------- Ray: kill -9, SIGTERM
+
+def test_a_killed_worker_restarts_the_group_from_the_newest_checkpoint(straight_run, straight, bible_shards,
+                                                                     tmp_path):
+    """kill -9 of rank 1 mid-run: Ray Train restarts both workers; they continue from this run's newest
+    checkpoint (not from trainer.resume=PATH) and the losses are those of the uninterrupted run."""
+    assert checkpoint.complete_tags(straight_run / "checkpoints") == [checkpoint.tag_for_step(s) for s in range(10, 101, 10)]
+    run_dir = tmp_path / "run"
+    killed = {}
+
+    def kill_rank1() -> None:
+        wait_for_step(run_dir, 25)  # the checkpoint of step 20 is on disk
+        killed["pid"] = int((run_dir / "pids" / "rank1.pid").read_text())
+        killed["step"] = max(losses(run_dir))
+        os.kill(killed["pid"], signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_rank1, daemon=True)
+    killer.start()
+    summary = train(ray_config(bible_shards, run_dir, "cluster.max_failures=1",
+                               f"trainer.resume={straight_run / 'checkpoints' / 'step00000010'}"))
+    killer.join(timeout=1)
+    assert killed, "the killer thread did not run"
+    assert int((run_dir / "pids" / "rank1.pid").read_text()) != killed["pid"]  # a new worker process
+    assert summary["steps"] == STEPS and killed["step"] < STEPS
+    steps = [r["step"] for r in read_metrics(run_dir) if "loss" in r]
+    assert steps[0] == 11  # it started from trainer.resume=PATH (step 10) ...
+    restarted_at = next(b for a, b in zip(steps, steps[1:]) if b <= a)
+    assert restarted_at > 11 and restarted_at % 10 == 1, steps  # ... restarted from its own newest (20 or later)
+    got = losses(run_dir)
+    assert [got[s] for s in range(11, STEPS + 1)] == [straight[s] for s in range(11, STEPS + 1)]
+
+
+def test_sigterm_saves_at_the_next_step_and_exits_cleanly(straight, bible_shards, tmp_path):
+    """`distlm train` (joined to this test's Ray cluster, as a submitted job's driver is) gets SIGTERM."""
+    run_dir = tmp_path / "run"
+    address = f"cluster.address={ray.get_runtime_context().gcs_address}"
+    proc = subprocess.Popen([sys.executable, "-m", "distlm.cli", "train", *ray_overrides(bible_shards, run_dir), address],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        # Steps are fast here: signal once the workers have started, and they stop at the first step.
+        deadline = time.monotonic() + 120
+        while not (run_dir / "pids" / "rank0.pid").exists():
+            assert time.monotonic() < deadline and proc.poll() is None, "the workers did not start"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, output[-3000:]
+    assert time.monotonic() - sent < 30
+    assert "SIGTERM: the workers save a checkpoint at the next step and stop" in output
+    stopped_at = max(losses(run_dir))
+    assert stopped_at < STEPS
+    assert checkpoint.find_latest(run_dir / "checkpoints") == checkpoint.tag_for_step(stopped_at)
+    checkpoint.verify(run_dir / "checkpoints" / checkpoint.tag_for_step(stopped_at))
+    assert not (run_dir / checkpoint.STOP_FILE).exists()
+    train(ray_config(bible_shards, run_dir))  # resume=auto
+    got = losses(run_dir)
+    assert [got[s] for s in range(1, STEPS + 1)] == [straight[s] for s in range(1, STEPS + 1)]
+
+
+# ---------------------------------------------------------------- corrupt checkpoints (files only)
+
+def test_a_corrupt_newest_checkpoint_is_skipped_and_named(straight_run, bible_shards, tmp_path, caplog):
+    source = straight_run / "checkpoints"  # steps 10 to 100; the newest is damaged
+    for damage in ("truncate", "delete", "no_state"):
+        ckpt_dir = tmp_path / damage / "checkpoints"
+        shutil.copytree(source, ckpt_dir)
+        newest = ckpt_dir / "step00000100"
+        shard = next(newest.glob("zero_pp_rank_1_*optim_states.pt"))
+        if damage == "truncate":
+            with shard.open("r+b") as f:
+                f.truncate(shard.stat().st_size // 2)
+        elif damage == "delete":
+            shard.unlink()
+        else:
+            (newest / checkpoint.STATE_FILE).unlink()  # died before publishing
+        caplog.clear()
+        assert checkpoint.find_latest(ckpt_dir) == "step00000090", damage
+        if damage != "no_state":
+            assert f"checkpoint {newest} is" in caplog.text and shard.name in caplog.text
+            with pytest.raises(CheckpointError, match=f"checkpoint {newest} is .*{shard.name}"):
+                checkpoint.resolve(newest)  # resume=PATH naming it
+        c = ray_config(bible_shards, ckpt_dir.parent)
+        assert checkpoint.to_resume(c) == (ckpt_dir, "step00000090")
+    # A file whose size is right but whose end was overwritten (no zip directory) is caught as well.
+    ckpt_dir = tmp_path / "overwritten" / "checkpoints"
+    shutil.copytree(source, ckpt_dir)
+    model = ckpt_dir / "step00000100" / "mp_rank_00_model_states.pt"
+    with model.open("r+b") as f:
+        f.seek(-64, os.SEEK_END)
+        f.write(b"\0" * 64)
+    with pytest.raises(CheckpointError, match="mp_rank_00_model_states.pt is not a whole torch file"):
+        checkpoint.verify(ckpt_dir / "step00000100")
+
+
+# ---------------------------------------------------------------- real gloo ranks without Ray
+
+SMALL = ["trainer.max_steps=6", "trainer.micro_batch_size=2", "trainer.grad_accum=2", "trainer.eval_every=1",
+         "trainer.eval_batches=1", "trainer.checkpoint_every=100", "logger.samples=0"]
+
+
+def _scenarios(rank: int, data_dir: Path, root: Path) -> None:
+    """Every scenario on the same two gloo ranks (one spawn): each writes its run dir under root."""
+    from distlm.train.trainer import Trainer
+
+    def config(name, *overrides):
+        return train_config(data_dir, root / name, *SMALL, *overrides)
+
+    def fit(c, nan_at: str = "") -> Trainer:
+        os.environ[NAN_STEPS_ENV] = nan_at
+        trainer = Trainer(c)
+        trainer.fit()
+        return trainer
+
+    # NaN losses under ZeRO 0-3: in the first micro-batch of step 3, or in the second (after one backward).
+    for stage in range(4):
+        for micro in (0, 1):
+            fit(config(f"skip_z{stage}_m{micro}", f"parallel.zero_stage={stage}"), nan_at=f"3:{micro}")
+    # Too many skipped steps in a row: a clear error; the checkpoints stay intact.
+    c = config("diverging", "trainer.max_skipped_in_a_row=2", "trainer.checkpoint_every=1")
+    try:
+        fit(c, nan_at="3,4,5")
+    except FloatingPointError as e:
+        (root / "diverging" / "error.txt").write_text(str(e))
+    # Time-based and permanent checkpoints: every step is "due" after 0.0001 minutes; keep 1 + every 2nd.
+    fit(config("timed", "trainer.checkpoint_minutes=0.00001", "trainer.keep_checkpoints=1", "trainer.keep_every=2",
+               "trainer.eval_every=100"))
+    # Disk full while saving: rank 1 cannot write more than 1 KB per file.
+    trainer = fit(config("disk_full", "trainer.stop_at_step=1", "trainer.eval_every=100"))
+    trainer.state.step = 2
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if rank == 1:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1024, limits[1]))
+    try:
+        trainer.save()
+        error = "no error"
+    except CheckpointError as e:
+        error = str(e)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+    (root / "disk_full" / f"error_rank{rank}.txt").write_text(error)
+    fit(config("disk_full", "trainer.stop_at_step=3", "trainer.eval_every=100"))  # resumes from step 1
+    # Exact resume under ZeRO-3 and a 2-stage pipeline: 6 steps straight = 3, stop, resume, 3. Last: after a
+    # PipelineModule, DeepSpeed's global state breaks the next non-pipeline engine in this process.
+    for name, layout in (("zero3", ["parallel=zero3"]), ("pp2", ["parallel=pp2"])):
+        fit(config(f"{name}_straight", *layout))
+        fit(config(f"{name}_split", *layout, "trainer.stop_at_step=3"))
+        fit(config(f"{name}_split", *layout))
+
+
+@pytest.fixture(scope="module")
+def scenarios(bible_shards, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("scenarios")
+    run_ranks(_scenarios, 2, bible_shards, root)
+    return root
+
+
+@pytest.mark.parametrize("stage", range(4))
+def test_a_nan_step_is_skipped_without_touching_the_model(scenarios, stage):
+    first, second = scenarios / f"skip_z{stage}_m0", scenarios / f"skip_z{stage}_m1"
+    for run in (first, second):
+        val, lr, skipped = by_step(run, "val_loss"), by_step(run, "lr"), by_step(run, "skipped_steps")
+        assert val[3] == val[2] and val[4] != val[3]  # step 3 left the weights as they were; step 4 trained
+        assert lr[3] == lr[2] and lr[4] != lr[3]  # nor was the LR schedule advanced
+        assert skipped == {1: 0, 2: 0, 3: 1, 4: 1, 5: 1, 6: 1}
+        assert by_step(run, "grad_norm").get(3) is None
+    # A NaN after one micro-batch's backward: its gradients were dropped too, so the run goes on exactly as
+    # when the NaN came first.
+    assert [by_step(second, "loss")[s] for s in (4, 5, 6)] == [by_step(first, "loss")[s] for s in (4, 5, 6)]
+
+
+def test_too_many_skipped_steps_in_a_row_stop_with_a_clear_error(scenarios):
+    run = scenarios / "diverging"
+    error = (run / "error.txt").read_text()
+    assert "step 5: 3 steps in a row were skipped (loss is nan), more than trainer.max_skipped_in_a_row=2" in error
+    ckpt_dir = run / "checkpoints"
+    assert checkpoint.find_latest(ckpt_dir) == "step00000004" and "latest: step00000004" in error
+    assert checkpoint.verify(ckpt_dir / "step00000004").skipped_steps == 2
+
+
+@pytest.mark.parametrize("name", ["zero3", "pp2"])
+def test_resume_is_exact_under_zero3_and_a_pipeline(scenarios, name):
+    straight, split = by_step(scenarios / f"{name}_straight", "loss"), by_step(scenarios / f"{name}_split", "loss")
+    assert sorted(split) == sorted(straight) == list(range(1, 7))
+    assert split == straight
+    assert by_step(scenarios / f"{name}_split", "val_loss")[6] == by_step(scenarios / f"{name}_straight", "val_loss")[6]
+
+
+def test_time_based_and_permanent_checkpoints(scenarios):
+    ckpt_dir = scenarios / "timed" / "checkpoints"
+    assert checkpoint.complete_tags(ckpt_dir) == ["step00000002", "step00000004", "step00000006"]
+    assert by_step(scenarios / "timed", "checkpoint_seconds").keys() == {1, 2, 3, 4, 5, 6}  # saved every step
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint_and_says_what_happened(scenarios):
+    run = scenarios / "disk_full"
+    errors = {p.name: p.read_text() for p in run.glob("error_rank*.txt")}
+    assert errors.keys() == {"error_rank0.txt", "error_rank1.txt"}  # every rank raised, none hung
+    message = errors["error_rank0.txt"]
+    assert message == errors["error_rank1.txt"]
+    assert message.startswith(f"rank 1: saving checkpoint {run / 'checkpoints' / 'step00000002'} failed: ")
+    assert "writing " in message and "MB free on the filesystem of" in message
+    assert f"the previous checkpoint {run / 'checkpoints' / 'step00000001'} is intact" in message
+    # The run went on from step 1 afterwards (the same run dir, resume=auto) and saved step 3.
+    assert checkpoint.complete_tags(run / "checkpoints") == ["step00000001", "step00000003"]
+    assert sorted(by_step(run, "loss")) == [1, 2, 3]
+
+
+def test_the_skip_rule():
+    assert why_skip(float("nan"), [], 3.0) == "loss is nan"
+    assert why_skip(float("inf"), [1.0] * 5, None) == "loss is inf"
+    assert why_skip(3.5, [1.0] * 4, 3.0) is None  # too little history to call anything a spike
+    assert why_skip(3.5, [1.0] * 5, 3.0) == "loss 3.5000 is above 3 x the recent mean 1.0000"
+    assert why_skip(2.9, [1.0] * 5, 3.0) is None
+    assert why_skip(100.0, [1.0] * 5, None) is None
