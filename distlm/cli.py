@@ -4,7 +4,12 @@
     distlm train      [overrides]   Ray Train workers running DeepSpeed; resumes from the latest checkpoint
     distlm export     [overrides]   a checkpoint -> a Hugging Face LlamaForCausalLM directory
     distlm generate   [overrides]   continue a prompt with an exported (or any local HF Llama) model
+    distlm eval       [overrides]   validation perplexity of a checkpoint or a HF directory on the shards
     distlm report     RUN_DIR       summary of a run and a PNG plot of its loss curve
+    distlm checkpoint info|reshape PATH
+                                    validate and describe a checkpoint | make its any-layout (universal) form
+    distlm import-hf  HF_DIR OUT_DIR
+                                    a local HF Llama directory -> a distlm checkpoint to train from (any layout)
     distlm plan       [overrides]   parameters and per-GPU memory of a model and layout: does it fit?
     distlm submit     [--address URL] [--wait] COMMAND [overrides]
                                     run preprocess/train/export/generate as a job on a running Ray cluster
@@ -15,6 +20,7 @@ Overrides are Hydra's: `key=value` or `group=option` (e.g. `model=tiny trainer.m
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
 from typing import Callable
@@ -46,6 +52,12 @@ def _generate(c) -> None:
     generate(c)
 
 
+def _eval(c) -> None:
+    from distlm.eval import evaluate
+
+    evaluate(c)
+
+
 def _plan(c) -> None:
     from distlm.plan import print_plan
 
@@ -57,7 +69,16 @@ HYDRA_COMMANDS: dict[str, Callable] = {
     "train": _train,
     "export": _export,
     "generate": _generate,
+    "eval": _eval,
     "plan": _plan,
+}
+
+# Commands on paths rather than on the composed config: plain arguments, each module's `main(args)`.
+ARGPARSE_COMMANDS = {
+    "report": "distlm.report",
+    "submit": "distlm.submit",
+    "checkpoint": "distlm.train.checkpoint_cli",
+    "import-hf": "distlm.export.import_hf",
 }
 
 
@@ -86,18 +107,13 @@ def main(argv: list[str] | None = None) -> None:
         print(__doc__)
         return
     command, args = argv[0], argv[1:]
-    if command == "report":
-        from distlm.report import main as report_main
-
-        report_main(args)
-    elif command == "submit":
-        from distlm.submit import main as submit_main
-
-        submit_main(args)
+    if command in ARGPARSE_COMMANDS:
+        module = importlib.import_module(ARGPARSE_COMMANDS[command])
+        module.main(args)
     elif command in HYDRA_COMMANDS:
         _run_with_hydra(command, args)
     else:
-        print(f"distlm: unknown command '{command}'; choose from: {', '.join([*HYDRA_COMMANDS, 'report', 'submit'])}",
+        print(f"distlm: unknown command '{command}'; choose from: {', '.join([*HYDRA_COMMANDS, *ARGPARSE_COMMANDS])}",
               file=sys.stderr)
         sys.exit(2)
 

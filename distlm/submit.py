@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from distlm.config import (CONF_DIR, Config, ConfigError, load_config, raise_if, validate_cluster, validate_layout,
                            validate_model)
 
-COMMANDS = ("preprocess", "train", "export", "generate")
+COMMANDS = ("preprocess", "train", "export", "generate", "eval")
 # Written by the commands or installed locally; never worth uploading (Ray also honours .gitignore).
 UPLOAD_EXCLUDES = ["/.git/", "/.venv/", "/build/", "/runs/", "/data/", "/outputs/", "/wandb/", "__pycache__/",
                    ".pytest_cache/", "*.egg-info/"]
@@ -34,6 +34,7 @@ PATH_KEYS = {
     "train": ("run_dir", "data.dir", "trainer.resume"),
     "export": ("export.checkpoint_dir", "export.out_dir"),
     "generate": ("generate.model_dir",),
+    "eval": ("data.dir", "eval.checkpoint", "eval.model_dir", "eval.out"),
 }
 
 

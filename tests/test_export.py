@@ -19,9 +19,9 @@ from safetensors import safe_open
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from distlm.config import Config, ExportDtype, compose_config, to_dict
+from distlm.config import Config, ConfigError, ExportDtype, compose_config, to_dict
 from distlm.export.generate import generate
-from distlm.export.hf import LOGIT_TOLERANCE, export, verify
+from distlm.export.hf import LOGIT_TOLERANCE, SHARD_INDEX_FILE, export, plan_shards, verify
 from distlm.model.llama import Llama
 from distlm.train import checkpoint
 from distlm.train.checkpoint import CheckpointError, RunState
@@ -41,6 +41,9 @@ RUNS = {  # name -> config overrides
     "zero1_tied": ["parallel.zero_stage=1", "model.tie_embeddings=true"],
     "zero3_tied": ["parallel.zero_stage=3", "model.tie_embeddings=true"],
     "zero1_bf16": ["parallel.zero_stage=1", "trainer.precision=bf16"],
+    # A vocabulary of odd size (the tokenizer's 320 tokens plus unused rows), tied and untied.
+    "zero1_vocab515": ["parallel.zero_stage=1", "model.vocab_size=515"],
+    "zero3_tied_vocab515": ["parallel.zero_stage=3", "model.tie_embeddings=true", "model.vocab_size=515"],
 }
 FP32_RUNS = [name for name in RUNS if "bf16" not in name]
 TEXT = [
@@ -157,6 +160,56 @@ def test_export_reproduces_the_trained_model(name, runs, tmp_path):
         assert hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
         with safe_open(out / "model.safetensors", "pt") as f:
             assert "lm_head.weight" not in f.keys()
+
+
+def test_the_runs_cover_gqa_tied_and_untied_embeddings_and_an_odd_vocabulary(runs):
+    models = [run.cfg.model for run in runs.values()]
+    assert all(m.n_kv_heads < m.n_heads for m in models)  # grouped-query attention in every parity test
+    assert {m.tie_embeddings for m in models} == {True, False}
+    assert {m.vocab_size for m in models} == {VOCAB, 515}
+
+
+def test_plan_shards_fills_files_in_order():
+    sizes = {"a": 4, "b": 4, "c": 3, "d": 10, "e": 1}
+    assert plan_shards(sizes, 8) == [["a", "b"], ["c"], ["d"], ["e"]]  # d, larger than a file, gets its own
+    assert plan_shards(sizes, 100) == [["a", "b", "c", "d", "e"]]
+
+
+@pytest.mark.parametrize("name", ["zero1", "zero3_tied_vocab515"])
+def test_sharded_export_has_transformers_index_and_the_same_logits(name, runs, tmp_path):
+    run = runs[name]
+    limit = 50_000  # bytes; the test model's 0.5 MB of fp32 weights need several files
+    out = export(export_config(run.ckpt_dir, tmp_path / "hf", f"export.max_shard_mb={limit / 1e6}"))
+    index = json.loads((out / SHARD_INDEX_FILE).read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 3 and not (out / "model.safetensors").exists()
+    assert files == sorted(p.name for p in out.glob("*.safetensors"))
+    assert files == [f"model-{i:05d}-of-{len(files):05d}.safetensors" for i in range(1, len(files) + 1)]
+    total = 0
+    for file in files:  # each file holds what the index says, within the limit unless one tensor is larger
+        with safe_open(out / file, "pt") as f:
+            assert set(f.keys()) == {k for k, v in index["weight_map"].items() if v == file}
+            sizes = [f.get_tensor(k).nbytes for k in f.keys()]
+        assert sum(sizes) <= limit or len(sizes) == 1
+        total += sum(sizes)
+    assert index["metadata"]["total_size"] == total
+
+    hf, ours = hf_model(out), run.reference_model()
+    hf_weights = hf.state_dict()
+    for k, w in ours.state_dict().items():
+        assert torch.equal(hf_weights[hf_name(k)], w), k
+    with torch.no_grad():
+        assert (ours(fixed_ids()) - hf(input_ids=fixed_ids()).logits).abs().max().item() <= 1e-4
+    # transformers' own sharding of the same model: the same index, up to which file holds which tensor.
+    hf.save_pretrained(tmp_path / "by_transformers", max_shard_size=limit)
+    theirs = json.loads((tmp_path / "by_transformers" / SHARD_INDEX_FILE).read_text())
+    assert index["metadata"] == theirs["metadata"] and index["weight_map"].keys() == theirs["weight_map"].keys()
+    assert ("lm_head.weight" in index["weight_map"]) == (not run.cfg.model.tie_embeddings)
+
+
+def test_export_refuses_a_shard_size_that_is_not_positive(tmp_path):
+    with pytest.raises(ConfigError, match="export.max_shard_mb=0.0 must be positive"):
+        export(export_config(tmp_path, tmp_path / "hf", "export.max_shard_mb=0"))
 
 
 def test_bf16_training_exports_the_fp32_master_weights(runs, tmp_path):

@@ -1,12 +1,15 @@
 """Export a distlm checkpoint as a Hugging Face `LlamaForCausalLM` directory, checked against distlm's model.
 
 distlm's parameter names and rotate-half RoPE already follow HF's Llama, so the weights only gain the
-`model.` prefix. The export is written into a hidden sibling directory, verified there, and renamed into
-place last: a crash or a failed check never leaves a half-written directory that looks like an export.
+`model.` prefix. Weights above `export.max_shard_mb` are split over several safetensors files with an index,
+as transformers does, and cast to the export's dtype one file at a time. The export is written into a hidden
+sibling directory, verified there, and renamed into place last: a crash or a failed check never leaves a
+half-written directory that looks like an export.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -21,9 +24,9 @@ from tokenizers import Tokenizer
 from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig,
                           PreTrainedTokenizerFast)
 
-from distlm.config import Config, ExportDtype, ModelConfig
+from distlm.config import Config, ConfigError, ExportDtype, ModelConfig
 from distlm.model.llama import Llama
-from distlm.train import checkpoint
+from distlm.train import checkpoint, universal
 from distlm.train.checkpoint import CheckpointError, RunState
 
 log = logging.getLogger(__name__)
@@ -35,12 +38,15 @@ TORCH_DTYPE = {ExportDtype.fp32: torch.float32, ExportDtype.bf16: torch.bfloat16
 LOGIT_TOLERANCE = {ExportDtype.fp32: 1e-4, ExportDtype.bf16: 5e-2, ExportDtype.fp16: 1e-2}
 VERIFY_TOKENS = 32  # length of the fixed sequence both models read
 GREEDY_TOKENS = 8  # greedy continuation logged for both models
+SHARD_INDEX_FILE = "model.safetensors.index.json"  # transformers' name
 
 
 def export(c: Config) -> Path:
     """Write the checkpoint at `c.export.checkpoint_dir` (tag `c.export.tag`, or the latest complete one)
     as a HF Llama directory at `c.export.out_dir`; return that directory."""
     out_dir = Path(c.export.out_dir)
+    if not c.export.max_shard_mb > 0:
+        raise ConfigError(f"export.max_shard_mb={c.export.max_shard_mb} must be positive")
     _check_replaceable(out_dir)
     tag_dir = locate_checkpoint(Path(c.export.checkpoint_dir), c.export.tag)
     state = checkpoint.read_state(tag_dir)
@@ -54,7 +60,7 @@ def export(c: Config) -> Path:
     tmp_dir.mkdir(parents=True)
     try:
         eos_id = _write_tokenizer(tag_dir, eos_token, model_cfg, tmp_dir)
-        _write_model(weights, model_cfg, eos_id, dtype, tmp_dir)
+        _write_model(weights, model_cfg, eos_id, dtype, tmp_dir, c.export.max_shard_mb)
         max_diff = verify(tmp_dir, model_cfg, weights, c.export.dtype) if c.export.verify else None
         _replace_dir(tmp_dir, out_dir)
     finally:
@@ -80,16 +86,20 @@ def locate_checkpoint(root: Path, tag: str | None) -> Path:
 
 def read_weights(tag_dir: Path, state: RunState, model_cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """The fp32 weights of the checkpoint under distlm's parameter names, checked against the model's shapes."""
-    zero_stage, tp, pp = (state.config["parallel"][k] for k in ("zero_stage", "tp", "pp"))
-    if tp > 1 or pp > 1:
-        raise CheckpointError(f"checkpoint {tag_dir} was written with parallel.tp={tp}, parallel.pp={pp}; "
-                              f"exporting tensor/pipeline-parallel checkpoints is not supported yet")
+    imported = checkpoint.is_weights_only((tag_dir.parent, tag_dir.name))  # by `distlm import-hf`: no layout
+    zero_stage, tp, pp = (0, 1, 1) if imported else (state.config["parallel"][k] for k in ("zero_stage", "tp", "pp"))
     for f in sorted([*tag_dir.glob("*_model_states.pt"), *tag_dir.glob("*_optim_states.pt")]):
         # torch.save writes zip archives: a truncated or overwritten file lacks the zip's central directory.
         if not zipfile.is_zipfile(f):
             raise CheckpointError(f"checkpoint {tag_dir}: {f.name} is damaged (not a complete torch file)")
     try:
-        if zero_stage >= 1:
+        if imported:
+            weights = checkpoint.load_weights((tag_dir.parent, tag_dir.name))
+        elif tp > 1 or pp > 1:
+            # TP slices and pipeline stages are merged, and the vocabulary padding dropped, by the
+            # checkpoint's universal form (made once, kept in the checkpoint).
+            weights = universal.read_weights(universal.convert(tag_dir))
+        elif zero_stage >= 1:
             # ZeRO shards the fp32 master weights over the ranks' optimizer files; DeepSpeed's own
             # consolidation reads stages 1-3 and needs no process group.
             weights = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
@@ -140,18 +150,24 @@ def hf_config(m: ModelConfig, eos_id: int, dtype: torch.dtype) -> LlamaConfig:
     )
 
 
-def to_hf_names(weights: dict[str, torch.Tensor], tie_embeddings: bool, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """distlm names -> HF names (`model.` prefix), cast to `dtype`; tied embeddings store one matrix."""
-    out = {}
-    for name, w in weights.items():
-        if name == "lm_head.weight":
-            if tie_embeddings:
-                continue
-            hf_name = name
-        else:
-            hf_name = "model." + name
-        out[hf_name] = w.detach().to(dtype=dtype, copy=True).contiguous()  # own storage: safetensors refuses shared
-    return out
+def to_hf_names(weights: dict[str, torch.Tensor], tie_embeddings: bool) -> dict[str, torch.Tensor]:
+    """distlm names -> HF names (`model.` prefix), the same tensors (no copy); tied embeddings store one matrix."""
+    return {name if name == "lm_head.weight" else "model." + name: w for name, w in weights.items()
+            if not (tie_embeddings and name == "lm_head.weight")}
+
+
+def plan_shards(nbytes: dict[str, int], max_shard_bytes: int) -> list[list[str]]:
+    """Tensor names grouped into files of at most `max_shard_bytes`, in order; a tensor larger than that
+    gets a file of its own."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, n in nbytes.items():
+        if shards[-1] and size + n > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += n
+    return shards
 
 
 def _write_tokenizer(tag_dir: Path, eos_token: str, m: ModelConfig, out_dir: Path) -> int:
@@ -173,19 +189,41 @@ def _write_tokenizer(tag_dir: Path, eos_token: str, m: ModelConfig, out_dir: Pat
 
 
 def _write_model(weights: dict[str, torch.Tensor], m: ModelConfig, eos_id: int, dtype: torch.dtype,
-                 out_dir: Path) -> None:
+                 out_dir: Path, max_shard_mb: float) -> None:
+    """config.json, generation_config.json and the weights: `model.safetensors`, or, above `max_shard_mb`,
+    `model-0000i-of-0000n.safetensors` files and `model.safetensors.index.json` as transformers writes them."""
     hf_config(m, eos_id, dtype).save_pretrained(out_dir)
     GenerationConfig(bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id).save_pretrained(out_dir)
-    weights_file = out_dir / "model.safetensors"
-    save_file(to_hf_names(weights, m.tie_embeddings, dtype), weights_file, metadata={"format": "pt"})
-    # safetensors 0.8 creates the file 0600 (a private temp file); give it the umask's mode like the others.
-    os.chmod(weights_file, (out_dir / "config.json").stat().st_mode)
+    tensors = to_hf_names(weights, m.tie_embeddings)
+    nbytes = {k: w.numel() * dtype.itemsize for k, w in tensors.items()}
+    shards = plan_shards(nbytes, int(max_shard_mb * 1e6))  # MB as in HF's "5GB": powers of ten
+    files = ["model.safetensors"] if len(shards) == 1 else \
+        [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    mode = (out_dir / "config.json").stat().st_mode
+    for file, names in zip(files, shards):
+        # Cast one file's tensors at a time: at most one shard of converted weights beside the checkpoint's.
+        # Own storage for each: safetensors refuses tensors that share memory (ZeRO's flat buffers).
+        shard = {k: tensors[k].detach().to(dtype=dtype, copy=True).contiguous() for k in names}
+        save_file(shard, out_dir / file, metadata={"format": "pt"})
+        del shard
+        # safetensors 0.8 creates the file 0600 (a private temp file); give it the umask's mode like the others.
+        os.chmod(out_dir / file, mode)
+    if len(shards) > 1:
+        index = {"metadata": {"total_parameters": sum(w.numel() for w in tensors.values()),
+                              "total_size": sum(nbytes.values())},
+                 "weight_map": {k: file for file, names in zip(files, shards) for k in names}}
+        (out_dir / SHARD_INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 def verify(hf_dir: Path, m: ModelConfig, weights: dict[str, torch.Tensor], dtype: ExportDtype) -> float:
     """Load `hf_dir` with transformers, run one fixed sequence through it and through distlm's Llama with the
     checkpoint's fp32 weights; log max |Δlogits| and both greedy continuations. Raise if too far apart."""
-    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=TORCH_DTYPE[dtype]).eval()
+    hf, loading = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=TORCH_DTYPE[dtype], output_loading_info=True)
+    hf.eval()
+    # transformers only warns about weights it cannot find (and initializes them at random): fail here.
+    problems = {k: v for k, v in loading.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    if problems:
+        raise RuntimeError(f"export {hf_dir} does not load cleanly in transformers: {problems}")
     tok = AutoTokenizer.from_pretrained(hf_dir)
     ours = Llama(m).eval()
     ours.load_state_dict(weights)

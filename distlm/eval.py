@@ -1,0 +1,115 @@
+"""`distlm eval`: perplexity of a distlm checkpoint or of a Hugging Face directory on preprocessed shards.
+
+The split is read in the order the trainer evaluates it (no shuffle, global batch after global batch), so
+with eval.batch_size = trainer.micro_batch_size x data-parallel size and eval.batches = trainer.eval_batches
+the loss is the `val_loss` the trainer logged at the checkpoint's step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from distlm.config import Config, ConfigError, ModelConfig
+from distlm.data.loader import ShardLoader
+from distlm.data.shards import Manifest
+from distlm.train import checkpoint
+
+log = logging.getLogger(__name__)
+
+
+def evaluate(c: Config) -> dict[str, Any]:
+    """Mean next-token cross-entropy and perplexity over `c.eval.batches` batches of split `c.eval.split`
+    (all of it if null); printed, written as JSON to `c.eval.out`, and returned."""
+    e = c.eval
+    if e.batch_size <= 0 or (e.batches is not None and e.batches <= 0):
+        raise ConfigError(f"eval.batch_size={e.batch_size} must be positive and eval.batches={e.batches} positive "
+                          f"or null (the whole split)")
+    try:
+        manifest = Manifest.load(c.data.dir)
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"data.dir: {err}") from None
+    if e.split not in manifest.splits:
+        raise ConfigError(f"eval.split={e.split!r}: {c.data.dir} has the splits {sorted(manifest.splits)}")
+
+    loader = ShardLoader(c.data.dir, split=e.split, micro_batch_size=e.batch_size, dp_rank=0, dp_size=1, seed=0,
+                         shuffle=False, shuffle_window=c.data.shuffle_window, workers=c.data.loader_workers,
+                         shard_url=c.data.shard_url, verify=c.data.verify_shards)
+    if loader.batches_per_epoch == 0:
+        raise ConfigError(f"eval.batch_size={e.batch_size} is more than the {loader.num_samples} samples of split "
+                          f"'{e.split}' in {c.data.dir}")
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    logits_fn, source = _load_hf(Path(e.model_dir), manifest, device) if e.model_dir else \
+        _load_checkpoint(Path(e.checkpoint), manifest, device)
+    nll, tokens, batches = 0.0, 0, 0
+    with torch.no_grad():
+        for batch in loader.iter_batches(max_batches=e.batches):
+            batch = batch.to(device)
+            logits = logits_fn(batch[:, :-1]).float()
+            # Summed, not averaged per batch: the mean is over tokens, whatever the batch count.
+            nll += F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum").item()
+            tokens += batch[:, 1:].numel()
+            batches += 1
+    loss = nll / tokens
+    result = {**source, "data_dir": c.data.dir, "split": e.split, "batch_size": e.batch_size, "batches": batches,
+              "samples": batches * e.batch_size, "split_samples": loader.num_samples, "tokens": tokens,
+              "loss": loss, "perplexity": math.exp(min(loss, 50))}
+    out = Path(e.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"loss {loss:.4f} nats/token, perplexity {result['perplexity']:.3f} over {tokens:,} tokens "
+          f"({result['samples']:,} of {loader.num_samples:,} samples of split '{e.split}'); written to {out}")
+    return result
+
+
+def _load_checkpoint(path: Path, manifest: Manifest, device: torch.device) -> tuple[Callable, dict[str, Any]]:
+    from distlm.export.hf import locate_checkpoint, read_weights
+    from distlm.model.llama import Llama
+
+    tag_dir = locate_checkpoint(path, None)
+    state = checkpoint.read_state(tag_dir)
+    if state.tokenizer_sha256 != manifest.tokenizer_sha256:
+        raise ConfigError(f"checkpoint {tag_dir} was trained with another tokenizer than the shards in data.dir="
+                          f"{manifest.data_dir}: its perplexity there would mean nothing")
+    m = ModelConfig(**state.config["model"])
+    _check_fits(m.vocab_size, m.max_seq_len, manifest, str(tag_dir))
+    model = Llama(m)
+    model.load_state_dict(read_weights(tag_dir, state, m))
+    model.to(device).eval()
+    log.info("evaluating checkpoint %s (step %d)", tag_dir, state.step)
+    return model, {"checkpoint": str(tag_dir), "step": state.step}
+
+
+def _load_hf(model_dir: Path, manifest: Manifest, device: torch.device) -> tuple[Callable, dict[str, Any]]:
+    from tokenizers import Tokenizer
+    from transformers import AutoModelForCausalLM
+
+    if not (model_dir / "config.json").is_file():
+        raise ConfigError(f"eval.model_dir {model_dir} is not a Hugging Face model directory (no config.json)")
+    # The shards hold token ids: the model must read them with the tokenizer that wrote them.
+    if (model_dir / "tokenizer.json").is_file():
+        theirs = Tokenizer.from_file(str(model_dir / "tokenizer.json")).get_vocab(with_added_tokens=True)
+        ours = Tokenizer.from_file(str(manifest.tokenizer_path)).get_vocab(with_added_tokens=True)
+        if theirs != ours:
+            raise ConfigError(f"eval.model_dir {model_dir} has another vocabulary than the shards in data.dir="
+                              f"{manifest.data_dir}: its perplexity there would mean nothing")
+    else:
+        log.warning("%s has no tokenizer.json: cannot check that it reads the shards' token ids", model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    _check_fits(model.config.vocab_size, model.config.max_position_embeddings, manifest, str(model_dir))
+    model.to(device).eval()
+    log.info("evaluating %s", model_dir)
+    return (lambda ids: model(input_ids=ids).logits), {"model_dir": str(model_dir)}
+
+
+def _check_fits(vocab_size: int, max_seq_len: int, manifest: Manifest, where: str) -> None:
+    if manifest.vocab_size > vocab_size or manifest.seq_len > max_seq_len:
+        raise ConfigError(f"{where}: {vocab_size} embeddings and {max_seq_len} positions cannot read the shards in "
+                          f"{manifest.data_dir} ({manifest.vocab_size} token ids, {manifest.seq_len}-token inputs)")

@@ -1,0 +1,158 @@
+"""`distlm import-hf HF_DIR OUT_DIR`: a local Hugging Face Llama directory -> a distlm checkpoint.
+
+The checkpoint holds the weights (fp32, one-process distlm names), the tokenizer and a run state at step 0;
+it has no layout, so any tp/pp/dp layout trains from it (`trainer.resume=OUT_DIR`): the trainer loads the
+whole model before splitting it and starts a fresh optimizer and LR schedule. Exporting it again gives the
+original tensors back bit for bit (in their dtype).
+
+To continue pretraining: preprocess with its tokenizer (`data.tokenizer.path=OUT_DIR/step00000000/tokenizer.json`)
+and train with the model settings the import prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tokenizers import Tokenizer
+
+from distlm.config import ModelConfig
+from distlm.data.tokenizer import file_sha256
+from distlm.model.llama import Llama
+from distlm.train import checkpoint
+from distlm.train.checkpoint import CheckpointError, RunState
+
+log = logging.getLogger(__name__)
+
+
+def model_config(hf: dict) -> ModelConfig:
+    """distlm's model settings for a HF Llama config.json; refuses what distlm's Llama does not compute."""
+    unsupported = []
+    if hf.get("model_type") != "llama":
+        unsupported.append(f"model_type {hf.get('model_type')!r} (only 'llama')")
+    if hf.get("hidden_act", "silu") != "silu":
+        unsupported.append(f"hidden_act {hf['hidden_act']!r}")
+    if hf.get("attention_bias") or hf.get("mlp_bias"):
+        unsupported.append("attention/MLP biases")
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        unsupported.append(f"RoPE scaling {rope.get('rope_type', rope.get('type'))!r}")
+    n_heads = hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // n_heads
+    if head_dim * n_heads != hf["hidden_size"]:
+        unsupported.append(f"head_dim {head_dim} x {n_heads} heads != hidden_size {hf['hidden_size']}")
+    if unsupported:
+        raise CheckpointError(f"cannot import: distlm's Llama does not support {'; '.join(unsupported)}")
+    return ModelConfig(
+        dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=n_heads,
+        n_kv_heads=hf.get("num_key_value_heads") or n_heads, ffn_dim=hf["intermediate_size"],
+        vocab_size=hf["vocab_size"], max_seq_len=hf["max_position_embeddings"],
+        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))), norm_eps=hf["rms_norm_eps"],
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)), init_std=hf.get("initializer_range", 0.02))
+
+
+def read_hf_weights(hf_dir: Path, m: ModelConfig) -> dict[str, torch.Tensor]:
+    """The model's tensors under distlm names, read one at a time from model.safetensors or its shards."""
+    index = hf_dir / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (hf_dir / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise CheckpointError(f"cannot import {hf_dir}: no model.safetensors or model.safetensors.index.json "
+                              f"(PyTorch .bin weights are not read; convert them with transformers first)")
+    weights = {}
+    for name in files:
+        with safe_open(hf_dir / name, framework="pt") as f:
+            for key in f.keys():
+                weights[key.removeprefix("model.")] = f.get_tensor(key)
+    with torch.device("meta"):
+        expected = {k: v.shape for k, v in Llama(m).state_dict().items()}
+    if m.tie_embeddings:
+        expected.pop("lm_head.weight")
+        weights.pop("lm_head.weight", None)  # some tied exports store the matrix twice
+    missing, unexpected = sorted(expected.keys() - weights.keys()), sorted(weights.keys() - expected.keys())
+    wrong = [f"{k} {tuple(weights[k].shape)} (expected {tuple(expected[k])})"
+             for k in expected.keys() & weights.keys() if weights[k].shape != expected[k]]
+    if missing or unexpected or wrong:
+        raise CheckpointError(f"cannot import {hf_dir}: its weights do not match its config.json: missing {missing}, "
+                              f"unexpected {unexpected}, wrong shape {wrong}")
+    return {k: weights[k] for k in expected}
+
+
+def eos_token(hf_dir: Path, hf: dict, tokenizer: Tokenizer) -> str:
+    tok_cfg = hf_dir / "tokenizer_config.json"
+    token = json.loads(tok_cfg.read_text()).get("eos_token") if tok_cfg.is_file() else None
+    if isinstance(token, dict):  # older files store an AddedToken
+        token = token.get("content")
+    if token is None and hf.get("eos_token_id") is not None:
+        eos_id = hf["eos_token_id"]
+        token = tokenizer.id_to_token(eos_id[0] if isinstance(eos_id, list) else eos_id)
+    if token is None or tokenizer.token_to_id(token) is None:
+        raise CheckpointError(f"cannot import {hf_dir}: no end-of-sequence token found in tokenizer_config.json or "
+                              f"config.json that tokenizer.json knows")
+    return token
+
+
+def import_hf(hf_dir: Path, out_dir: Path) -> Path:
+    """Write `hf_dir` as a distlm checkpoints directory `out_dir` (tag step00000000); return the tag dir."""
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    if not (hf_dir / "config.json").is_file():
+        raise CheckpointError(f"cannot import {hf_dir}: no config.json (a local Hugging Face model directory)")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"{out_dir} exists and is not empty; choose another output directory")
+    hf = json.loads((hf_dir / "config.json").read_text())
+    m = model_config(hf)
+    if not (hf_dir / "tokenizer.json").is_file():
+        raise CheckpointError(f"cannot import {hf_dir}: no tokenizer.json (a fast tokenizer is needed)")
+    tokenizer = Tokenizer.from_file(str(hf_dir / "tokenizer.json"))
+    eos = eos_token(hf_dir, hf, tokenizer)
+    weights = read_hf_weights(hf_dir, m)
+
+    tag = checkpoint.tag_for_step(0)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / tag).mkdir(parents=True)
+    try:
+        # fp32 as training keeps its master weights; bf16/fp16 values convert exactly and back.
+        save_file({k: w.float().contiguous() for k, w in weights.items()}, tmp / tag / checkpoint.WEIGHTS_FILE)
+        shutil.copyfile(hf_dir / "tokenizer.json", tmp / tag / checkpoint.TOKENIZER_FILE)  # as is: the same sha256
+        config = {"model": asdict(m), "data": {"tokenizer": {"eos_token": eos}}, "imported_from": str(hf_dir.resolve())}
+        state = RunState(config=config, tokenizer_sha256=file_sha256(hf_dir / "tokenizer.json"))
+        checkpoint.write_atomic(tmp / tag / checkpoint.STATE_FILE, json.dumps(asdict(state), indent=1))
+        checkpoint.write_atomic(tmp / checkpoint.LATEST_FILE, tag)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(out_dir, ignore_errors=True)  # empty, checked above
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    n_params = sum(w.numel() for w in weights.values())
+    overrides = " ".join(f"model.{k}={v}" for k, v in asdict(m).items() if k not in ("max_seq_len", "init_std"))
+    log.info("imported %s -> %s: %.2fM parameters (%s), EOS %r\n  train from it with: distlm train "
+             "trainer.resume=%s data.tokenizer.path=%s %s", hf_dir, out_dir / tag, n_params / 1e6,
+             next(iter(weights.values())).dtype, eos, out_dir, out_dir / tag / checkpoint.TOKENIZER_FILE, overrides)
+    return out_dir / tag
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="distlm import-hf", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("hf_dir", type=Path, help="a local Hugging Face Llama directory (config.json, safetensors, "
+                                                  "tokenizer.json)")
+    parser.add_argument("out_dir", type=Path, help="the distlm checkpoints directory to create")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        import_hf(args.hf_dir, args.out_dir)
+    except (CheckpointError, FileExistsError) as e:
+        log.error("%s", e)
+        sys.exit(2)

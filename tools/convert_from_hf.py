@@ -1,0 +1,13 @@
+"""Convert a local Hugging Face Llama directory to a distlm checkpoint that any layout trains from.
+
+    python tools/convert_from_hf.py HF_DIR OUT_DIR
+
+The same as `distlm import-hf HF_DIR OUT_DIR`; see distlm/export/import_hf.py.
+"""
+
+import sys
+
+from distlm.export.import_hf import main
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
