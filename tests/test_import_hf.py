@@ -16,6 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from distlm.config import compose_config
 from distlm.data.loader import ShardLoader
+from distlm.export.generate import generate
 from distlm.export.hf import export
 from distlm.export.import_hf import import_hf
 from distlm.train import checkpoint
@@ -116,3 +117,10 @@ def test_import_refuses_what_distlm_cannot_compute(hf_model, tmp_path):
     with pytest.raises(CheckpointError, match="does not support RoPE scaling 'linear'"):
         import_hf(bad, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_generate_from_a_checkpoint_is_generate_from_its_hf_model(hf_model, imported):
+    greedy = ["generate.temperature=0", "generate.max_new_tokens=12", "generate.prompt='And God said'"]
+    from_hf = generate(compose_config(f"generate.model_dir={hf_model}", *greedy))
+    from_checkpoint = generate(compose_config(f"generate.model_dir={imported}", *greedy))
+    assert from_checkpoint == from_hf and len(from_hf) > 0

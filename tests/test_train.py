@@ -76,3 +76,10 @@ def test_resume_refuses_a_checkpoint_of_another_model(straight_run, bible_shards
     run_dir, _ = straight_run
     with pytest.raises(ConfigError, match=r"different model: model.dim: checkpoint 64 vs config 32"):
         train(train_config(bible_shards, run_dir, "model.dim=32", "trainer.max_steps=20"))
+
+
+def test_resume_refuses_a_global_batch_that_does_not_divide_its_position(straight_run, bible_shards):
+    run_dir, _ = straight_run  # stopped after 12 steps x 8 samples
+    with pytest.raises(ConfigError, match=r"stopped after 96 samples, not a multiple of the global batch 10 .* e.g. "
+                                          r"the checkpoint's 8"):
+        train(train_config(bible_shards, run_dir, "trainer.micro_batch_size=5", "trainer.max_steps=20"))

@@ -1,4 +1,5 @@
-"""Sample text from a local Hugging Face Llama directory (a distlm export, or any other) with transformers."""
+"""Sample text with transformers from a local Hugging Face Llama directory (a distlm export, or any other)
+or straight from a distlm checkpoint (any layout), which is turned into the same HF model in memory."""
 
 from __future__ import annotations
 
@@ -6,9 +7,10 @@ import logging
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, PreTrainedModel,
+                          PreTrainedTokenizerBase, PreTrainedTokenizerFast, set_seed)
 
-from distlm.config import Config
+from distlm.config import Config, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -18,11 +20,7 @@ def generate(c: Config) -> str:
     and return the continuation. Temperature 0 means greedy decoding."""
     g = c.generate
     model_dir = Path(g.model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"generate.model_dir {model_dir} is not a Hugging Face model directory (no "
-                                f"config.json); run `distlm export` first or point generate.model_dir at one")
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    model, tok = load(model_dir)
     set_seed(g.seed)
 
     # An empty prompt starts a new document, which in training follows the separator token.
@@ -41,3 +39,26 @@ def generate(c: Config) -> str:
              "greedy" if g.temperature == 0 else f"temperature {g.temperature}, top_k {g.top_k}, top_p {g.top_p}")
     print(g.prompt + continuation)
     return continuation
+
+
+def load(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A HF directory, or a distlm checkpoint (a checkpoints directory or one tag) as the HF model an export
+    of it would give (fp32)."""
+    if (path / "config.json").is_file():
+        return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    from distlm.export.hf import hf_config, locate_checkpoint, read_weights, to_hf_names
+    from distlm.train import checkpoint
+
+    if not path.is_dir():
+        raise FileNotFoundError(f"generate.model_dir {path} is neither a Hugging Face model directory nor a distlm "
+                                f"checkpoint")
+    tag_dir = locate_checkpoint(path, None)
+    state = checkpoint.read_state(tag_dir)
+    m = ModelConfig(**state.config["model"])
+    eos = state.config["data"]["tokenizer"]["eos_token"]
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(tag_dir / checkpoint.TOKENIZER_FILE), eos_token=eos,
+                                  bos_token=eos, pad_token=eos)
+    model = LlamaForCausalLM(hf_config(m, tok.eos_token_id, torch.float32))
+    model.load_state_dict(to_hf_names(read_weights(tag_dir, state, m), tie_embeddings=False))
+    log.info("loaded checkpoint %s (step %d)", tag_dir, state.step)
+    return model.eval(), tok

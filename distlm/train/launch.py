@@ -102,6 +102,11 @@ def check_before_launch(c: Config) -> None:
         saved = checkpoint.read_state(found[0] / found[1])
         check_compatible(saved, c, manifest.tokenizer_sha256, found[0] / found[1])
         check_layout_change(saved, c, found[0] / found[1])
+        if saved.samples_seen % c.global_batch_size:
+            raise ConfigError(f"checkpoint {found[0] / found[1]} stopped after {saved.samples_seen} samples, not a multiple "
+                              f"of the global batch {c.global_batch_size} (trainer.micro_batch_size x grad_accum x "
+                              f"data-parallel size): choose a global batch that divides it, e.g. the checkpoint's "
+                              f"{saved.samples_seen // max(saved.step, 1)}")
     if manifest.num_samples("train") < c.global_batch_size:
         raise ConfigError(f"data.dir={c.data.dir} has {manifest.num_samples('train')} training samples, fewer than "
                           f"one global batch ({c.global_batch_size}); lower trainer.micro_batch_size or add data")
