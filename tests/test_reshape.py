@@ -2,6 +2,7 @@
 they continue with the losses of an uninterrupted run, and every layout exports to a Hugging Face model
 that computes what the trained weights compute (fp32, real gloo ranks)."""
 
+import json
 import shutil
 from pathlib import Path
 
@@ -130,3 +131,18 @@ def test_layout_changes_universal_checkpoints_cannot_do_fail_before_launch(tmp_p
         check_layout_change(zero1, layout_config(tmp_path, tmp_path, "zero3_single"), tmp_path / "step00000003")
     check_layout_change(saved, layout_config(tmp_path, tmp_path, "tp2_pp2", "parallel.zero_stage=0",
                                              "cluster.num_workers=8"), tmp_path / "step00000003")  # DP only: fine
+
+
+def test_a_failed_conversion_stops_the_run_with_the_reason(written, bible_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    tag_dir = run_dir / "checkpoints" / checkpoint.tag_for_step(STOP)
+    shutil.copytree(written("single") / "checkpoints" / tag_dir.name, tag_dir)
+    state = json.loads((tag_dir / checkpoint.STATE_FILE).read_text())
+    for shard in tag_dir.glob("*optim_states.pt"):  # as if written with ZeRO-0: nothing to convert
+        shard.unlink()
+        del state["files"][shard.name]
+    (tag_dir / checkpoint.STATE_FILE).write_text(json.dumps(state))
+    with pytest.raises(Exception, match="cannot be converted to a universal checkpoint: ValueError: .* no ZeRO "
+                                        "optimizer shards"):
+        train(layout_config(bible_shards, run_dir, "dp2"))
+    assert not (tag_dir / universal.UNIVERSAL_DIR).exists()

@@ -315,9 +315,16 @@ def prepare_universal(found: tuple[Path, str], config: dict[str, Any]) -> bool:
     tag_dir = found[0] / found[1]
     if not universal.needs_universal(read_state(tag_dir).config, config):
         return False
+    error = [None]
     if dist.get_rank() == 0:
-        universal.convert(tag_dir)
-    dist.barrier()
+        try:
+            universal.convert(tag_dir)
+        except Exception as e:  # told to every rank, which would otherwise wait for rank 0 forever
+            error = [f"{type(e).__name__}: {e}"]
+    dist.broadcast_object_list(error, src=0)
+    if error[0]:
+        raise CheckpointError(f"checkpoint {tag_dir} was written at another layout and cannot be converted to a "
+                              f"universal checkpoint: {error[0]}")
     return True
 
 
