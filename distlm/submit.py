@@ -97,6 +97,10 @@ def submit(command: str, overrides: list[str], address: str, working_dir: Path, 
 
     c = check_before_submit(command, overrides)
     env = job_env([*c.cluster.submit_env, *extra_env])
+    if command == "train":
+        # `ray job stop` SIGTERMs the driver, then SIGKILLs it after RAY_JOB_STOP_WAIT_TIME_S (Ray's default:
+        # 3 s): leave the workers the time to save their checkpoint (trainer.stop_grace_seconds) first.
+        env.setdefault("RAY_JOB_STOP_WAIT_TIME_S", str(int(c.trainer.stop_grace_seconds) + 60))
     entrypoint = shlex.join(["python", "-m", "distlm.cli", command, *overrides])
     runtime_env: dict[str, Any] = {"working_dir": str(working_dir), "excludes": UPLOAD_EXCLUDES, "env_vars": env}
     client = JobSubmissionClient(address)

@@ -50,8 +50,8 @@ def load(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     from distlm.train import checkpoint
 
     if not path.is_dir():
-        raise FileNotFoundError(f"generate.model_dir {path} is neither a Hugging Face model directory nor a distlm "
-                                f"checkpoint")
+        raise FileNotFoundError(f"generate.model_dir {path} is not a Hugging Face model directory (no config.json) "
+                                f"nor a distlm checkpoint; run `distlm export` first or point generate.model_dir at one")
     tag_dir = locate_checkpoint(path, None)
     state = checkpoint.read_state(tag_dir)
     m = ModelConfig(**state.config["model"])
