@@ -256,7 +256,7 @@ def test_submitted_jobs_preprocess_and_train_across_two_nodes(two_nodes, kjv_cha
                        "logger.mode=offline", "logger.samples=2", "logger.sample_tokens=4", env=env)
     assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
     assert "job test-train SUCCEEDED" in train.stdout
-    assert "environment passed to the job: WANDB_API_KEY (values not shown)" in train.stdout
+    assert "environment passed to the job: RAY_JOB_STOP_WAIT_TIME_S, WANDB_API_KEY (values not shown)" in train.stdout
 
     workers = two_nodes.actors("RayTrainWorker")
     assert len({w["node_id"] for w in workers}) == 2, "the two training workers should sit on different nodes"

@@ -48,7 +48,7 @@ def info(path: Path) -> str:
         f"size        {size / 2**20:,.1f} MiB in {len(files)} files",
         "status      complete (all files present with their saved sizes)",
     ]
-    if getattr(state, "skipped_steps", 0):
+    if state.skipped_steps:
         lines.insert(3, f"skipped     {state.skipped_steps} steps (NaN/inf or spiking loss)")
     return "\n".join(lines)
 
