@@ -86,7 +86,7 @@ def locate_checkpoint(root: Path, tag: str | None) -> Path:
 
 def read_weights(tag_dir: Path, state: RunState, model_cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """The fp32 weights of the checkpoint under distlm's parameter names, checked against the model's shapes."""
-    imported = checkpoint.is_weights_only((tag_dir.parent, tag_dir.name))  # by `distlm import-hf`: no layout
+    imported = checkpoint.is_weights_only(tag_dir)  # by `distlm import-hf`: no layout
     zero_stage, tp, pp = (0, 1, 1) if imported else (state.config["parallel"][k] for k in ("zero_stage", "tp", "pp"))
     for f in sorted([*tag_dir.glob("*_model_states.pt"), *tag_dir.glob("*_optim_states.pt")]):
         # torch.save writes zip archives: a truncated or overwritten file lacks the zip's central directory.
@@ -94,7 +94,7 @@ def read_weights(tag_dir: Path, state: RunState, model_cfg: ModelConfig) -> dict
             raise CheckpointError(f"checkpoint {tag_dir}: {f.name} is damaged (not a complete torch file)")
     try:
         if imported:
-            weights = checkpoint.load_weights((tag_dir.parent, tag_dir.name))
+            weights = checkpoint.load_weights(tag_dir)
         elif tp > 1 or pp > 1:
             # TP slices and pipeline stages are merged, and the vocabulary padding dropped, by the
             # checkpoint's universal form (made once, kept in the checkpoint).
@@ -112,15 +112,27 @@ def read_weights(tag_dir: Path, state: RunState, model_cfg: ModelConfig) -> dict
         raise CheckpointError(
             f"checkpoint {tag_dir}: cannot read the ZeRO-{zero_stage} weights: {type(e).__name__}: {e}") from e
 
-    with torch.device("meta"):
-        expected = {k: v.shape for k, v in Llama(model_cfg).state_dict().items()}
-    if model_cfg.tie_embeddings and "embed_tokens.weight" in weights:  # one matrix serves both
+    weights = checked_weights(weights, model_cfg, f"checkpoint {tag_dir}")
+    if model_cfg.tie_embeddings:  # one matrix serves both
         weights["lm_head.weight"] = weights["embed_tokens.weight"]
+    return weights
+
+
+def checked_weights(weights: dict[str, torch.Tensor], m: ModelConfig, where: str) -> dict[str, torch.Tensor]:
+    """`weights` in the order of Llama(m)'s parameters; a CheckpointError naming `where` unless they have
+    exactly its names and shapes. With tied embeddings only `embed_tokens.weight` is kept (a stored second
+    copy as `lm_head.weight` is dropped)."""
+    with torch.device("meta"):
+        expected = {k: v.shape for k, v in Llama(m).state_dict().items()}
+    if m.tie_embeddings:
+        expected.pop("lm_head.weight")
+        weights = {k: w for k, w in weights.items() if k != "lm_head.weight"}
     missing, unexpected = sorted(expected.keys() - weights.keys()), sorted(weights.keys() - expected.keys())
-    wrong_shape = [k for k in expected.keys() & weights.keys() if weights[k].shape != expected[k]]
-    if missing or unexpected or wrong_shape:
-        raise CheckpointError(f"checkpoint {tag_dir} does not match its model config: missing {missing}, "
-                              f"unexpected {unexpected}, wrong shape {wrong_shape}")
+    wrong = [f"{k} {tuple(weights[k].shape)} (expected {tuple(expected[k])})"
+             for k in expected.keys() & weights.keys() if weights[k].shape != expected[k]]
+    if missing or unexpected or wrong:
+        raise CheckpointError(f"{where}: the weights do not match the model config: missing {missing}, "
+                              f"unexpected {unexpected}, wrong shape {wrong}")
     return {k: weights[k] for k in expected}
 
 

@@ -27,7 +27,7 @@ from tokenizers import Tokenizer
 
 from distlm.config import ModelConfig
 from distlm.data.tokenizer import file_sha256
-from distlm.model.llama import Llama
+from distlm.export.hf import checked_weights
 from distlm.train import checkpoint
 from distlm.train.checkpoint import CheckpointError, RunState
 
@@ -75,18 +75,7 @@ def read_hf_weights(hf_dir: Path, m: ModelConfig) -> dict[str, torch.Tensor]:
         with safe_open(hf_dir / name, framework="pt") as f:
             for key in f.keys():
                 weights[key.removeprefix("model.")] = f.get_tensor(key)
-    with torch.device("meta"):
-        expected = {k: v.shape for k, v in Llama(m).state_dict().items()}
-    if m.tie_embeddings:
-        expected.pop("lm_head.weight")
-        weights.pop("lm_head.weight", None)  # some tied exports store the matrix twice
-    missing, unexpected = sorted(expected.keys() - weights.keys()), sorted(weights.keys() - expected.keys())
-    wrong = [f"{k} {tuple(weights[k].shape)} (expected {tuple(expected[k])})"
-             for k in expected.keys() & weights.keys() if weights[k].shape != expected[k]]
-    if missing or unexpected or wrong:
-        raise CheckpointError(f"cannot import {hf_dir}: its weights do not match its config.json: missing {missing}, "
-                              f"unexpected {unexpected}, wrong shape {wrong}")
-    return {k: weights[k] for k in expected}
+    return checked_weights(weights, m, f"cannot import {hf_dir}")
 
 
 def eos_token(hf_dir: Path, hf: dict, tokenizer: Tokenizer) -> str:

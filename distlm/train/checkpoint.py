@@ -300,13 +300,13 @@ def _describe(failure: Failure, tag_dir: Path) -> str:
             f"Free space there (or set run_dir to a larger filesystem) and start the run again")
 
 
-def is_weights_only(found: tuple[Path, str]) -> bool:
+def is_weights_only(tag_dir: Path) -> bool:
     """An imported checkpoint (`distlm import-hf`): weights and run state, no optimizer or layout."""
-    return (found[0] / found[1] / WEIGHTS_FILE).is_file()
+    return (Path(tag_dir) / WEIGHTS_FILE).is_file()
 
 
-def load_weights(found: tuple[Path, str]) -> dict[str, torch.Tensor]:
-    return load_file(found[0] / found[1] / WEIGHTS_FILE)
+def load_weights(tag_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(Path(tag_dir) / WEIGHTS_FILE)
 
 
 def prepare_universal(found: tuple[Path, str], config: dict[str, Any]) -> bool:

@@ -31,7 +31,7 @@ def info(path: Path) -> str:
     m = state.config["model"]
     files = [p for p in tag_dir.rglob("*") if p.is_file()]
     size = sum(p.stat().st_size for p in files)
-    if checkpoint.is_weights_only((ckpt_dir, tag)):
+    if checkpoint.is_weights_only(tag_dir):
         layout = "none (weights only, imported: resumes at any layout with a fresh optimizer)"
     else:
         layout = universal.describe(universal.layout_of(state.config))

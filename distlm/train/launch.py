@@ -65,7 +65,7 @@ def check_compatible(saved: checkpoint.RunState, c: Config, tokenizer_sha256: st
 
 def check_layout_change(saved: checkpoint.RunState, c: Config, where: Path) -> None:
     """A checkpoint of another layout resumes through its universal form, which needs ZeRO optimizer shards."""
-    if checkpoint.is_weights_only((where.parent, where.name)):
+    if checkpoint.is_weights_only(where):
         return  # imported weights: any layout
     was, now = universal.layout_of(saved.config), universal.layout_of(to_dict(c))
     if not universal.needs_universal(saved.config, to_dict(c)):

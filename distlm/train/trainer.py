@@ -60,17 +60,14 @@ class Trainer:
         self.num_params, self.flops_per_token = model.num_params(), model.flops_per_token(c.data.seq_len)
         self.state = RunState(config=to_dict(c), tokenizer_sha256=self.manifest.tokenizer_sha256)
         self.resume_from = checkpoint.to_resume(c)  # checked against the config on the driver
-        if self.resume_from and checkpoint.is_weights_only(self.resume_from):
-            model.load_state_dict(checkpoint.load_weights(self.resume_from))  # imported: a new run from its weights
+        if self.resume_from and checkpoint.is_weights_only(Path(*self.resume_from)):
+            model.load_state_dict(checkpoint.load_weights(Path(*self.resume_from)))  # imported: a new run from its weights
             self.resume_from = None
         universal = bool(self.resume_from) and checkpoint.prepare_universal(self.resume_from, self.state.config)
         self.engine = build_engine(model, c, self.layout, load_universal=universal)
         self.pipelined = self.layout.pp > 1
         self.device = self.engine.device
         self.resumed = self._maybe_resume(universal)
-        if self.resumed:  # the skip rule's memory too, so a resumed run decides as an uninterrupted one
-            saved = checkpoint.read_state(Path(self.resume_from[0]) / self.resume_from[1])
-            self.state.skipped_steps, self.state.recent_losses = saved.skipped_steps, saved.recent_losses
         self.skipped_in_a_row = 0
         self.nan_at = {tuple(map(int, (s + ":0").split(":")[:2])) for s in os.environ.get(NAN_STEPS_ENV, "").split(",") if s}
         if self.state.wandb_run_id is None:
@@ -171,6 +168,8 @@ class Trainer:
         restored = checkpoint.load(self.engine, ckpt_dir, tag, universal)
         self.state.step, self.state.samples_seen = restored.step, restored.samples_seen
         self.state.tokens_seen, self.state.wandb_run_id = restored.tokens_seen, restored.wandb_run_id
+        # The skip rule's memory too, so a resumed run decides as an uninterrupted one.
+        self.state.skipped_steps, self.state.recent_losses = restored.skipped_steps, restored.recent_losses
         if self.rank == 0:
             log.info("resumed from %s at step %d (%d tokens seen)", ckpt_dir / tag, restored.step, restored.tokens_seen)
         return True
