@@ -199,10 +199,6 @@ class MemoryPlan:
         return self.weights + self.gradients + self.optimizer
 
     @property
-    def total(self) -> float:
-        return self.device_total
-
-    @property
     def host_per_rank(self) -> float:
         return max(self.startup_weights + self.startup_largest_tensor, self.offloaded) + self.host_overhead
 
@@ -315,17 +311,17 @@ def print_plan(c: Config) -> MemoryPlan:
         f"{c.trainer.micro_batch_size} x {c.data.seq_len} tokens, grad accum {c.trainer.grad_accum}",
         f"per rank     {p.params_per_rank / 1e6:,.1f} M parameters held"
         + (f" (ZeRO-3: 1/{c.data_parallel_size} of each)" if par.zero_stage >= 3 else ""),
-        "start-up     host memory per rank = 4 B x parameters it builds + 4 B x largest full tensor + allowance",
+        "host         per rank at start-up = 4 B x parameters it builds + 4 B x largest full tensor + allowance",
         f"  weights built   {_gib(p.startup_weights)}   its share, fp32",
         f"  largest tensor  {_gib(p.startup_largest_tensor)}   {largest_tensor_params(m) / 1e6:,.1f} M parameters, "
         "generated whole, then sliced",
         f"  allowance       {_gib(p.host_overhead)}   cluster.host_overhead_gb (CUDA context, processes, buffers)",
     ]
     if p.offloaded:
-        lines.append(f"  offloaded       {_gib(p.offloaded)}   optimizer states in host memory in training "
-                     "(replace the built weights, which move to the GPU)")
+        lines.append(f"  offloaded       {_gib(p.offloaded)}   states in training; the built weights moved to the GPU")
     lines += [
-        f"  per rank        {_gib(p.host_per_rank)}",
+        f"  per rank        {_gib(p.host_per_rank)}"
+        + ("   (the larger of the two, + allowance)" if p.offloaded else ""),
         f"  per node        {_gib(p.host_per_node)}   = {p.workers_per_node} x per rank, of {host_mem} "
         f"(budget {cl.plan_headroom:.0%}: {p.host_budget / GiB:,.1f} GiB)   {ok(p.fits_host)}",
         "training     device memory per GPU (the pipeline stage that needs the most)",

@@ -88,7 +88,7 @@ def test_tensor_and_pipeline_parallelism_divide_what_a_rank_holds():
 
 def test_verdicts():
     small = plan(config("model=1.3b", "cluster.num_workers=8", "trainer.micro_batch_size=1"))
-    assert small.fits and small.total < 40 * GiB
+    assert small.fits and small.device_total < 40 * GiB
     huge = plan(config("model=70b", "cluster.num_workers=8"))
     assert not huge.fits and huge.model_states > 80 * GiB
     sharded = plan(config("model=70b", "cluster.num_workers=64", "parallel.tp=8", "parallel.pp=4",
