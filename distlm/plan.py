@@ -312,7 +312,7 @@ def print_plan(c: Config) -> MemoryPlan:
         f"per rank     {p.params_per_rank / 1e6:,.1f} M parameters held"
         + (f" (ZeRO-3: 1/{c.data_parallel_size} of each)" if par.zero_stage >= 3 else ""),
         "host         per rank at start-up = 4 B x parameters it builds + 4 B x largest full tensor + allowance",
-        f"  weights built   {_gib(p.startup_weights)}   its share, fp32",
+        f"  weights built   {_gib(p.startup_weights)}   its share, fp32 (built on the meta device, only its slice)",
         f"  largest tensor  {_gib(p.startup_largest_tensor)}   {largest_tensor_params(m) / 1e6:,.1f} M parameters, "
         "generated whole, then sliced",
         f"  allowance       {_gib(p.host_overhead)}   cluster.host_overhead_gb (CUDA context, processes, buffers)",

@@ -188,3 +188,13 @@ def test_host_memory_null_means_this_machines():
     c = compose_config("cluster=local", "cluster.host_mem_gb=null")
     pages = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     assert plan(c).host_budget == pytest.approx(c.cluster.plan_headroom * pages)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("cluster.plan_headroom=1.5", r"cluster.plan_headroom=1.5 must be in \(0, 1\]"),
+    ("cluster.host_mem_gb=0", "cluster.host_mem_gb=0.0 must be positive, or null for this machine's memory"),
+    ("cluster.host_overhead_gb=-1", "cluster.host_overhead_gb=-1.0 must be >= 0"),
+])
+def test_wrong_memory_settings_are_refused_naming_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        plan(config("model=1.3b", "cluster.num_workers=8", override))
