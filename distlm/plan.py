@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import logging
 import math
 import os
 from dataclasses import dataclass
@@ -43,8 +42,6 @@ from dataclasses import dataclass
 from distlm.config import (Config, ModelConfig, Precision, node_placement_problems, raise_if, validate_cluster,
                            validate_layout)
 from distlm.parallel.tensor import padded_vocab_size
-
-log = logging.getLogger(__name__)
 
 GiB = 2**30
 FP32 = 4  # bytes: start-up builds every weight in fp32
