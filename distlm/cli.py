@@ -10,7 +10,7 @@
                                     validate and describe a checkpoint | make its any-layout (universal) form
     distlm import-hf  HF_DIR OUT_DIR
                                     a local HF Llama directory -> a distlm checkpoint to train from (any layout)
-    distlm plan       [overrides]   parameters and per-GPU memory of a model and layout: does it fit?
+    distlm plan       [overrides]   per-GPU and per-node memory of a model and layout: does it fit, what would?
     distlm submit     [--address URL] [--wait] COMMAND [overrides]
                                     run preprocess/train/export/generate as a job on a running Ray cluster
 

@@ -127,6 +127,9 @@ class ClusterConfig:
     workers_per_node: Optional[int] = MISSING
     submit_env: list[str] = MISSING
     gpu_mem_gb: float = MISSING
+    host_mem_gb: Optional[float] = MISSING
+    host_overhead_gb: float = MISSING
+    plan_headroom: float = MISSING
 
 
 @dataclass
@@ -439,6 +442,11 @@ def validate_cluster(c: Config) -> list[str]:
     bad_names = [name for name in cl.submit_env if not name.isidentifier()]
     _check(p, not bad_names, f"cluster.submit_env: {bad_names} are not environment variable names")
     _check(p, cl.max_failures >= 0, f"cluster.max_failures={cl.max_failures} must be >= 0")
+    _check(p, cl.gpu_mem_gb > 0, f"cluster.gpu_mem_gb={cl.gpu_mem_gb} must be positive")
+    _check(p, cl.host_mem_gb is None or cl.host_mem_gb > 0,
+           f"cluster.host_mem_gb={cl.host_mem_gb} must be positive, or null for this machine's memory")
+    _check(p, cl.host_overhead_gb >= 0, f"cluster.host_overhead_gb={cl.host_overhead_gb} must be >= 0")
+    _check(p, 0 < cl.plan_headroom <= 1, f"cluster.plan_headroom={cl.plan_headroom} must be in (0, 1]")
     _check(p, lg.samples >= 0, f"logger.samples={lg.samples} must be >= 0 (0 = no generated samples)")
     _check(p, lg.sample_tokens > 0, f"logger.sample_tokens={lg.sample_tokens} must be positive")
     _check(p, lg.peak_tflops is None or lg.peak_tflops > 0,
