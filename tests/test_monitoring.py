@@ -19,7 +19,8 @@ from distlm.config import compose_config, to_dict
 from distlm.model.llama import Llama
 from distlm.train import checkpoint
 from distlm.train.launch import train
-from distlm.train.metrics import (DataWait, MetricsLogger, ProgressBar, peak_tflops_of, read_metrics)
+from distlm.train.metrics import DataWait, MetricsLogger, peak_tflops_of, read_metrics
+from distlm.train.progress import ProgressBar
 
 STEPS = 6
 SECRET = f"wandb-key-{secrets.token_hex(16)}"
