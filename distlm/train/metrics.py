@@ -15,6 +15,7 @@ or logger.peak_tflops) x world size. The same peak is used for fp32 runs, so the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -31,7 +32,6 @@ log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples.jsonl"
-SAMPLE_PROMPT_TOKENS = 32  # at most; at most half the validation sequence, the rest is the reference
 
 # Dense (no sparsity) bf16 tensor-core peak TFLOP/s per device, matched in order against the device name
 # (more specific names first). Unknown devices and CPUs report no MFU unless logger.peak_tflops is set.
@@ -103,8 +103,32 @@ def greedy_continuations(model: torch.nn.Module, prompts: torch.Tensor, new_toke
     return ids[:, prompts.shape[1]:]
 
 
+WANDB_MODES = ("online", "offline", "disabled")
+
+
+def wandb_mode(configured: WandbMode) -> str:
+    """The W&B mode a run uses: logger.mode, or for `auto` the environment's WANDB_MODE if set, else online
+    when WANDB_API_KEY is set and offline without it. (wandb.init's own `mode` argument would override the
+    environment, so `auto` resolves it here.)"""
+    if configured != WandbMode.auto:
+        return configured.value
+    env_mode = os.environ.get("WANDB_MODE")
+    if env_mode:
+        if env_mode not in WANDB_MODES:
+            raise ValueError(f"WANDB_MODE={env_mode!r} in the environment: use one of {', '.join(WANDB_MODES)}, or "
+                             f"unset it (logger.mode=auto then goes online when WANDB_API_KEY is set)")
+        return env_mode
+    return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+
+
 class MetricsLogger:
-    """Appends one JSON object per record to <run_dir>/metrics.jsonl and mirrors it to wandb."""
+    """Appends one JSON object per record to <run_dir>/metrics.jsonl and mirrors it to wandb.
+
+    Monitoring never stops training: metrics.jsonl is the record that always holds, and W&B is best effort. A
+    W&B server that cannot be reached at start (within logger.init_timeout) turns the run offline, with a
+    warning that says how to upload it later; a W&B failure mid-run (e.g. its service process died) stops the
+    mirroring, with a warning; at the end finish() waits at most logger.finish_timeout for uploads, and what is
+    left stays on disk for `wandb sync`."""
 
     def __init__(self, c: Config, wandb_run_id: str):
         self.c = c
@@ -113,28 +137,67 @@ class MetricsLogger:
         self.wandb = None
         self._sample_prompts: torch.Tensor | None = None
         self._samples_off = c.logger.samples == 0
-        lg = c.logger
-        if lg.wandb and lg.mode != WandbMode.disabled:
-            import wandb
+        if c.logger.wandb:
+            mode = wandb_mode(c.logger.mode)
+            if mode != "disabled":
+                self.wandb = self._start_wandb(wandb_run_id, mode)
 
-            mode = lg.mode.value
-            if mode == "auto":
-                mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+    def _start_wandb(self, run_id: str, mode: str):
+        import wandb
+
+        lg, c = self.c.logger, self.c
+        sync_hint = f"upload it later with `wandb sync {Path(c.run_dir).resolve() / 'wandb'}/offline-run-*`"
+
+        def init(mode: str):
             # One W&B run per training run: a resumed job continues the run id saved in its checkpoint. The
             # config holds no secrets (those come from the environment only), so it is logged whole.
-            self.wandb = wandb.init(project=lg.project, entity=lg.entity, name=lg.name or c.run_name, group=lg.group,
-                                    tags=list(lg.tags), id=wandb_run_id, resume="allow", dir=c.run_dir, mode=mode,
-                                    config=to_dict(c), settings=wandb.Settings(quiet=True, console="off"))
-            self.wandb.define_metric("val_loss", summary="min")
-            self.wandb.define_metric("val_ppl", summary="min")
-            log.info("wandb %s run %s in %s", mode, wandb_run_id, self.wandb.dir)
+            run = wandb.init(project=lg.project, entity=lg.entity, name=lg.name or c.run_name, group=lg.group,
+                             tags=list(lg.tags), id=run_id, resume="allow", dir=c.run_dir, mode=mode,
+                             config=to_dict(c), settings=wandb.Settings(quiet=True, console="off",
+                                                                        init_timeout=lg.init_timeout,
+                                                                        finish_timeout=lg.finish_timeout))
+            run.define_metric("val_loss", summary="min")
+            run.define_metric("val_ppl", summary="min")
+            log.info("wandb %s run %s in %s", mode, run_id, run.dir)
+            return run
+
+        try:
+            return init(mode)
+        except Exception as e:  # noqa: BLE001 - whatever W&B raises, training goes on
+            error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            wandb.teardown()  # the failed run still holds its id in wandb's service
+        if mode == "online":
+            server = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+            log.warning("W&B server %s could not be reached (%s): training goes on and logs W&B offline; %s",
+                        server, error, sync_hint)
+            try:
+                return init("offline")
+            except Exception as e:  # noqa: BLE001
+                error = f"{type(e).__name__}: {e}"
+                wandb.teardown()
+        log.warning("W&B could not start (%s): training goes on without it; metrics are in %s", error, self.path)
+        return None
 
     def log(self, step: int, **metrics: Any) -> None:
         record = {"step": step, "time": round(time.time(), 3), **metrics}
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        if self.wandb is not None:
+        self._to_wandb(metrics, step)
+
+    def _to_wandb(self, metrics: dict[str, Any], step: int) -> None:
+        if self.wandb is None:
+            return
+        try:
             self.wandb.log(metrics, step=step)
+        except Exception as e:  # noqa: BLE001 - a W&B failure mid-run must not stop training
+            log.warning("W&B stopped working at step %d (%s: %s): training goes on; metrics keep going to %s, and "
+                        "what W&B had received is in %s (upload it with `wandb sync`)", step, type(e).__name__, e,
+                        self.path, Path(self.wandb.dir).parent)
+            self.wandb = None
+            import wandb
+
+            with contextlib.suppress(Exception):  # forget the broken run; its service may be dead already
+                wandb.teardown()
 
     def log_samples(self, step: int, model: torch.nn.Module, val_loader, tokenizer_file: Path) -> None:
         """Continue a few validation prompts greedily; log them with the true continuation beside them.
@@ -160,7 +223,7 @@ class MetricsLogger:
             first = first[0] if isinstance(first, (tuple, list)) else first  # (tokens, document segments)
             self._sample_prompts = first[: self.c.logger.samples]
         batch = self._sample_prompts
-        prompt_len = min(SAMPLE_PROMPT_TOKENS, batch.shape[1] // 2)
+        prompt_len = min(self.c.logger.sample_prompt_tokens, batch.shape[1] // 2)
         if len(batch) == 0 or prompt_len == 0:
             return
         prompts = batch[:, :prompt_len].to(device)
@@ -178,11 +241,17 @@ class MetricsLogger:
 
             columns = ["step", "prompt", "continuation", "reference"]
             table = wandb.Table(columns=columns, data=[[row[k] for k in columns] for row in rows])
-            self.wandb.log({"samples": table}, step=step)
+            self._to_wandb({"samples": table}, step)
 
     def close(self) -> None:
-        if self.wandb is not None:
+        if self.wandb is None:
+            return
+        try:
             self.wandb.finish()
+        except Exception as e:  # noqa: BLE001
+            log.warning("W&B could not finish the run (%s: %s); its records are in %s (upload them with `wandb sync`)",
+                        type(e).__name__, e, Path(self.wandb.dir).parent)
+        self.wandb = None
 
 
 def read_metrics(run_dir: str | Path, name: str = METRICS_FILE) -> list[dict[str, Any]]:
