@@ -32,8 +32,10 @@ cleanup() {
     # Whatever `ray down` left of this user's processes, by pid (never `ray stop` as root, never by name).
     leftover=$(pgrep -u "$USER_NAME" 2>/dev/null | tr '\n' ' ')
     [ -n "$leftover" ] && echo "ending processes the cluster left: $leftover" && kill $leftover 2>/dev/null
-    sleep 2; leftover=$(pgrep -u "$USER_NAME" 2>/dev/null | tr '\n' ' ')
-    [ -n "$leftover" ] && kill -9 $leftover 2>/dev/null
+    for _ in 1 2 3 4 5; do
+        sleep 1; leftover=$(pgrep -u "$USER_NAME" 2>/dev/null | tr '\n' ' ')
+        [ -n "$leftover" ] && kill -9 $leftover 2>/dev/null
+    done
     [ -f "$WORK/sshd/sshd.pid" ] && kill "$(cat "$WORK/sshd/sshd.pid")" 2>/dev/null && echo "sshd stopped"
     for entry in "${RESTORE_MODES[@]}"; do chmod "${entry%% *}" "${entry#* }" && echo "mode of ${entry#* } restored"; done
     id "$USER_NAME" >/dev/null 2>&1 && userdel "$USER_NAME" && echo "user $USER_NAME removed"
