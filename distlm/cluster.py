@@ -30,7 +30,7 @@ def connect(cluster: ClusterConfig, cpus_needed: int = 0) -> None:
     address = cluster.address or os.environ.get("RAY_ADDRESS")
     if address:
         log.info("connecting to Ray cluster at %s", address)
-        ray.init(address=address, runtime_env=_forwarded_env(cluster.forward_env), log_to_driver=True)
+        ray.init(address=address, runtime_env=forwarded_env(cluster.forward_env), log_to_driver=True)
         nodes = [n for n in ray.nodes() if n["Alive"]]
         log.info("cluster: %d nodes, %g CPUs, %g GPUs", len(nodes), sum(n["Resources"].get("CPU", 0) for n in nodes),
                  sum(n["Resources"].get("GPU", 0) for n in nodes))
@@ -42,7 +42,7 @@ def connect(cluster: ClusterConfig, cpus_needed: int = 0) -> None:
         ray.init(address="local", num_cpus=num_cpus, log_to_driver=True)
 
 
-def _forwarded_env(names: list[str]) -> dict | None:
+def forwarded_env(names: list[str]) -> dict | None:
     """The runtime env that gives workers on other machines the driver's variables named in cluster.forward_env
     (compiled-op cache, offline hubs, wandb mode: what they need to behave like the driver)."""
     if JOB_RUNTIME_ENV in os.environ:
