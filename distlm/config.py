@@ -42,6 +42,9 @@ class WandbMode(str, Enum):
     disabled = "disabled"
 
 
+WANDB_ENV_MODES = ("online", "offline", "disabled")  # the WANDB_MODE values logger.mode=auto follows
+
+
 @dataclass
 class ModelConfig:
     dim: int = MISSING
@@ -447,6 +450,10 @@ def validate_cluster(c: Config) -> list[str]:
     _check(p, lg.samples >= 0, f"logger.samples={lg.samples} must be >= 0 (0 = no generated samples)")
     _check(p, lg.sample_tokens > 0, f"logger.sample_tokens={lg.sample_tokens} must be positive")
     _check(p, lg.sample_prompt_tokens > 0, f"logger.sample_prompt_tokens={lg.sample_prompt_tokens} must be positive")
+    env_mode = os.environ.get("WANDB_MODE")
+    _check(p, not (lg.wandb and lg.mode == WandbMode.auto and env_mode and env_mode not in WANDB_ENV_MODES),
+           f"WANDB_MODE={env_mode!r} in the environment (logger.mode=auto follows it): use one of "
+           f"{', '.join(WANDB_ENV_MODES)}, or unset it")
     _check(p, lg.init_timeout > 0 and lg.finish_timeout > 0,
            f"logger.init_timeout={lg.init_timeout} and logger.finish_timeout={lg.finish_timeout} must be positive "
            f"(seconds)")

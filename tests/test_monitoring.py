@@ -20,7 +20,7 @@ import pytest
 import torch
 import wandb
 
-from distlm.config import WandbMode, compose_config, to_dict
+from distlm.config import WandbMode, compose_config, to_dict, validate_cluster
 from distlm.model.llama import Llama
 from distlm.train import checkpoint
 from distlm.train.launch import train
@@ -203,8 +203,12 @@ def test_auto_mode_honours_wandb_mode_from_the_environment(monkeypatch, env_mode
     assert wandb_mode(WandbMode.offline) == "offline", "an explicit logger.mode wins"
 
 
-def test_unknown_wandb_mode_in_the_environment_is_named(monkeypatch):
+def test_unknown_wandb_mode_in_the_environment_is_refused_before_launch(monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "ofline")
+    problems = validate_cluster(compose_config("logger.mode=auto"))
+    assert problems == ["WANDB_MODE='ofline' in the environment (logger.mode=auto follows it): use one of online, "
+                        "offline, disabled, or unset it"]
+    assert validate_cluster(compose_config("logger.mode=offline")) == [], "an explicit logger.mode ignores it"
     with pytest.raises(ValueError, match="WANDB_MODE='ofline'.*online, offline, disabled"):
         wandb_mode(WandbMode.auto)
 

@@ -26,7 +26,7 @@ from typing import Any, Iterator
 import psutil
 import torch
 
-from distlm.config import Config, WandbMode, to_dict
+from distlm.config import WANDB_ENV_MODES, Config, WandbMode, to_dict
 
 log = logging.getLogger(__name__)
 
@@ -103,9 +103,6 @@ def greedy_continuations(model: torch.nn.Module, prompts: torch.Tensor, new_toke
     return ids[:, prompts.shape[1]:]
 
 
-WANDB_MODES = ("online", "offline", "disabled")
-
-
 def wandb_mode(configured: WandbMode) -> str:
     """The W&B mode a run uses: logger.mode, or for `auto` the environment's WANDB_MODE if set, else online
     when WANDB_API_KEY is set and offline without it. (wandb.init's own `mode` argument would override the
@@ -114,9 +111,9 @@ def wandb_mode(configured: WandbMode) -> str:
         return configured.value
     env_mode = os.environ.get("WANDB_MODE")
     if env_mode:
-        if env_mode not in WANDB_MODES:
-            raise ValueError(f"WANDB_MODE={env_mode!r} in the environment: use one of {', '.join(WANDB_MODES)}, or "
-                             f"unset it (logger.mode=auto then goes online when WANDB_API_KEY is set)")
+        if env_mode not in WANDB_ENV_MODES:  # validate_cluster refuses it before launch
+            raise ValueError(f"WANDB_MODE={env_mode!r} in the environment: use one of {', '.join(WANDB_ENV_MODES)}, "
+                             f"or unset it (logger.mode=auto then goes online when WANDB_API_KEY is set)")
         return env_mode
     return "online" if os.environ.get("WANDB_API_KEY") else "offline"
 
