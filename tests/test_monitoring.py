@@ -223,7 +223,7 @@ def test_unreachable_wandb_server_at_start_turns_the_run_offline_with_a_warning(
     logger.close()
     wandb.teardown()  # finish() returns before wandb's service has written everything; its shutdown flushes
     warning = caplog.text
-    assert f"W&B server {UNREACHABLE_WANDB} could not be reached (CommError" in warning and "logs W&B offline" in warning
+    assert f"W&B could not start online at {UNREACHABLE_WANDB} (CommError" in warning and "logs W&B offline" in warning
     assert f"wandb sync {tmp_path / 'wandb'}/offline-run-*" in warning
     offline = list(tmp_path.glob("wandb/offline-run-*-unreachable-1/run-unreachable-1.wandb"))
     assert len(offline) == 1 and b"loss" in offline[0].read_bytes()
@@ -256,4 +256,4 @@ def test_training_runs_to_the_end_when_the_wandb_server_is_unreachable(bible_sha
     assert [r.name.split("-", 3)[-1] for r in wandb_runs(tmp_path)] == [run_id], "metrics landed in W&B offline"
     time.sleep(2)  # the workers' last log lines reach the driver's output
     out = capfd.readouterr()
-    assert f"W&B server {UNREACHABLE_WANDB} could not be reached (CommError" in out.err + out.out
+    assert f"W&B could not start online at {UNREACHABLE_WANDB} (CommError" in out.err + out.out

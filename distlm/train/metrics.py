@@ -132,6 +132,7 @@ class MetricsLogger:
         self.path = Path(c.run_dir) / METRICS_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.wandb = None
+        self._wandb_dir: Path | None = None  # the W&B run's local directory, what `wandb sync` uploads
         self._sample_prompts: torch.Tensor | None = None
         self._samples_off = c.logger.samples == 0
         if c.logger.wandb:
@@ -156,22 +157,25 @@ class MetricsLogger:
             run.define_metric("val_loss", summary="min")
             run.define_metric("val_ppl", summary="min")
             log.info("wandb %s run %s in %s", mode, run_id, run.dir)
+            self._wandb_dir = Path(run.dir).parent
             return run
 
         try:
             return init(mode)
         except Exception as e:  # noqa: BLE001 - whatever W&B raises, training goes on
             error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            wandb.teardown()  # the failed run still holds its id in wandb's service
+            with contextlib.suppress(Exception):
+                wandb.teardown()  # the failed run still holds its id in wandb's service
         if mode == "online":
             server = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
-            log.warning("W&B server %s could not be reached (%s): training goes on and logs W&B offline; %s",
+            log.warning("W&B could not start online at %s (%s): training goes on and logs W&B offline; %s",
                         server, error, sync_hint)
             try:
                 return init("offline")
             except Exception as e:  # noqa: BLE001
                 error = f"{type(e).__name__}: {e}"
-                wandb.teardown()
+                with contextlib.suppress(Exception):
+                    wandb.teardown()
         log.warning("W&B could not start (%s): training goes on without it; metrics are in %s", error, self.path)
         return None
 
@@ -189,7 +193,7 @@ class MetricsLogger:
         except Exception as e:  # noqa: BLE001 - a W&B failure mid-run must not stop training
             log.warning("W&B stopped working at step %d (%s: %s): training goes on; metrics keep going to %s, and "
                         "what W&B had received is in %s (upload it with `wandb sync`)", step, type(e).__name__, e,
-                        self.path, Path(self.wandb.dir).parent)
+                        self.path, self._wandb_dir)
             self.wandb = None
             import wandb
 
@@ -247,7 +251,7 @@ class MetricsLogger:
             self.wandb.finish()
         except Exception as e:  # noqa: BLE001
             log.warning("W&B could not finish the run (%s: %s); its records are in %s (upload them with `wandb sync`)",
-                        type(e).__name__, e, Path(self.wandb.dir).parent)
+                        type(e).__name__, e, self._wandb_dir)
         self.wandb = None
 
 
