@@ -75,7 +75,7 @@ HYDRA_COMMANDS: dict[str, Callable] = {
 
 # Commands on paths rather than on the composed config: plain arguments, each module's `main(args)`.
 ARGPARSE_COMMANDS = {
-    "report": "distlm.report",
+    "report": "distlm.run_report",
     "submit": "distlm.submit",
     "checkpoint": "distlm.train.checkpoint_cli",
     "import-hf": "distlm.export.import_hf",

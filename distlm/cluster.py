@@ -15,9 +15,6 @@ from distlm.config import ClusterConfig, Config, to_dict
 
 log = logging.getLogger(__name__)
 
-# Variables the workers need to behave like the driver (compiled-op cache, offline hubs, wandb mode).
-FORWARDED_ENV = ("TORCH_EXTENSIONS_DIR", "HF_HUB_OFFLINE", "WANDB_MODE", "WANDB_API_KEY", "DS_ACCELERATOR",
-                 "OMP_NUM_THREADS")
 JOB_RUNTIME_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job supervisor in a submitted job's driver
 
 
@@ -33,7 +30,7 @@ def connect(cluster: ClusterConfig, cpus_needed: int = 0) -> None:
     address = cluster.address or os.environ.get("RAY_ADDRESS")
     if address:
         log.info("connecting to Ray cluster at %s", address)
-        ray.init(address=address, runtime_env=_forwarded_env(), log_to_driver=True)
+        ray.init(address=address, runtime_env=forwarded_env(cluster.forward_env), log_to_driver=True)
         nodes = [n for n in ray.nodes() if n["Alive"]]
         log.info("cluster: %d nodes, %g CPUs, %g GPUs", len(nodes), sum(n["Resources"].get("CPU", 0) for n in nodes),
                  sum(n["Resources"].get("GPU", 0) for n in nodes))
@@ -45,13 +42,14 @@ def connect(cluster: ClusterConfig, cpus_needed: int = 0) -> None:
         ray.init(address="local", num_cpus=num_cpus, log_to_driver=True)
 
 
-def _forwarded_env() -> dict | None:
-    """The runtime env that gives workers on other machines the driver's FORWARDED_ENV."""
+def forwarded_env(names: list[str]) -> dict | None:
+    """The runtime env that gives workers on other machines the driver's variables named in cluster.forward_env
+    (compiled-op cache, offline hubs, wandb mode: what they need to behave like the driver)."""
     if JOB_RUNTIME_ENV in os.environ:
         # A submitted job: its runtime env (working dir, env vars) reaches every worker already, and Ray
         # refuses a second one naming the same variables (printing their values in the error).
         return None
-    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    env = {k: os.environ[k] for k in names if k in os.environ}
     return {"env_vars": env} if env else None
 
 

@@ -42,6 +42,9 @@ class WandbMode(str, Enum):
     disabled = "disabled"
 
 
+WANDB_ENV_MODES = ("online", "offline", "disabled")  # the WANDB_MODE values logger.mode=auto follows
+
+
 @dataclass
 class ModelConfig:
     dim: int = MISSING
@@ -126,6 +129,7 @@ class ClusterConfig:
     max_failures: int = MISSING
     workers_per_node: Optional[int] = MISSING
     submit_env: list[str] = MISSING
+    forward_env: list[str] = MISSING
     gpu_mem_gb: float = MISSING
     host_mem_gb: Optional[float] = MISSING
     host_overhead_gb: float = MISSING
@@ -170,11 +174,14 @@ class LoggerConfig:
     project: str = MISSING
     entity: Optional[str] = MISSING
     mode: WandbMode = MISSING
+    init_timeout: float = MISSING
+    finish_timeout: float = MISSING
     name: Optional[str] = MISSING
     group: Optional[str] = MISSING
     tags: list[str] = MISSING
     samples: int = MISSING
     sample_tokens: int = MISSING
+    sample_prompt_tokens: int = MISSING
     peak_tflops: Optional[float] = MISSING
 
 
@@ -439,8 +446,9 @@ def validate_cluster(c: Config) -> list[str]:
     """Cluster placement and monitoring keys (the parts `distlm submit` can check before anything ships)."""
     cl, lg = c.cluster, c.logger
     p = node_placement_problems(cl.num_workers, c.parallel.tp, cl.workers_per_node)
-    bad_names = [name for name in cl.submit_env if not name.isidentifier()]
-    _check(p, not bad_names, f"cluster.submit_env: {bad_names} are not environment variable names")
+    for key, names in (("submit_env", cl.submit_env), ("forward_env", cl.forward_env)):
+        bad_names = [name for name in names if not name.isidentifier()]
+        _check(p, not bad_names, f"cluster.{key}: {bad_names} are not environment variable names")
     _check(p, cl.max_failures >= 0, f"cluster.max_failures={cl.max_failures} must be >= 0")
     _check(p, cl.gpu_mem_gb > 0, f"cluster.gpu_mem_gb={cl.gpu_mem_gb} must be positive")
     _check(p, cl.host_mem_gb is None or cl.host_mem_gb > 0,
@@ -449,6 +457,14 @@ def validate_cluster(c: Config) -> list[str]:
     _check(p, 0 < cl.plan_headroom <= 1, f"cluster.plan_headroom={cl.plan_headroom} must be in (0, 1]")
     _check(p, lg.samples >= 0, f"logger.samples={lg.samples} must be >= 0 (0 = no generated samples)")
     _check(p, lg.sample_tokens > 0, f"logger.sample_tokens={lg.sample_tokens} must be positive")
+    _check(p, lg.sample_prompt_tokens > 0, f"logger.sample_prompt_tokens={lg.sample_prompt_tokens} must be positive")
+    env_mode = os.environ.get("WANDB_MODE")
+    _check(p, not (lg.wandb and lg.mode == WandbMode.auto and env_mode and env_mode not in WANDB_ENV_MODES),
+           f"WANDB_MODE={env_mode!r} in the environment (logger.mode=auto follows it): use one of "
+           f"{', '.join(WANDB_ENV_MODES)}, or unset it")
+    _check(p, lg.init_timeout > 0 and lg.finish_timeout > 0,
+           f"logger.init_timeout={lg.init_timeout} and logger.finish_timeout={lg.finish_timeout} must be positive "
+           f"(seconds)")
     _check(p, lg.peak_tflops is None or lg.peak_tflops > 0,
            f"logger.peak_tflops={lg.peak_tflops} must be positive, or null to look the GPU up")
     return p

@@ -21,7 +21,7 @@ import pytest
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-from distlm.cluster import worker_node_problems
+from distlm.cluster import forwarded_env, worker_node_problems
 from distlm.config import (ConfigError, compose_config, node_placement_problems, raise_if, to_dict,
                            validate_cluster)
 from distlm.train import checkpoint
@@ -124,6 +124,22 @@ def test_worker_notices_another_runs_config_in_its_run_dir(shared_run):
     other = dataclasses.replace(shared_run, seed=shared_run.seed + 1)
     [problem] = worker_node_problems(other, workers_on_node=2, node="n1")
     assert "finds another run's config" in problem
+
+
+def test_driver_joining_a_cluster_forwards_the_variables_named_in_conf(monkeypatch):
+    names = compose_config().cluster.forward_env
+    assert {"TORCH_EXTENSIONS_DIR", "WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL"} <= set(names)
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("UNLISTED_VARIABLE", "x")
+    monkeypatch.delenv("WANDB_BASE_URL", raising=False)
+    env = forwarded_env(names)["env_vars"]
+    assert env["WANDB_MODE"] == "offline" and "UNLISTED_VARIABLE" not in env and "WANDB_BASE_URL" not in env
+
+
+def test_forward_env_names_are_checked():
+    c = compose_config("cluster.forward_env=[WANDB_MODE,'NOT-A-NAME']")
+    assert validate_cluster(c) == ["cluster.forward_env: ['NOT-A-NAME'] are not environment variable names"]
 
 
 def test_layout_rule_is_part_of_the_config_checks():

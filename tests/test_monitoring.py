@@ -1,38 +1,56 @@
 """Monitoring: what rank 0 records per step and per evaluation (metrics.jsonl, samples.jsonl, wandb offline),
-a resumed run continuing its W&B run, secrets written nowhere, `distlm report`, and the driver's progress bar."""
+a resumed run continuing its W&B run, secrets written nowhere, `distlm report`, the driver's progress bar, and
+W&B failures (unreachable server, a dead wandb process) that never stop training."""
 
 from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import secrets
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
+import wandb
 
-from distlm.config import compose_config, to_dict
+from distlm.config import WandbMode, compose_config, to_dict, validate_cluster
 from distlm.model.llama import Llama
 from distlm.train import checkpoint
 from distlm.train.launch import train
-from distlm.train.metrics import (DataWait, MetricsLogger, ProgressBar, peak_tflops_of, read_metrics)
+from distlm.train.metrics import DataWait, MetricsLogger, peak_tflops_of, read_metrics, wandb_mode
+from distlm.train.progress import ProgressBar
 
 STEPS = 6
-SECRET = f"wandb-key-{secrets.token_hex(16)}"
+SECRET = f"wandb-key-{secrets.token_hex(24)}"  # long enough to pass wandb's own key check (40+ characters)
 STEP_KEYS = {"loss", "lr", "grad_norm", "tokens_per_s", "tokens_seen", "step_seconds", "data_wait_seconds", "rss_gib",
              "mfu"}
 
 
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]   # nothing listens there once the socket is closed
+
+
+UNREACHABLE_WANDB = f"http://127.0.0.1:{closed_port()}"
+
+
 @pytest.fixture(scope="module", autouse=True)
 def wandb_key_in_environment():
-    """A W&B key in the environment, as a submitted job has it, set before the module's Ray cluster starts so
-    that its workers inherit it too; logger.mode=offline keeps the run off the network."""
+    """A W&B key in the environment, as a submitted job has it, and a W&B server address that nothing answers,
+    set before the module's Ray cluster starts so that its workers inherit them too; logger.mode=offline keeps
+    the runs that ask for it off the network, logger.mode=auto tries the server."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("WANDB_API_KEY", SECRET)
+        mp.setenv("WANDB_BASE_URL", UNREACHABLE_WANDB)
+        mp.delenv("WANDB_MODE", raising=False)
         yield
 
 
@@ -172,3 +190,70 @@ def test_samples_are_skipped_where_rank_0_does_not_hold_a_whole_llama(tmp_path, 
     logger = MetricsLogger(c, wandb_run_id="unused")
     logger.log_samples(0, model, val_loader=None, tokenizer_file=tmp_path / "no-tokenizer.json")
     assert not (tmp_path / "samples.jsonl").exists()
+
+
+# ---------------------------------------------------------------- W&B failures never stop training
+
+@pytest.mark.parametrize("env_mode, key, expected", [("offline", SECRET, "offline"), ("disabled", SECRET, "disabled"),
+                                                     (None, SECRET, "online"), (None, None, "offline")])
+def test_auto_mode_honours_wandb_mode_from_the_environment(monkeypatch, env_mode, key, expected):
+    for name, value in (("WANDB_MODE", env_mode), ("WANDB_API_KEY", key)):
+        monkeypatch.setenv(name, value) if value else monkeypatch.delenv(name, raising=False)
+    assert wandb_mode(WandbMode.auto) == expected
+    assert wandb_mode(WandbMode.offline) == "offline", "an explicit logger.mode wins"
+
+
+def test_unknown_wandb_mode_in_the_environment_is_refused_before_launch(monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "ofline")
+    problems = validate_cluster(compose_config("logger.mode=auto"))
+    assert problems == ["WANDB_MODE='ofline' in the environment (logger.mode=auto follows it): use one of online, "
+                        "offline, disabled, or unset it"]
+    assert validate_cluster(compose_config("logger.mode=offline")) == [], "an explicit logger.mode ignores it"
+    with pytest.raises(ValueError, match="WANDB_MODE='ofline'.*online, offline, disabled"):
+        wandb_mode(WandbMode.auto)
+
+
+def test_unreachable_wandb_server_at_start_turns_the_run_offline_with_a_warning(tmp_path, caplog):
+    c = compose_config("model=test", f"run_dir={tmp_path}", "logger.mode=auto", "logger.init_timeout=5")
+    started = time.perf_counter()
+    with caplog.at_level(logging.WARNING, logger="distlm.train.metrics"):
+        logger = MetricsLogger(c, wandb_run_id="unreachable-1")
+    assert time.perf_counter() - started < 60, "logger.init_timeout bounds the wait for the server"
+    logger.log(1, loss=2.5)
+    logger.close()
+    wandb.teardown()  # finish() returns before wandb's service has written everything; its shutdown flushes
+    warning = caplog.text
+    assert f"W&B could not start online at {UNREACHABLE_WANDB} (CommError" in warning and "logs W&B offline" in warning
+    assert f"wandb sync {tmp_path / 'wandb'}/offline-run-*" in warning
+    offline = list(tmp_path.glob("wandb/offline-run-*-unreachable-1/run-unreachable-1.wandb"))
+    assert len(offline) == 1 and b"loss" in offline[0].read_bytes()
+    assert read_metrics(tmp_path)[0]["loss"] == 2.5
+
+
+def test_wandb_process_dying_mid_run_stops_only_the_mirroring(tmp_path, caplog):
+    c = compose_config("model=test", f"run_dir={tmp_path}", "logger.mode=offline")
+    logger = MetricsLogger(c, wandb_run_id="dies-1")
+    logger.log(1, loss=3.0)
+    services = [p for p in psutil.Process().children(recursive=True) if p.name().startswith("wandb-core")]
+    assert services, "wandb runs its service as a child process"
+    for p in services:
+        p.kill()
+    psutil.wait_procs(services, timeout=10)
+    with caplog.at_level(logging.WARNING, logger="distlm.train.metrics"):
+        for step in (2, 3):
+            logger.log(step, loss=3.0 - step / 10)
+        logger.close()
+    assert "W&B stopped working at step 2" in caplog.text and "training goes on" in caplog.text
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
+
+
+def test_training_runs_to_the_end_when_the_wandb_server_is_unreachable(bible_shards, tmp_path, capfd):
+    """Rank 0 in a Ray worker, a W&B key set and logger.mode=auto: the server at WANDB_BASE_URL never answers."""
+    c = monitored_config(bible_shards, tmp_path, "logger.mode=auto", "logger.init_timeout=5", "logger.samples=0")
+    train(c)
+    assert [r["step"] for r in records_with(tmp_path, "loss")] == list(range(1, STEPS + 1))
+    run_id = checkpoint.read_state(tmp_path / "checkpoints" / "step00000006").wandb_run_id
+    assert [r.name.split("-", 3)[-1] for r in wandb_runs(tmp_path)] == [run_id], "metrics landed in W&B offline"
+    time.sleep(2)  # the workers' last log lines reach the driver's output
+    out = capfd.readouterr()
+    assert f"W&B could not start online at {UNREACHABLE_WANDB} (CommError" in out.err + out.out

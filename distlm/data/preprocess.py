@@ -30,7 +30,7 @@ from distlm.cluster import connect
 from distlm.config import Config, raise_if, to_dict, validate_preprocess
 from distlm.data import dedup, minhash, stages
 from distlm.data.pack import plan_stream, samples_per_shard, token_dtype
-from distlm.data.report import EXACT_DUPLICATE, NEAR_DUPLICATE, Progress, log_summary, removal_table
+from distlm.data.stats import EXACT_DUPLICATE, NEAR_DUPLICATE, Progress, log_summary, removal_table
 from distlm.data.shards import (FORMAT_VERSION, MANIFEST_FILE, SPLITS, STATS_FILE, TOKENIZER_FILE, Manifest, SplitInfo,
                                 TokenizerInfo)
 from distlm.data.sources import InputFile, list_inputs, read_tasks

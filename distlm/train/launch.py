@@ -16,7 +16,7 @@ import yaml
 from distlm import cluster
 from distlm.config import Config, ConfigError, raise_if, to_dict, validate_train
 from distlm.train import checkpoint, universal
-from distlm.train.metrics import ProgressBar, summarize
+from distlm.train.progress import ProgressBar, summarize
 
 log = logging.getLogger(__name__)
 

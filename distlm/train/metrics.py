@@ -1,4 +1,5 @@
-"""Metrics from rank 0: a local JSONL file always, Weights & Biases when enabled; the driver's progress bar.
+"""Metrics from rank 0: a local JSONL file always, Weights & Biases when enabled (the driver's view of them:
+distlm/train/progress.py).
 
 Per step rank 0 records loss, lr, grad_norm, tokens_per_s, tokens_seen, step_seconds, data_wait_seconds
 (time spent waiting for the next batch), rss_gib (and gpu_mem_gib / gpu_mem_reserved_gib, the step's peak,
@@ -14,28 +15,23 @@ or logger.peak_tflops) x world size. The same peak is used for fp32 runs, so the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-import math
 import os
-import statistics
-import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
 
 import psutil
 import torch
-from tqdm import tqdm
 
-from distlm.config import Config, WandbMode, to_dict
-from distlm.train.checkpoint import find_latest
+from distlm.config import WANDB_ENV_MODES, Config, WandbMode, to_dict
 
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples.jsonl"
-SAMPLE_PROMPT_TOKENS = 32  # at most; at most half the validation sequence, the rest is the reference
 
 # Dense (no sparsity) bf16 tensor-core peak TFLOP/s per device, matched in order against the device name
 # (more specific names first). Unknown devices and CPUs report no MFU unless logger.peak_tflops is set.
@@ -107,38 +103,102 @@ def greedy_continuations(model: torch.nn.Module, prompts: torch.Tensor, new_toke
     return ids[:, prompts.shape[1]:]
 
 
+def wandb_mode(configured: WandbMode) -> str:
+    """The W&B mode a run uses: logger.mode, or for `auto` the environment's WANDB_MODE if set, else online
+    when WANDB_API_KEY is set and offline without it. (wandb.init's own `mode` argument would override the
+    environment, so `auto` resolves it here.)"""
+    if configured != WandbMode.auto:
+        return configured.value
+    env_mode = os.environ.get("WANDB_MODE")
+    if env_mode:
+        if env_mode not in WANDB_ENV_MODES:  # validate_cluster refuses it before launch
+            raise ValueError(f"WANDB_MODE={env_mode!r} in the environment: use one of {', '.join(WANDB_ENV_MODES)}, "
+                             f"or unset it (logger.mode=auto then goes online when WANDB_API_KEY is set)")
+        return env_mode
+    return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+
+
 class MetricsLogger:
-    """Appends one JSON object per record to <run_dir>/metrics.jsonl and mirrors it to wandb."""
+    """Appends one JSON object per record to <run_dir>/metrics.jsonl and mirrors it to wandb.
+
+    Monitoring never stops training: metrics.jsonl is the record that always holds, and W&B is best effort. A
+    W&B server that cannot be reached at start (within logger.init_timeout) turns the run offline, with a
+    warning that says how to upload it later; a W&B failure mid-run (e.g. its service process died) stops the
+    mirroring, with a warning; at the end finish() waits at most logger.finish_timeout for uploads, and what is
+    left stays on disk for `wandb sync`."""
 
     def __init__(self, c: Config, wandb_run_id: str):
         self.c = c
         self.path = Path(c.run_dir) / METRICS_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.wandb = None
+        self._wandb_dir: Path | None = None  # the W&B run's local directory, what `wandb sync` uploads
         self._sample_prompts: torch.Tensor | None = None
         self._samples_off = c.logger.samples == 0
-        lg = c.logger
-        if lg.wandb and lg.mode != WandbMode.disabled:
-            import wandb
+        if c.logger.wandb:
+            mode = wandb_mode(c.logger.mode)
+            if mode != "disabled":
+                self.wandb = self._start_wandb(wandb_run_id, mode)
 
-            mode = lg.mode.value
-            if mode == "auto":
-                mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+    def _start_wandb(self, run_id: str, mode: str):
+        import wandb
+
+        lg, c = self.c.logger, self.c
+        sync_hint = f"upload it later with `wandb sync {Path(c.run_dir).resolve() / 'wandb'}/offline-run-*`"
+
+        def init(mode: str):
             # One W&B run per training run: a resumed job continues the run id saved in its checkpoint. The
             # config holds no secrets (those come from the environment only), so it is logged whole.
-            self.wandb = wandb.init(project=lg.project, entity=lg.entity, name=lg.name or c.run_name, group=lg.group,
-                                    tags=list(lg.tags), id=wandb_run_id, resume="allow", dir=c.run_dir, mode=mode,
-                                    config=to_dict(c), settings=wandb.Settings(quiet=True, console="off"))
-            self.wandb.define_metric("val_loss", summary="min")
-            self.wandb.define_metric("val_ppl", summary="min")
-            log.info("wandb %s run %s in %s", mode, wandb_run_id, self.wandb.dir)
+            run = wandb.init(project=lg.project, entity=lg.entity, name=lg.name or c.run_name, group=lg.group,
+                             tags=list(lg.tags), id=run_id, resume="allow", dir=c.run_dir, mode=mode,
+                             config=to_dict(c), settings=wandb.Settings(quiet=True, console="off",
+                                                                        init_timeout=lg.init_timeout,
+                                                                        finish_timeout=lg.finish_timeout))
+            run.define_metric("val_loss", summary="min")
+            run.define_metric("val_ppl", summary="min")
+            log.info("wandb %s run %s in %s", mode, run_id, run.dir)
+            self._wandb_dir = Path(run.dir).parent
+            return run
+
+        try:
+            return init(mode)
+        except Exception as e:  # noqa: BLE001 - whatever W&B raises, training goes on
+            error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            with contextlib.suppress(Exception):
+                wandb.teardown()  # the failed run still holds its id in wandb's service
+        if mode == "online":
+            server = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+            log.warning("W&B could not start online at %s (%s): training goes on and logs W&B offline; %s",
+                        server, error, sync_hint)
+            try:
+                return init("offline")
+            except Exception as e:  # noqa: BLE001
+                error = f"{type(e).__name__}: {e}"
+                with contextlib.suppress(Exception):
+                    wandb.teardown()
+        log.warning("W&B could not start (%s): training goes on without it; metrics are in %s", error, self.path)
+        return None
 
     def log(self, step: int, **metrics: Any) -> None:
         record = {"step": step, "time": round(time.time(), 3), **metrics}
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        if self.wandb is not None:
+        self._to_wandb(metrics, step)
+
+    def _to_wandb(self, metrics: dict[str, Any], step: int) -> None:
+        if self.wandb is None:
+            return
+        try:
             self.wandb.log(metrics, step=step)
+        except Exception as e:  # noqa: BLE001 - a W&B failure mid-run must not stop training
+            log.warning("W&B stopped working at step %d (%s: %s): training goes on; metrics keep going to %s, and "
+                        "what W&B had received is in %s (upload it with `wandb sync`)", step, type(e).__name__, e,
+                        self.path, self._wandb_dir)
+            self.wandb = None
+            import wandb
+
+            with contextlib.suppress(Exception):  # forget the broken run; its service may be dead already
+                wandb.teardown()
 
     def log_samples(self, step: int, model: torch.nn.Module, val_loader, tokenizer_file: Path) -> None:
         """Continue a few validation prompts greedily; log them with the true continuation beside them.
@@ -164,7 +224,7 @@ class MetricsLogger:
             first = first[0] if isinstance(first, (tuple, list)) else first  # (tokens, document segments)
             self._sample_prompts = first[: self.c.logger.samples]
         batch = self._sample_prompts
-        prompt_len = min(SAMPLE_PROMPT_TOKENS, batch.shape[1] // 2)
+        prompt_len = min(self.c.logger.sample_prompt_tokens, batch.shape[1] // 2)
         if len(batch) == 0 or prompt_len == 0:
             return
         prompts = batch[:, :prompt_len].to(device)
@@ -182,69 +242,17 @@ class MetricsLogger:
 
             columns = ["step", "prompt", "continuation", "reference"]
             table = wandb.Table(columns=columns, data=[[row[k] for k in columns] for row in rows])
-            self.wandb.log({"samples": table}, step=step)
+            self._to_wandb({"samples": table}, step)
 
     def close(self) -> None:
-        if self.wandb is not None:
+        if self.wandb is None:
+            return
+        try:
             self.wandb.finish()
-
-
-class ProgressBar(threading.Thread):
-    """The driver's progress bar (step, loss, tokens/s, ETA), drawn from the records rank 0 appends to
-    metrics.jsonl: bars drawn by workers would interleave with their forwarded logs. Off when stderr is
-    not a terminal (a submitted job's log); the workers' periodic log lines carry the progress there."""
-
-    def __init__(self, run_dir: str | Path, total_steps: int, file=None):
-        super().__init__(daemon=True)
-        self.file = file  # None = stderr
-        self.path = Path(run_dir) / METRICS_FILE
-        self.offset = self.path.stat().st_size if self.path.is_file() else 0  # only this run's records
-        self.total = total_steps
-        self.bar: tqdm | None = None  # made at the first step, so start-up time and resumed steps skew no ETA
-        self.postfix: dict[str, str] = {}
-        self.finished = threading.Event()
-
-    def __enter__(self) -> "ProgressBar":
-        self.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.finished.set()
-        self.join()
-
-    def run(self) -> None:
-        while not self.finished.wait(1.0):
-            self._read_new_records()
-        self._read_new_records()
-        if self.bar is not None:
-            self.bar.close()
-
-    def _read_new_records(self) -> None:
-        if not self.path.is_file():
-            return
-        with self.path.open("rb") as f:
-            f.seek(self.offset)
-            chunk = f.read()
-        complete = chunk[: chunk.rfind(b"\n") + 1]  # a line still being written waits for the next poll
-        self.offset += len(complete)
-        for line in complete.splitlines():
-            self._show(json.loads(line))
-
-    def _show(self, record: dict[str, Any]) -> None:
-        if "val_loss" in record:
-            self.postfix["val"] = f"{record['val_loss']:.3f}"
-            if self.bar is not None:
-                self.bar.set_postfix(self.postfix)
-        if "loss" not in record:
-            return
-        if self.bar is None:
-            self.bar = tqdm(total=self.total, initial=record["step"] - 1, desc="train", unit="step", disable=None,
-                            dynamic_ncols=True, file=self.file)
-        self.postfix.update(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
-        if record.get("mfu") is not None:
-            self.postfix["mfu"] = f"{record['mfu']:.1%}"
-        self.bar.set_postfix(self.postfix, refresh=False)
-        self.bar.update(record["step"] - self.bar.n)
+        except Exception as e:  # noqa: BLE001
+            log.warning("W&B could not finish the run (%s: %s); its records are in %s (upload them with `wandb sync`)",
+                        type(e).__name__, e, self._wandb_dir)
+        self.wandb = None
 
 
 def read_metrics(run_dir: str | Path, name: str = METRICS_FILE) -> list[dict[str, Any]]:
@@ -258,49 +266,3 @@ def last_per_step(records: list[dict[str, Any]], key: str) -> list[tuple[int, fl
     # A resumed run logs again the steps after its checkpoint; the newest record of a step wins.
     by_step = {r["step"]: r[key] for r in records if r.get(key) is not None}
     return sorted(by_step.items())
-
-
-def _median(pairs: list[tuple[int, float]]) -> float:
-    return statistics.median(v for _, v in pairs) if pairs else math.nan
-
-
-def summarize(run_dir: str | Path) -> dict[str, Any]:
-    """The run at a glance, from its metrics file and directory."""
-    run_dir = Path(run_dir)
-    records = read_metrics(run_dir)
-    if not records:
-        raise FileNotFoundError(f"no metrics in {run_dir} (expected {run_dir / METRICS_FILE})")
-    train = last_per_step(records, "loss")
-    val = last_per_step(records, "val_loss")
-    step_seconds = last_per_step(records, "step_seconds")
-    data_wait = last_per_step(records, "data_wait_seconds")
-    memory = last_per_step(records, "gpu_mem_gib") or last_per_step(records, "rss_gib")
-    checkpoints = last_per_step(records, "checkpoint_seconds")
-    tail = [loss for _, loss in train[-10:]]
-    samples = read_metrics(run_dir, SAMPLES_FILE)
-    ckpt_dir = run_dir / "checkpoints"
-    latest = find_latest(ckpt_dir)
-    return {
-        "steps": train[-1][0] if train else 0,
-        "tokens_seen": max((r.get("tokens_seen") or 0) for r in records),
-        "first_train_loss": train[0][1] if train else math.nan,
-        "final_train_loss": sum(tail) / len(tail) if tail else math.nan,
-        "first_val_loss": val[0][1] if val else math.nan,
-        "final_val_loss": val[-1][1] if val else math.nan,
-        "final_val_ppl": math.exp(min(val[-1][1], 50)) if val else math.nan,
-        "tokens_per_s": _median(last_per_step(records, "tokens_per_s")),
-        "step_seconds": _median(step_seconds),
-        "mfu": _median(last_per_step(records, "mfu")),
-        # Share of step time spent waiting for batches: near 0 unless the loader cannot keep up.
-        "data_wait_share": (sum(v for _, v in data_wait) / sum(v for _, v in step_seconds)
-                            if data_wait and step_seconds else math.nan),
-        "peak_memory_gib": max((v for _, v in memory), default=math.nan),
-        "memory_kind": "GPU" if last_per_step(records, "gpu_mem_gib") else "RSS",
-        "checkpoint_seconds": _median(checkpoints),
-        "skipped_steps": max((v for _, v in last_per_step(records, "skipped_steps")), default=0),
-        "last_samples": [s for s in samples if s["step"] == samples[-1]["step"]] if samples else [],
-        "checkpoint": str(ckpt_dir / latest) if latest else None,
-        "hf_export": str(run_dir / "hf") if (run_dir / "hf" / "config.json").is_file() else None,
-        "metrics": str(run_dir / METRICS_FILE),
-        "wandb": str(run_dir / "wandb") if (run_dir / "wandb").is_dir() else None,
-    }

@@ -6,7 +6,8 @@ import argparse
 import math
 from pathlib import Path
 
-from distlm.train.metrics import last_per_step, read_metrics, summarize
+from distlm.train.metrics import last_per_step, read_metrics
+from distlm.train.progress import summarize
 
 
 def plot(run_dir: Path, out: Path) -> Path:
