@@ -1,19 +1,22 @@
-"""The loader's speed against what a training step consumes, measured in one run.
+"""The loader's speed and bytes read per rank, against what a training step consumes, measured in one run.
 
     python benchmarks/bench_loader.py [--batches 400] [--steps 20]
 
 Preprocesses the demo corpus (the King James Bible, conf/data/bible.yaml: 129-token samples) into a
-temporary directory, then times, for data-parallel rank 0 of 2 with the demo's micro-batch of 16:
-  - ShardLoader samples/s, in the training process (loader_workers=0) and with 2 DataLoader workers, from
-    the start of an epoch and resumed mid-epoch (time to the first batch included);
+temporary directory, then measures, with the demo's micro-batch of 16:
+  - for data-parallel rank 0 of 1, 2 and 4 ranks: ShardLoader samples/s (in the training process) and the
+    bytes it read per sample kept, as the kernel counts them (/proc/self/io rchar: every read of the process);
+  - rank 0 of 2 with 2 DataLoader workers, and resumed mid-epoch (time to the first batch included);
   - one training step of the demo model (model=tiny) in plain torch with 1 thread, as each Ray Train
     worker runs it: the samples/s a rank consumes.
-The ratio says how much faster the loader feeds a rank than the rank can train.
+The ratios say how much faster the loader feeds a rank than the rank can train, and how close a rank's reads
+come to its own samples (1.0 = only the bytes of the samples it keeps).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import subprocess
 import sys
@@ -30,21 +33,30 @@ from distlm.data.preprocess import preprocess
 from distlm.model.llama import Llama
 
 REPO = Path(__file__).resolve().parents[1]
-DP_SIZE, MICRO = 2, 16
+MICRO = 16
 
 
-def loader_samples_per_s(data_dir: Path, workers: int, batches: int, start_sample: int = 0) -> float:
-    source = ShardLoader(data_dir, "train", MICRO, 0, DP_SIZE, seed=1, shuffle=True,
-                         shuffle_window=compose_config().data.shuffle_window, workers=workers)
-    start = time.perf_counter()
+def rchar() -> int:
+    """Bytes this process has read through read/pread system calls so far (Linux)."""
+    with open("/proc/self/io") as f:
+        return int(next(line for line in f if line.startswith("rchar:")).split()[1])
+
+
+def measure(data_dir: Path, dp_size: int, batches: int, workers: int = 0, start_sample: int = 0) -> tuple[float, float]:
+    """(samples/s, bytes read per sample kept) of rank 0 of dp_size."""
+    data = dataclasses.replace(compose_config().data, dir=str(data_dir), loader_workers=workers)
+    source = ShardLoader(data, "train", MICRO, 0, dp_size, seed=1, shuffle=True)
+    read, start = rchar(), time.perf_counter()
     count = sum(1 for _ in source.iter_batches(start_sample, max_batches=batches))
-    return count * MICRO / (time.perf_counter() - start)
+    seconds, read = time.perf_counter() - start, rchar() - read
+    return count * MICRO / seconds, read / (count * MICRO)
 
 
-def mid_epoch(data_dir: Path) -> int:
+def mid_epoch(data_dir: Path, dp_size: int) -> int:
     """A start_sample half-way through the first epoch (what a checkpoint's samples_seen would say)."""
-    source = ShardLoader(data_dir, "train", MICRO, 0, DP_SIZE, seed=1, shuffle=True, shuffle_window=1)
-    return source.batches_per_epoch // 2 * DP_SIZE * MICRO
+    data = dataclasses.replace(compose_config().data, dir=str(data_dir))
+    source = ShardLoader(data, "train", MICRO, 0, dp_size, seed=1, shuffle=True)
+    return source.batches_per_epoch // 2 * dp_size * MICRO
 
 
 def training_samples_per_s(data_dir: Path, steps: int) -> float:
@@ -79,18 +91,21 @@ def main() -> None:
             manifest = preprocess(compose_config(f"data.inputs=[{corpus}]", f"data.dir={data_dir}"))
         finally:
             ray.shutdown()
-        print(f"demo data: {manifest.num_samples('train'):,} train samples of {manifest.sample_len} tokens in "
-              f"{len(manifest.shards('train'))} shards")
-        results = {
-            "loader, in process": loader_samples_per_s(data_dir, 0, args.batches),
-            "loader, 2 DataLoader workers": loader_samples_per_s(data_dir, 2, args.batches),
-            "loader, resumed mid-epoch": loader_samples_per_s(data_dir, 0, args.batches, mid_epoch(data_dir)),
-        }
+        record = manifest.record.size
+        print(f"demo data: {manifest.num_samples('train'):,} train samples of {manifest.sample_len} tokens "
+              f"({record}-byte records) in {len(manifest.shards('train'))} shards")
+        measure(data_dir, 1, 2)   # one-time imports and file opens are not the loader's reads
+        results = {f"rank 0 of {dp}": measure(data_dir, dp, args.batches) for dp in (1, 2, 4)}
+        results["rank 0 of 2, 2 DataLoader workers"] = measure(data_dir, 2, args.batches, workers=2)
+        results["rank 0 of 2, resumed mid-epoch"] = measure(data_dir, 2, args.batches,
+                                                            start_sample=mid_epoch(data_dir, 2))
         train = training_samples_per_s(data_dir, args.steps)
-    print(f"\nrank 0 of {DP_SIZE}, micro-batch {MICRO}, shuffle window {compose_config().data.shuffle_window}")
-    for name, rate in results.items():
-        print(f"  {name:<30} {rate:>10,.0f} samples/s  = {rate / train:,.0f}x what a training step consumes")
-    print(f"  {'training step (model=tiny)':<30} {train:>10,.1f} samples/s per rank (1 thread)")
+    print(f"\nmicro-batch {MICRO}, shuffle window {compose_config().data.shuffle_window}; bytes per sample kept "
+          f"as /proc/self/io counts them (DataLoader workers read in other processes: not counted)")
+    for name, (rate, per_sample) in results.items():
+        bytes_note = "" if "workers" in name else f"{per_sample:>8,.0f} B/sample = {per_sample / record:.2f}x a record"
+        print(f"  {name:<36} {rate:>8,.0f} samples/s = {rate / train:>5,.0f}x training   {bytes_note}")
+    print(f"  {'training step (model=tiny)':<36} {train:>8,.1f} samples/s per rank (1 thread)")
 
 
 if __name__ == "__main__":

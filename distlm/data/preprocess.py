@@ -1,4 +1,4 @@
-"""Raw text -> cleaned, deduplicated, tokenized, mixed, packed WebDataset shards + manifest, on Ray.
+"""Raw text -> cleaned, deduplicated, tokenized, mixed, packed shards + manifest, on Ray.
 
   1. read + tokenize  per input file / 64 MB range: read, clean, filter, hash (stages.read_block); then per
                       data.docs_per_task documents: tokens + MinHash band keys (stages.tokenize_part). A trained
