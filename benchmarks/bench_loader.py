@@ -10,13 +10,17 @@ temporary directory, then measures, with the demo's micro-batch of 16:
   - one training step of the demo model (model=tiny) in plain torch with 1 thread, as each Ray Train
     worker runs it: the samples/s a rank consumes.
 The ratios say how much faster the loader feeds a rank than the rank can train, and how close a rank's reads
-come to its own samples (1.0 = only the bytes of the samples it keeps).
+come to its own samples (1.0 = only the bytes of the samples it keeps). Last, writing one shard of the same
+samples (shards.write_shard, crc32s included) against one tar member per sample (format 2's layout, written
+with Python's tarfile as webdataset's TarWriter does; its sha256 not counted).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
+import tarfile
 import logging
 import subprocess
 import sys
@@ -24,12 +28,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import ray
 import torch
 
 from distlm.config import compose_config
-from distlm.data.loader import ShardLoader
+from distlm.data.loader import ShardLoader, read_samples
 from distlm.data.preprocess import preprocess
+from distlm.data.shards import write_shard
 from distlm.model.llama import Llama
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,6 +63,27 @@ def mid_epoch(data_dir: Path, dp_size: int) -> int:
     data = dataclasses.replace(compose_config().data, dir=str(data_dir))
     source = ShardLoader(data, "train", MICRO, 0, dp_size, seed=1, shuffle=True)
     return source.batches_per_epoch // 2 * dp_size * MICRO
+
+
+def write_ms_per_mb(samples: np.ndarray, out: Path, repeats: int = 3) -> tuple[float, float]:
+    """(format 3, one tar member per sample): best ms to write the samples, per MB of tokens."""
+    def one_member_each() -> None:
+        with tarfile.open(out / "members.tar", "w") as tar:
+            for i, sample in enumerate(samples):
+                data = sample.tobytes()
+                info = tarfile.TarInfo(f"train-00000-{i:06d}.tokens.npy")
+                info.size, info.mtime = len(data), 0
+                tar.addfile(info, io.BytesIO(data))
+
+    def best(write) -> float:
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            write()
+            times.append(time.perf_counter() - start)
+        return min(times) * 1e3 / (samples.nbytes / 2**20)
+
+    return best(lambda: write_shard(out / "train-00000.tar", samples)), best(one_member_each)
 
 
 def training_samples_per_s(data_dir: Path, steps: int) -> float:
@@ -100,12 +127,18 @@ def main() -> None:
         results["rank 0 of 2, resumed mid-epoch"] = measure(data_dir, 2, args.batches,
                                                             start_sample=mid_epoch(data_dir, 2))
         train = training_samples_per_s(data_dir, args.steps)
+        shard = manifest.shards("train")[0]
+        samples = read_samples(str(manifest.shard_path(shard)), shard, manifest.record, np.arange(shard.samples), True)[0]
+        (Path(tmp) / "written").mkdir()
+        written, members = write_ms_per_mb(samples, Path(tmp) / "written")
     print(f"\nmicro-batch {MICRO}, shuffle window {compose_config().data.shuffle_window}; bytes per sample kept "
           f"as /proc/self/io counts them (DataLoader workers read in other processes: not counted)")
     for name, (rate, per_sample) in results.items():
         bytes_note = "" if "workers" in name else f"{per_sample:>8,.0f} B/sample = {per_sample / record:.2f}x a record"
         print(f"  {name:<36} {rate:>8,.0f} samples/s = {rate / train:>5,.0f}x training   {bytes_note}")
     print(f"  {'training step (model=tiny)':<36} {train:>8,.1f} samples/s per rank (1 thread)")
+    print(f"\nwriting {len(samples):,} samples ({samples.nbytes / 2**20:.2f} MB of tokens): one shard of records "
+          f"{written:.1f} ms/MB, one tar member per sample {members:.1f} ms/MB = {members / written:.0f}x slower")
 
 
 if __name__ == "__main__":
