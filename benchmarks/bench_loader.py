@@ -5,7 +5,8 @@
 Preprocesses the demo corpus (the King James Bible, conf/data/bible.yaml: 129-token samples) into a
 temporary directory, then measures, with the demo's micro-batch of 16:
   - for data-parallel rank 0 of 1, 2 and 4 ranks: ShardLoader samples/s (in the training process) and the
-    bytes it read per sample kept, as the kernel counts them (/proc/self/io rchar: every read of the process);
+    bytes it read per sample kept, as the kernel counts them (/proc/self/io rchar: every read of the process),
+    over whole epochs (the loader reads a window's share at once: a run that stops mid-window read ahead);
   - rank 0 of 2 with 2 DataLoader workers, and resumed mid-epoch (time to the first batch included);
   - one training step of the demo model (model=tiny) in plain torch with 1 thread, as each Ray Train
     worker runs it: the samples/s a rank consumes.
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import io
+import math
 import tarfile
 import logging
 import subprocess
@@ -56,6 +58,14 @@ def measure(data_dir: Path, dp_size: int, batches: int, workers: int = 0, start_
     count = sum(1 for _ in source.iter_batches(start_sample, max_batches=batches))
     seconds, read = time.perf_counter() - start, rchar() - read
     return count * MICRO / seconds, read / (count * MICRO)
+
+
+def whole_epochs(data_dir: Path, at_least: int) -> int:
+    """A batch count >= at_least that ends every layout's run (dp 1, 2, 4) at the end of an epoch."""
+    data = dataclasses.replace(compose_config().data, dir=str(data_dir))
+    samples = ShardLoader(data, "train", MICRO, 0, 1, seed=1, shuffle=True).num_samples
+    step = math.lcm(samples, 4 * MICRO) // MICRO   # batches of rank 0 of 1 that fill whole epochs; dp 2, 4 too
+    return step * -(-at_least // step)
 
 
 def mid_epoch(data_dir: Path, dp_size: int) -> int:
@@ -122,7 +132,8 @@ def main() -> None:
         print(f"demo data: {manifest.num_samples('train'):,} train samples of {manifest.sample_len} tokens "
               f"({record}-byte records) in {len(manifest.shards('train'))} shards")
         measure(data_dir, 1, 2)   # one-time imports and file opens are not the loader's reads
-        results = {f"rank 0 of {dp}": measure(data_dir, dp, args.batches) for dp in (1, 2, 4)}
+        batches = whole_epochs(data_dir, args.batches)
+        results = {f"rank 0 of {dp}": measure(data_dir, dp, batches) for dp in (1, 2, 4)}
         results["rank 0 of 2, 2 DataLoader workers"] = measure(data_dir, 2, args.batches, workers=2)
         results["rank 0 of 2, resumed mid-epoch"] = measure(data_dir, 2, args.batches,
                                                             start_sample=mid_epoch(data_dir, 2))
@@ -131,10 +142,11 @@ def main() -> None:
         samples = read_samples(str(manifest.shard_path(shard)), shard, manifest.record, np.arange(shard.samples), True)[0]
         (Path(tmp) / "written").mkdir()
         written, members = write_ms_per_mb(samples, Path(tmp) / "written")
-    print(f"\nmicro-batch {MICRO}, shuffle window {compose_config().data.shuffle_window}; bytes per sample kept "
-          f"as /proc/self/io counts them (DataLoader workers read in other processes: not counted)")
+    print(f"\nmicro-batch {MICRO}, shuffle window {compose_config().data.shuffle_window}, {batches} batches per "
+          f"layout (whole epochs), {args.batches} for the last two; bytes per sample kept as /proc/self/io counts them")
     for name, (rate, per_sample) in results.items():
-        bytes_note = "" if "workers" in name else f"{per_sample:>8,.0f} B/sample = {per_sample / record:.2f}x a record"
+        bytes_note = "" if "workers" in name or "resumed" in name else \
+            f"{per_sample:>6,.0f} B/sample = {per_sample / record:.3f}x a record"
         print(f"  {name:<36} {rate:>8,.0f} samples/s = {rate / train:>5,.0f}x training   {bytes_note}")
     print(f"  {'training step (model=tiny)':<36} {train:>8,.1f} samples/s per rank (1 thread)")
     print(f"\nwriting {len(samples):,} samples ({samples.nbytes / 2**20:.2f} MB of tokens): one shard of records "
