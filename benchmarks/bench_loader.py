@@ -123,7 +123,7 @@ def main() -> None:
         corpus, data_dir = Path(tmp) / "kjv.jsonl", Path(tmp) / "bible"
         subprocess.run([sys.executable, str(REPO / "tools" / "make_demo_corpus.py"), str(corpus)], check=True,
                        capture_output=True)
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         try:
             manifest = preprocess(compose_config(f"data.inputs=[{corpus}]", f"data.dir={data_dir}"))
         finally:
