@@ -359,6 +359,9 @@ def validate_train(c: Config) -> list[str]:
     _check(p, manifest.is_file(),
            f"data.dir: no preprocessed data at '{c.data.dir}' (missing manifest.json); run `distlm preprocess` first "
            f"or point data.dir at a preprocessed dataset")
+    _check(p, not (c.data.shard_url or "").startswith("pipe:"),
+           f"data.shard_url={c.data.shard_url!r}: a pipe: command streams whole shards, but each rank reads only its "
+           f"own samples at their offsets; give a path or fsspec URL template, e.g. s3://bucket/set/{{name}}")
     _check(p, c.model.max_seq_len >= c.data.seq_len,
            f"model.max_seq_len={c.model.max_seq_len} is shorter than data.seq_len={c.data.seq_len}")
     _check(p, cl.num_workers > 0, f"cluster.num_workers={cl.num_workers} must be positive")

@@ -38,9 +38,8 @@ def evaluate(c: Config) -> dict[str, Any]:
     if e.split not in manifest.splits:
         raise ConfigError(f"eval.split={e.split!r}: {c.data.dir} has the splits {sorted(manifest.splits)}")
 
-    loader = ShardLoader(c.data.dir, split=e.split, micro_batch_size=e.batch_size, dp_rank=0, dp_size=1, seed=0,
-                         shuffle=False, shuffle_window=c.data.shuffle_window, workers=c.data.loader_workers,
-                         shard_url=c.data.shard_url, verify=c.data.verify_shards)
+    loader = ShardLoader(c.data, split=e.split, micro_batch_size=e.batch_size, dp_rank=0, dp_size=1, seed=0,
+                         shuffle=False)
     if loader.batches_per_epoch == 0:
         raise ConfigError(f"eval.batch_size={e.batch_size} is more than the {loader.num_samples} samples of split "
                           f"'{e.split}' in {c.data.dir}")

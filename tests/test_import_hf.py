@@ -77,8 +77,7 @@ def test_training_from_an_import_starts_from_its_weights_at_another_layout(hf_mo
     train(c)
     first_loss = next(r["loss"] for r in read_metrics(tmp_path) if r.get("step") == 1)
     # The HF model's loss on the first global batch: what step 1 computes, before its update.
-    loader = ShardLoader(bible_shards, split="train", micro_batch_size=8, dp_rank=0, dp_size=1, seed=c.seed,
-                         shuffle=True, shuffle_window=c.data.shuffle_window)
+    loader = ShardLoader(c.data, split="train", micro_batch_size=8, dp_rank=0, dp_size=1, seed=c.seed, shuffle=True)
     batch = torch.as_tensor(next(iter(loader.iter_batches())))
     hf = LlamaForCausalLM.from_pretrained(hf_model).eval()
     with torch.no_grad():

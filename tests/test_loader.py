@@ -1,34 +1,85 @@
-"""distlm.data.loader.ShardLoader on real tar shards of uneven sizes whose samples say who they are."""
+"""distlm.data.loader.ShardLoader on real shards of uneven sizes whose samples say who they are; object
+storage is fsspec's in-memory file system, with a log of the range requests it serves."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
 import shutil
+import tarfile
+import time
 from pathlib import Path
 
 import fsspec
 import numpy as np
 import pytest
+import torch
+from fsspec.implementations.memory import MemoryFileSystem
 
+from distlm.config import compose_config, validate_train
 from distlm.data.loader import ShardLoader
 from distlm.data.shards import Manifest, ShardError, SplitInfo, TokenizerInfo, shard_name, write_shard
+from distributed import run_ranks
 
 SHARD_SIZES = [7, 13, 5, 11, 9]   # 45 samples, uneven shards
 SAMPLE_LEN = 4
+DATA = compose_config().data   # the loader keys' defaults from conf/; tests replace a few
 
 
-def write_numbered_shards(root: Path, boundaries: bool = False) -> Path:
-    """Shards whose sample number n holds the tokens [n, n, n, n] (and documents starting at n % 4), and
-    their manifest."""
+class LoggedStorage(MemoryFileSystem):
+    """Object storage in memory (`logged://`): counts the bytes it serves, can be slow, and logs every batch of
+    range requests (process, file, requests) to `log_file` when set (DataLoader workers write there too)."""
+    protocol = ("logged",)
+    served = 0
+    delay = 0.0
+    log_file: Path | None = None
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        return super()._strip_protocol(str(path).removeprefix("logged://"))
+
+    def cat_ranges(self, paths, starts, ends, **kwargs):
+        time.sleep(type(self).delay)
+        if type(self).log_file:
+            with open(type(self).log_file, "a") as log:
+                log.write(f"{os.getpid()} {Path(paths[0]).name} {len(paths)}\n")
+        return super().cat_ranges(paths, starts, ends, **kwargs)
+
+    def cat_file(self, path, start=None, end=None, **kwargs):
+        data = super().cat_file(path, start, end, **kwargs)
+        type(self).served += len(data)
+        return data
+
+
+fsspec.register_implementation("logged", LoggedStorage, clobber=True)
+
+
+def upload(data_dir: Path, name: str) -> str:
+    """A copy of a local data directory on the logged storage; its URL."""
+    storage = LoggedStorage()
+    for path in data_dir.iterdir():
+        storage.pipe(f"/{name}/{path.name}", path.read_bytes())
+    return f"logged://{name}"
+
+
+def write_numbered_shards(root: Path, boundaries: bool = False, sizes=SHARD_SIZES, sample_len=SAMPLE_LEN) -> Path:
+    """Shards whose sample number n holds the tokens [n, n, ...] (and a document starting at n % sample_len),
+    and their manifest."""
     root.mkdir(parents=True, exist_ok=True)
     shards, first = [], 0
-    for index, size in enumerate(SHARD_SIZES):
+    for index, size in enumerate(sizes):
         numbers = np.arange(first, first + size, dtype=np.uint16)
-        samples = np.repeat(numbers[:, None], SAMPLE_LEN, axis=1)
-        starts = [np.array([0, n % SAMPLE_LEN] if n % SAMPLE_LEN else [0]) for n in numbers] if boundaries else None
+        samples = np.repeat(numbers[:, None], sample_len, axis=1)
+        starts = None
+        if boundaries:
+            starts = np.zeros((size, sample_len), dtype=bool)
+            starts[np.arange(size), numbers % sample_len] = True
+            starts[:, 0] |= numbers % 2 == 0   # and even samples begin with a document
         shards.append(write_shard(root / shard_name("train", index), samples, starts))
         first += size
-    split = SplitInfo(samples=first, tokens=first * SAMPLE_LEN, shards=shards)
-    Manifest(fingerprint="numbered-test-shards", seq_len=SAMPLE_LEN - 1, sample_len=SAMPLE_LEN, dtype="uint16",
+    split = SplitInfo(samples=first, tokens=first * sample_len, shards=shards)
+    Manifest(fingerprint="numbered-test-shards", seq_len=sample_len - 1, sample_len=sample_len, dtype="uint16",
              tokenizer=TokenizerInfo(file="tokenizer.json", sha256="", vocab_size=1000, eos_id=0),
              splits={"train": split, "val": split}, stats={}, inputs=[], config={},
              doc_boundaries=boundaries).save(root)
@@ -40,8 +91,11 @@ def data_dir(tmp_path_factory) -> Path:
     return write_numbered_shards(tmp_path_factory.mktemp("numbered"))
 
 
-def loader(data_dir, dp_size=1, micro=1, rank=0, seed=1, split="train", shuffle=True, window=6, **kw) -> ShardLoader:
-    return ShardLoader(data_dir, split, micro, rank, dp_size, seed=seed, shuffle=shuffle, shuffle_window=window, **kw)
+def loader(data_dir, dp_size=1, micro=1, rank=0, seed=1, split="train", shuffle=True, window=6, workers=0,
+           shard_url=None, verify=True, **kw) -> ShardLoader:
+    data = dataclasses.replace(DATA, dir=str(data_dir), shuffle_window=window, loader_workers=workers,
+                               shard_url=shard_url, verify_shards=verify)
+    return ShardLoader(data, split, micro, rank, dp_size, seed=seed, shuffle=shuffle, **kw)
 
 
 def sample_ids(batches) -> list[list[int]]:
@@ -58,6 +112,8 @@ def global_batches(data_dir, dp_size, micro, steps, start=0, **kw) -> list[list[
     per_rank = [run(data_dir, dp_size, micro, rank=r, max_batches=steps, start=start, **kw) for r in range(dp_size)]
     return [sum((per_rank[r][k] for r in range(dp_size)), []) for k in range(steps)]
 
+
+# ---------------------------------------------------------------- order, layouts, resume
 
 def test_ranks_get_disjoint_equal_shares_from_uneven_shards(data_dir):
     dp, micro = 3, 2
@@ -126,16 +182,6 @@ def test_start_sample_must_be_a_whole_number_of_global_batches(data_dir):
         loader(data_dir, 2, 3).iter_batches(start_sample=4)
 
 
-def test_dataloader_workers_give_the_same_batches_and_open_each_shard_once(data_dir, tmp_path):
-    log = tmp_path / "opened.log"
-    template = f"pipe:echo {{name}} >> {log} && cat {data_dir}/{{name}}"
-    for rank in range(2):   # one pass (the val split: a finite stream, so workers do not read ahead into epoch 1)
-        assert run(data_dir, 2, 2, rank=rank, split="val", workers=2, shard_url=template) == \
-            run(data_dir, 2, 2, rank=rank, split="val")
-    opened = log.read_text().split()
-    assert sorted(opened) == sorted(f"train-0000{i}.tar" for i in range(5) for _ in range(2))   # once per rank
-
-
 def test_a_non_train_split_makes_one_pass_in_file_order_without_shuffle(data_dir):
     assert run(data_dir, 1, 5, split="val", shuffle=False) == [list(range(i, i + 5)) for i in range(0, 45, 5)]
     # Two ranks, batches of 4: 5 steps of 8 samples, the last 5 samples left out; the same count on both.
@@ -143,55 +189,199 @@ def test_a_non_train_split_makes_one_pass_in_file_order_without_shuffle(data_dir
     assert len(run(data_dir, 2, 4, rank=0, split="val", shuffle=False)) == 5
 
 
+# ---------------------------------------------------------------- storage
+
+def test_shards_read_the_same_from_local_paths_file_urls_and_object_storage(data_dir):
+    expected = run(data_dir, 2, 3, rank=1, max_batches=9)
+    assert run(upload(data_dir, "same"), 2, 3, rank=1, max_batches=9) == expected
+    assert run(f"file://{data_dir}", 2, 3, rank=1, max_batches=9) == expected
+    assert run(data_dir, 2, 3, rank=1, max_batches=9, shard_url="logged://same/{name}") == expected
+
+
+def test_dataloader_workers_give_the_same_batches_and_read_each_shard_once(data_dir, tmp_path):
+    url = upload(data_dir, "workers")
+    LoggedStorage.log_file = tmp_path / "requests.log"
+    try:
+        for rank in range(2):   # one pass (the val split: a finite stream, so workers do not read ahead into epoch 1)
+            assert run(url, 2, 2, rank=rank, split="val", workers=2) == run(data_dir, 2, 2, rank=rank, split="val")
+    finally:
+        LoggedStorage.log_file = None
+    lines = [line.split() for line in (tmp_path / "requests.log").read_text().splitlines()]
+    assert sorted(name for _, name, _ in lines) == sorted(f"train-0000{i}.tar" for i in range(5) for _ in range(2))
+    assert len({pid for pid, _, _ in lines}) >= 2, "both workers read"
+
+
+def test_a_shard_is_a_plain_tar_holding_its_records(data_dir):
+    with tarfile.open(data_dir / shard_name("train", 1)) as tar:
+        (member,) = tar.getmembers()
+        records = tar.extractfile(member).read()
+    fmt = Manifest.load(data_dir).record
+    assert member.name == "train-00001.records" and member.mtime == 0 and len(records) == 13 * fmt.size
+    tokens = np.frombuffer(records, np.uint8).reshape(13, fmt.size)[:, :fmt.token_bytes].copy().view("<u2")
+    assert tokens[:, 0].tolist() == list(range(7, 20))
+
+
+def test_pipe_commands_are_refused_naming_the_key(data_dir):
+    with pytest.raises(ShardError, match="pipe:"):
+        run(data_dir, 1, 5, shard_url="pipe:cat {dir}/{name}")
+    problems = validate_train(compose_config(f"data.dir={data_dir}", "data.shard_url='pipe:cat {name}'"))
+    assert any(p.startswith("data.shard_url=") and "fsspec URL" in p for p in problems), problems
+
+
+def test_shards_of_an_older_format_are_refused_with_what_to_do(data_dir, tmp_path):
+    old = copy_dir(data_dir, tmp_path / "old")
+    manifest = json.loads((old / "manifest.json").read_text())
+    (old / "manifest.json").write_text(json.dumps({**manifest, "format_version": 2}))
+    with pytest.raises(ValueError, match=r"format version 2, this distlm reads version 3.*preprocess the data again"):
+        loader(old)
+
+
+# ---------------------------------------------------------------- integrity
+
 def copy_dir(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
 
 
-def test_a_corrupt_shard_raises_an_error_naming_it(data_dir, tmp_path):
+def record_offset(data_dir: Path, index: int) -> int:
+    return Manifest.load(data_dir).record.byte_range(index, index + 1)[0]
+
+
+def test_a_changed_sample_fails_its_crc32_naming_shard_and_sample(data_dir, tmp_path):
+    changed_dir = copy_dir(data_dir, tmp_path / "changed")
+    changed = changed_dir / shard_name("train", 2)
+    data = bytearray(changed.read_bytes())
+    at = record_offset(changed_dir, 3)
+    data[at: at + 2] = np.array([999], dtype=np.uint16).tobytes()   # sample 3 of train-00002 (sample number 23)
+    changed.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match=r"train-00002.tar: sample 3 \(train-00002/3\) fails its crc32"):
+        run(changed_dir, 1, 5, split="val", shuffle=False)
+    with pytest.raises(ShardError, match=r"train-00002.tar: sample 3 \(train-00002/3\)"):
+        Manifest.load(changed_dir).verify()
+    unchecked = sum(run(changed_dir, 1, 5, split="val", shuffle=False, verify=False), [])
+    assert 999 in unchecked and 23 not in unchecked   # the record still parses: only its crc32 tells
+
+
+def test_a_sample_moved_to_another_place_fails_its_check(data_dir, tmp_path):
+    moved_dir = copy_dir(data_dir, tmp_path / "moved")
+    moved = moved_dir / shard_name("train", 0)
+    data = bytearray(moved.read_bytes())
+    a, b = record_offset(moved_dir, 0), record_offset(moved_dir, 1)
+    data[a:b], data[b: 2 * b - a] = data[b: 2 * b - a], data[a:b]   # samples 0 and 1 swapped, crc32s and all
+    moved.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match=r"train-00000.tar: sample 0 \(train-00000/0\) fails its crc32 \(2 of"):
+        run(moved_dir, 1, 5, split="val", shuffle=False)
+
+
+def test_a_missing_or_truncated_shard_raises_an_error_naming_it(data_dir, tmp_path):
     broken_dir = copy_dir(data_dir, tmp_path / "broken")
-    broken = broken_dir / shard_name("train", 2)
-    data = bytearray(broken.read_bytes())
-    data[600:1200] = b"\xff" * 600   # inside the first member's header and data
-    broken.write_bytes(bytes(data))
-    with pytest.raises(ShardError, match="train-00002.tar"):
-        run(broken_dir, 1, 5, split="val", shuffle=False, verify=False)
-    with pytest.raises(ShardError, match="train-00002.tar"):
+    broken = broken_dir / shard_name("train", 3)
+    broken.write_bytes(broken.read_bytes()[: record_offset(broken_dir, 4) + 5])
+    with pytest.raises(ShardError, match=r"train-00003.tar ends before sample 4"):
+        run(broken_dir, 1, 5, split="val", shuffle=False)
+    with pytest.raises(ShardError, match="train-00003.tar"):
         Manifest.load(broken_dir).verify()
     broken.unlink()
-    with pytest.raises(ShardError, match="train-00002.tar"):
+    with pytest.raises(ShardError, match="cannot read shard .*train-00003.tar"):
         run(broken_dir, 1, 5, split="val", shuffle=False)
 
 
-def test_a_changed_shard_fails_its_checksum_naming_it(data_dir, tmp_path):
-    changed_dir = copy_dir(data_dir, tmp_path / "changed")
-    changed = changed_dir / shard_name("train", 1)
-    data = bytearray(changed.read_bytes())
-    last_npy = data.rfind(b"\x93NUMPY")   # the last sample's .npy; its header is 128 bytes
-    data[last_npy + 128: last_npy + 130] = np.array([999], dtype=np.uint16).tobytes()
-    changed.write_bytes(bytes(data))
-    with pytest.raises(ShardError, match=r"train-00001.tar does not match its sha256"):
-        run(changed_dir, 1, 5, split="val", shuffle=False)
-    unchecked = sum(run(changed_dir, 1, 5, split="val", shuffle=False, verify=False), [])
-    assert 999 in unchecked   # the tar itself still parses: only the checksum tells
-
-
-def test_shards_stream_from_fsspec_urls_and_pipe_commands(data_dir):
-    expected = run(data_dir, 2, 3, rank=1, max_batches=9)
-    memory = fsspec.filesystem("memory")
-    for path in data_dir.iterdir():
-        memory.pipe(f"/numbered/{path.name}", path.read_bytes())
-    assert run("memory://numbered", 2, 3, rank=1, max_batches=9) == expected
-    assert run(f"file://{data_dir}", 2, 3, rank=1, max_batches=9) == expected
-    assert run(data_dir, 2, 3, rank=1, max_batches=9, shard_url="pipe:cat {dir}/{name}") == expected
-
+# ---------------------------------------------------------------- document boundaries, waiting
 
 def test_document_boundaries_come_with_the_tokens(tmp_path):
     root = write_numbered_shards(tmp_path / "bounded", boundaries=True)
-    source = loader(root, 1, 5, doc_boundaries=True)
-    for tokens, segments in source.iter_batches(max_batches=9):
+    for tokens, segments in loader(root, 1, 5, doc_boundaries=True).iter_batches(max_batches=9):
+        assert segments.dtype == torch.int32 and segments.shape == tokens.shape
         for n, seg in zip(tokens[:, 0].tolist(), segments.tolist()):
-            start = n % SAMPLE_LEN
+            start = n % SAMPLE_LEN   # a document starting at 0 is the sample's first segment either way
             assert seg == ([0] * SAMPLE_LEN if start == 0 else [0] * start + [1] * (SAMPLE_LEN - start))
     with pytest.raises(ValueError, match="keep_doc_boundaries"):
         loader(write_numbered_shards(tmp_path / "plain"), doc_boundaries=True)
+
+
+def test_the_loader_adds_up_the_time_a_consumer_waits_for_batches(data_dir):
+    url = upload(data_dir, "slow")
+    LoggedStorage.delay = 0.05   # slow storage: each batch of range requests takes 50 ms
+    try:
+        source = loader(url, 1, 5, split="val", shuffle=False, window=1)
+        batches = source.iter_batches()
+        next(batches)
+        time.sleep(0.2)   # the consumer's own work is not waiting
+        rest = list(batches)
+    finally:
+        LoggedStorage.delay = 0.0
+    assert len(rest) == 8
+    waited = source.wait_seconds()
+    assert 5 * 0.05 <= waited < 0.2 + 5 * 0.05, waited   # one request batch per shard, none of the consumer's sleep
+    assert source.wait_seconds() == 0.0
+
+
+# ---------------------------------------------------------------- per-rank reads, on real gloo ranks
+
+SCALE_SIZES = [700, 650, 800, 500, 750, 600]   # 4,000 samples of 128 tokens: 260-byte records, ~1 MB
+
+
+def _read_one_epoch(rank: int, world: int, data_dir: str, out: str) -> None:
+    """Rank `rank` of `world` data-parallel ranks reads its share of epoch 0 from local disk (bytes counted by
+    the kernel: /proc/self/io rchar) and from object storage (bytes the storage served)."""
+    url = upload(Path(data_dir), "scale")
+    next(loader(data_dir, window=1000).iter_batches())   # the first use's lazy imports are not reads of data
+    micro, result = 10, {}
+    for where, source in (("local", data_dir), ("object", url)):
+        shards = loader(source, world, micro, rank, window=1000)
+        batches = shards.iter_batches(max_batches=4000 // (micro * world))
+        rchar, served = _rchar(), LoggedStorage.served
+        samples = sum((batch[:, 0].tolist() for batch in batches), [])
+        result[where] = {"bytes": _rchar() - rchar if where == "local" else LoggedStorage.served - served,
+                         "samples": len(samples)}
+    Path(out, f"{world}-{rank}.json").write_text(json.dumps(result))
+
+
+def _rchar() -> int:
+    with open("/proc/self/io") as f:
+        return int(next(line for line in f if line.startswith("rchar:")).split()[1])
+
+
+def test_each_rank_reads_only_its_share_of_the_bytes(tmp_path):
+    data_dir = write_numbered_shards(tmp_path / "scale", sizes=SCALE_SIZES, sample_len=128)
+    record = Manifest.load(data_dir).record.size
+    for world in (1, 2, 4):
+        run_ranks(_read_one_epoch, world, world, str(data_dir), str(tmp_path))
+    read = {(w, r): json.loads((tmp_path / f"{w}-{r}.json").read_text()) for w in (1, 2, 4) for r in range(w)}
+    for where in ("local", "object"):
+        whole = read[1, 0][where]["bytes"]
+        assert read[1, 0][where]["samples"] == 4000 and 4000 * record <= whole < 1.1 * 4000 * record, where
+        for world in (2, 4):
+            for rank in range(world):
+                assert read[world, rank][where]["samples"] == 4000 // world
+                share = read[world, rank][where]["bytes"] / (whole / world)
+                assert 0.9 < share < 1.1, (where, world, rank, share)
+
+
+def _tensor_parallel_pair(rank: int, data_dir: str, out: str) -> None:
+    """4 ranks = 2 data-parallel replicas x 2 tensor-parallel ranks; each replica's TP group shares its batches."""
+    from distlm.parallel.layout import make_layout
+
+    layout = make_layout(tp=2, pp=1)
+    url = upload(Path(data_dir), "tp")
+    served = LoggedStorage.served
+    source = loader(url, layout.dp, 3, layout.dp_rank, window=8, doc_boundaries=True, broadcast_group=layout.tp_group)
+    batches = [(t.tolist(), s.tolist()) for t, s in source.iter_batches(max_batches=12)]
+    val = [t.tolist() for t, _ in loader(url, layout.dp, 3, layout.dp_rank, split="val", shuffle=False,
+                                         doc_boundaries=True, broadcast_group=layout.tp_group).iter_batches()]
+    Path(out, f"tp-{rank}.json").write_text(json.dumps({"dp_rank": layout.dp_rank, "tp_rank": layout.tp_rank,
+                                                        "bytes": LoggedStorage.served - served, "batches": batches,
+                                                        "val": val}))
+
+
+def test_tensor_parallel_ranks_get_their_batches_from_one_reader(tmp_path):
+    data_dir = write_numbered_shards(tmp_path / "tp", boundaries=True)
+    run_ranks(_tensor_parallel_pair, 4, str(data_dir), str(tmp_path))
+    ranks = [json.loads((tmp_path / f"tp-{r}.json").read_text()) for r in range(4)]
+    for dp_rank in range(2):
+        reader, receiver = sorted((r for r in ranks if r["dp_rank"] == dp_rank), key=lambda r: r["tp_rank"])
+        own = loader(data_dir, 2, 3, dp_rank, window=8, doc_boundaries=True)
+        assert reader["batches"] == receiver["batches"] == [[t.tolist(), s.tolist()]
+                                                            for t, s in own.iter_batches(max_batches=12)]
+        assert reader["val"] == receiver["val"] and len(reader["val"]) == 45 // 6
+        assert reader["bytes"] > 0 and receiver["bytes"] == 0

@@ -24,7 +24,7 @@ from distlm.config import WandbMode, compose_config, to_dict, validate_cluster
 from distlm.model.llama import Llama
 from distlm.train import checkpoint
 from distlm.train.launch import train
-from distlm.train.metrics import DataWait, MetricsLogger, peak_tflops_of, read_metrics, wandb_mode
+from distlm.train.metrics import MetricsLogger, peak_tflops_of, read_metrics, wandb_mode
 from distlm.train.progress import ProgressBar
 
 STEPS = 6
@@ -169,18 +169,6 @@ def test_peak_flops_come_from_the_device_name():
     assert peak_tflops_of("NVIDIA H100 PCIe") == 756
     assert peak_tflops_of("NVIDIA A100-SXM4-80GB") == 312
     assert peak_tflops_of("NVIDIA GeForce GTX 1080") is None
-
-
-def test_data_wait_adds_up_time_spent_waiting_for_batches():
-    def slow_batches():
-        for i in range(3):
-            time.sleep(0.05)
-            yield i
-
-    batches = DataWait(slow_batches())
-    assert [next(batches), next(batches)] == [0, 1]
-    assert 0.09 < batches.take() < 0.5
-    assert batches.take() == 0.0
 
 
 @pytest.mark.parametrize("overrides, model", [((), torch.nn.Linear(4, 4)), (("parallel.pp=2",), "llama")])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import logging
@@ -18,7 +19,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from distlm.config import ConfigError
 from distlm.data import dedup, minhash
 from distlm.data.clean import clean_text
-from distlm.data.loader import ShardLoader, read_shard
+from distlm.data.loader import ShardLoader, read_samples
 from distlm.data.preprocess import preprocess
 from distlm.data.shards import STATS_FILE, Manifest
 from distlm.data.sources import InputFile, ReadTask, read_documents
@@ -93,8 +94,8 @@ def removed(manifest: Manifest) -> dict[str, int]:
 def decoded_documents(manifest: Manifest, split: str) -> list[str]:
     """The split's documents as the shards hold them (the last one may be cut by the dropped tail)."""
     tokenizer = Tokenizer.from_file(str(manifest.tokenizer_path))
-    stream = np.concatenate([read_shard(str(manifest.shard_path(s)), s, manifest.sample_len, True, False)[0].ravel()
-                             for s in manifest.shards(split)])
+    stream = np.concatenate([read_samples(str(manifest.shard_path(s)), s, manifest.record, np.arange(s.samples),
+                                          verify=True)[0].ravel() for s in manifest.shards(split)])
     ends = np.flatnonzero(stream == manifest.eos_id)
     return [tokenizer.decode(doc.tolist()) for doc in np.split(stream, ends + 1)[:-1]] + ["<cut>"]
 
@@ -172,7 +173,7 @@ def test_rerun_with_same_inputs_skips_the_work(processed, caplog):
 
 
 def shard_hashes(manifest: Manifest) -> list[str]:
-    return [s.sha256 for split in ("train", "val") for s in manifest.shards(split)]
+    return [file_sha256(manifest.shard_path(s)) for split in ("train", "val") for s in manifest.shards(split)]
 
 
 def test_two_runs_give_byte_identical_shards_however_the_work_is_split(processed, corpus, data_config, tmp_path):
@@ -232,7 +233,8 @@ def test_a_given_tokenizer_is_used_as_is_with_its_special_tokens(ray_local, chap
     assert manifest.tokenizer_sha256 == file_sha256(given) == file_sha256(manifest.tokenizer_path)
     assert (manifest.tokenizer.eos_id, manifest.tokenizer.bos_id, manifest.tokenizer.pad_id) == (1, 2, 0)
     assert manifest.stats["tokenizer"]["trained"] is False
-    first = next(ShardLoader(manifest.data_dir, "train", 1, 0, 1, seed=0, shuffle=False, shuffle_window=1).iter_batches())
+    data = dataclasses.replace(data_config([corpus], manifest.data_dir).data, shuffle_window=1)
+    first = next(ShardLoader(data, "train", 1, 0, 1, seed=0, shuffle=False).iter_batches())
     assert first[0, 0] == 2   # every document starts with BOS
 
 
@@ -249,10 +251,10 @@ def test_a_given_tokenizer_without_the_eos_token_fails_naming_the_file(chapters,
 def test_document_boundaries_are_kept_when_asked(ray_local, chapters, data_config, tmp_path):
     corpus = tmp_path / "small.jsonl"
     corpus.write_bytes(jsonl([{"text": t} for t in chapters[:20]]))
-    manifest = preprocess(data_config([corpus], tmp_path / "out", "data.keep_doc_boundaries=true",
-                                      "data.val_fraction=0"))
-    source = ShardLoader(manifest.data_dir, "train", 8, 0, 1, seed=0, shuffle=True, shuffle_window=16,
-                         doc_boundaries=True)
+    cfg = data_config([corpus], tmp_path / "out", "data.keep_doc_boundaries=true", "data.val_fraction=0",
+                      "data.shuffle_window=16")
+    manifest = preprocess(cfg)
+    source = ShardLoader(cfg.data, "train", 8, 0, 1, seed=0, shuffle=True, doc_boundaries=True)
     for tokens, segments in source.iter_batches(max_batches=20):
         after_eos = np.zeros_like(segments)
         after_eos[:, 1:] = np.cumsum((tokens[:, :-1] == manifest.eos_id).numpy(), axis=1)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from distlm.data.shards import sample_tar_bytes
+from distlm.data.shards import RecordFormat
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -22,11 +22,11 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size < 2**16 else np.dtype(np.uint32)
 
 
-def samples_per_shard(shard_mb: float, fixed: int | None, sample_len: int, dtype: np.dtype) -> int:
-    """data.samples_per_shard if set, else as many samples as fit in data.shard_mb of tar."""
+def samples_per_shard(shard_mb: float, fixed: int | None, record: RecordFormat) -> int:
+    """data.samples_per_shard if set, else as many samples as fit in data.shard_mb of shard."""
     if fixed:
         return fixed
-    return max(1, int(shard_mb * 2**20) // sample_tar_bytes(sample_len, dtype))
+    return max(1, int(shard_mb * 2**20) // record.size)
 
 
 @dataclass(frozen=True)
@@ -125,8 +125,11 @@ def assemble(pieces: list[Pieces], lo: int, hi: int) -> tuple[np.ndarray, np.nda
     return tokens, doc_starts
 
 
-def doc_starts_per_sample(doc_starts: np.ndarray, first_sample: int, count: int, sample_len: int) -> list[np.ndarray]:
-    """For samples first_sample .. first_sample + count - 1: where documents start inside each."""
-    edges = (first_sample + np.arange(count + 1)) * sample_len
-    cut = np.searchsorted(doc_starts, edges)
-    return [doc_starts[cut[k]: cut[k + 1]] - edges[k] for k in range(count)]
+def doc_start_mask(doc_starts: np.ndarray, first_sample: int, count: int, sample_len: int) -> np.ndarray:
+    """For samples first_sample .. first_sample + count - 1: bool [count, sample_len], True where a document
+    starts (doc_starts: sorted stream offsets)."""
+    lo, hi = first_sample * sample_len, (first_sample + count) * sample_len
+    inside = doc_starts[np.searchsorted(doc_starts, lo): np.searchsorted(doc_starts, hi)]
+    mask = np.zeros(count * sample_len, dtype=bool)
+    mask[inside - lo] = True
+    return mask.reshape(count, sample_len)

@@ -1,4 +1,4 @@
-"""Raw text -> cleaned, deduplicated, tokenized, mixed, packed WebDataset shards + manifest, on Ray.
+"""Raw text -> cleaned, deduplicated, tokenized, mixed, packed shards + manifest, on Ray.
 
   1. read + tokenize  per input file / 64 MB range: read, clean, filter, hash (stages.read_block); then per
                       data.docs_per_task documents: tokens + MinHash band keys (stages.tokenize_part). A trained
@@ -31,8 +31,8 @@ from distlm.config import Config, raise_if, to_dict, validate_preprocess
 from distlm.data import dedup, minhash, stages
 from distlm.data.pack import plan_stream, samples_per_shard, token_dtype
 from distlm.data.stats import EXACT_DUPLICATE, NEAR_DUPLICATE, Progress, log_summary, removal_table
-from distlm.data.shards import (FORMAT_VERSION, MANIFEST_FILE, SPLITS, STATS_FILE, TOKENIZER_FILE, Manifest, SplitInfo,
-                                TokenizerInfo)
+from distlm.data.shards import (FORMAT_VERSION, MANIFEST_FILE, SPLITS, STATS_FILE, TOKENIZER_FILE, Manifest, RecordFormat,
+                                SplitInfo, TokenizerInfo)
 from distlm.data.sources import InputFile, list_inputs, read_tasks
 from distlm.data.tokenizer import (file_sha256, load_tokenizer, save_bytes, save_tokenizer, special_ids, special_tokens,
                                    train_tokenizer, vocab_size)
@@ -273,7 +273,8 @@ def _run(cfg: Config, files: list[InputFile], fingerprint: str, given: Tokenizer
     keep, exact_first = _deduplicate(blocks, d, _lsh_params(d))
     seconds["deduplicate"] = time.perf_counter() - tick
     tick = time.perf_counter()
-    per_shard = samples_per_shard(d.shard_mb, d.samples_per_shard, d.seq_len + 1, dtype)
+    per_shard = samples_per_shard(d.shard_mb, d.samples_per_shard,
+                                  RecordFormat(d.seq_len + 1, dtype, d.keep_doc_boundaries))
     stream_starts, split_of, layouts = _plan(blocks, keep, d, per_shard, 1 + (ids.bos is not None))
     shards, reused_shards = _write(blocks, stream_starts, split_of, layouts, ids, dtype, d, work)
     seconds["pack_and_write"] = time.perf_counter() - tick

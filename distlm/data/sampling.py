@@ -10,8 +10,8 @@ So a step sees the same samples whatever the layout (dp 2 x micro 4 = dp 1 x mic
 batch at every step however uneven the shards, and the position is one number: global samples consumed
 (the trainer's samples_seen). Resuming at it continues exactly; with another dp_size or micro-batch size,
 the rest of the stream is shared among the new ranks: nothing repeats, nothing is skipped. A window never
-splits a shard, so a rank (or a DataLoader worker) opens each shard once per epoch. Every rank reads every
-shard and keeps its share: ranks on one node share the page cache.
+splits a shard, so a rank (or a DataLoader worker) opens each shard once per epoch, and reads there only
+the samples it takes (`locate` says where they are): 1/dp_size of the data per rank.
 """
 
 from __future__ import annotations
@@ -77,6 +77,14 @@ class StreamPlan:
         offsets = np.arange(lo, max(lo, hi))
         slot = (stream_start + offsets) % self.global_batch
         return offsets[(slot >= self.dp_rank * self.micro) & (slot < (self.dp_rank + 1) * self.micro)]
+
+    def locate(self, window: Window, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Window positions (0 .. size - 1, in its shards' reading order) -> (manifest shard index, sample index
+        within that shard)."""
+        sizes = np.array([self.shard_sizes[s] for s in window.shards], dtype=np.int64)
+        starts = np.cumsum(sizes) - sizes
+        k = np.searchsorted(starts, positions, side="right") - 1
+        return np.array(window.shards, dtype=np.int64)[k], positions - starts[k]
 
     def windows_from(self, first: int, end: int | None) -> Iterator[Window]:
         """The windows holding stream samples [first, end) in order (end None: forever)."""

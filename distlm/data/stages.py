@@ -26,7 +26,7 @@ from tokenizers import Tokenizer
 
 from distlm.data import dedup, minhash
 from distlm.data.clean import apply_filters, clean_texts
-from distlm.data.pack import Pieces, StreamLayout, assemble, cut_pieces, doc_starts_per_sample, with_specials
+from distlm.data.pack import Pieces, StreamLayout, assemble, cut_pieces, doc_start_mask, with_specials
 from distlm.data.shards import ShardInfo, shard_name, write_shard
 from distlm.data.sources import ReadTask, read_documents
 
@@ -133,7 +133,7 @@ def write_group(layout: StreamLayout, group: int, data_dir: str, done_dir: str, 
         if infos[k] is not None:
             continue
         a, b = layout.shard_samples(j)
-        starts = doc_starts_per_sample(doc_starts, a, b - a, layout.sample_len) if boundaries else None
+        starts = doc_start_mask(doc_starts, a, b - a, layout.sample_len) if boundaries else None
         info = write_shard(Path(data_dir) / shard_name(layout.split, j), samples[a - first_sample: b - first_sample], starts)
         _record(Path(done_dir), info)
         infos[k] = info

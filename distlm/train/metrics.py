@@ -21,7 +21,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import psutil
 import torch
@@ -67,29 +67,6 @@ def memory_metrics(device: torch.device) -> dict[str, float]:
         record["gpu_mem_reserved_gib"] = torch.cuda.max_memory_reserved(device) / gib
         torch.cuda.reset_peak_memory_stats(device)
     return record
-
-
-class DataWait:
-    """Wraps the batch iterator and adds up the time spent waiting for it (loader stalls show up here)."""
-
-    def __init__(self, batches: Iterator):
-        self.batches = batches
-        self.seconds = 0.0
-
-    def __iter__(self) -> "DataWait":
-        return self
-
-    def __next__(self):
-        start = time.perf_counter()
-        try:
-            return next(self.batches)
-        finally:
-            self.seconds += time.perf_counter() - start
-
-    def take(self) -> float:
-        """Seconds waited since the last call."""
-        seconds, self.seconds = self.seconds, 0.0
-        return seconds
 
 
 @torch.no_grad()

@@ -21,7 +21,7 @@ from distlm.parallel.layout import make_layout
 from distlm.train import checkpoint
 from distlm.train.checkpoint import STOP_FILE, RunState
 from distlm.train.engine import build_engine
-from distlm.train.metrics import DataWait, MetricsLogger, memory_metrics, mfu, peak_flops
+from distlm.train.metrics import MetricsLogger, memory_metrics, mfu, peak_flops
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +74,11 @@ class Trainer:
             self.state.wandb_run_id = f"{c.run_name}-{int(time.time())}"
         self.metrics = MetricsLogger(c, self.state.wandb_run_id) if self.rank == 0 else None
         lay = self.layout
+        # The tensor-parallel ranks of a stage need the same batches: the first reads, the others receive.
         loading = dict(micro_batch_size=c.trainer.micro_batch_size, dp_rank=lay.dp_rank, dp_size=lay.dp,
-                       shuffle_window=c.data.shuffle_window, workers=c.data.loader_workers,
-                       shard_url=c.data.shard_url, verify=c.data.verify_shards)
-        self.train_data = ShardLoader(c.data.dir, split="train", seed=c.seed, shuffle=True, **loading)
-        self.val_data = ShardLoader(c.data.dir, split="val", seed=0, shuffle=False, **loading)
+                       broadcast_group=lay.tp_group if lay.tp > 1 else None)
+        self.train_data = ShardLoader(c.data, split="train", seed=c.seed, shuffle=True, **loading)
+        self.val_data = ShardLoader(c.data, split="val", seed=0, shuffle=False, **loading)
         # Pipeline stages in the middle receive activations, not data.
         self.reads_data = not self.pipelined or lay.is_first_stage or lay.is_last_stage
         self.tokens_per_step = c.global_batch_size * c.data.seq_len
@@ -209,8 +209,7 @@ class Trainer:
     def fit(self) -> None:
         c, t = self.c, self.c.trainer
         end = t.stop_at_step or t.max_steps
-        self.train_batches = DataWait(self.train_data.iter_batches(start_sample=self.state.samples_seen))
-        pairs = self._pairs(self.train_batches)
+        pairs = self._pairs(self.train_data.iter_batches(start_sample=self.state.samples_seen))
         if self.state.step >= end and self.rank == 0:
             log.info("already at step %d, nothing to train (stop at %d)", self.state.step, end)
         if not self.resumed:
@@ -274,7 +273,7 @@ class Trainer:
         grad_norm = None if skipped else self.engine.get_global_grad_norm()  # a skipped step has none
         record = {"loss": loss, "lr": self.engine.get_lr()[0], "grad_norm": grad_norm,
                   "tokens_per_s": tokens_per_s, "step_seconds": seconds,
-                  "data_wait_seconds": self.train_batches.take(), **memory_metrics(self.device)}
+                  "data_wait_seconds": self.train_data.wait_seconds(), **memory_metrics(self.device)}
         if self.peak_flops:
             record["mfu"] = mfu(self.flops_per_step, seconds, self.peak_flops, self.world)
         record = {k: float(v) if v is not None else None for k, v in record.items()}
