@@ -72,6 +72,14 @@ class TokenizerConfig:
 
 
 @dataclass
+class PiiConfig:
+    enabled: bool = MISSING
+    kinds: list[str] = MISSING
+    placeholders: dict[str, str] = MISSING
+    patterns: dict[str, str] = MISSING
+
+
+@dataclass
 class DataConfig:
     inputs: list[str] = MISSING
     text_field: str = MISSING
@@ -98,6 +106,7 @@ class DataConfig:
     shard_url: Optional[str] = MISSING
     verify_shards: bool = MISSING
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    pii: PiiConfig = field(default_factory=PiiConfig)
 
 
 class PipelinePartition(str, Enum):
