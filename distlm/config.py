@@ -168,6 +168,8 @@ class TrainerConfig:
     stop_grace_seconds: float = MISSING
     skip_spike_factor: Optional[float] = MISSING
     max_skipped_in_a_row: int = MISSING
+    doc_masking: bool = MISSING
+    doc_positions: bool = MISSING
 
 
 @dataclass
