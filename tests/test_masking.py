@@ -102,13 +102,15 @@ def test_preprocess_then_train_with_document_masking_through_the_cli(kjv_chapter
     data_dir, run_dir = tmp_path / "data", tmp_path / "run"
     common = [f"data.dir={data_dir}", "data.seq_len=64", "data.tokenizer.vocab_size=300", "cluster.num_workers=2"]
     subprocess.run([sys.executable, "-m", "distlm.cli", "preprocess", f"data.inputs=[{corpus}]",
-                    "data.keep_doc_boundaries=true", "data.near_dup_threshold=null", *common], check=True, timeout=600)
+                    "data.keep_doc_boundaries=true", "data.near_dup_threshold=null", "data.val_fraction=0.1",
+                    *common], check=True, timeout=600)
     subprocess.run([sys.executable, "-m", "distlm.cli", "train", "model=test", f"run_dir={run_dir}", *common,
                     "trainer.doc_masking=true", "trainer.max_steps=4", "trainer.micro_batch_size=4",
                     "optimizer.warmup_steps=1", "trainer.eval_every=4", "trainer.eval_batches=1",
                     "trainer.checkpoint_every=4", "logger.wandb=false"], check=True, timeout=600)
     records = read_metrics(run_dir)
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
-    assert records[-1]["step"] == 4 and all(r.get("val_loss", 0) == r.get("val_loss", 0) for r in records)
+    val = [r["val_loss"] for r in records if "val_loss" in r]
+    assert len(val) == 2 and all(0 < v < 7 for v in val), val   # evaluated (masked) at steps 0 and 4
     assert json.loads((run_dir / "checkpoints" / "step00000004" / "distlm_state.json").read_text()) \
         ["config"]["trainer"]["doc_masking"] is True

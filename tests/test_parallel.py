@@ -69,7 +69,8 @@ def verse_shards(ray_local, kjv_chapters, tmp_path_factory) -> Path:
     corpus = root / "verses.jsonl"
     corpus.write_text("".join(json.dumps({"text": v}) + "\n" for c in kjv_chapters[:40] for v in c["text"].split("\n")))
     preprocess(compose_config(f"data.inputs=[{corpus}]", f"data.dir={root / 'shards'}", "data.seq_len=64",
-                              "data.tokenizer.vocab_size=512", "data.samples_per_shard=64", "data.keep_doc_boundaries=true"))
+                              "data.tokenizer.vocab_size=512", "data.samples_per_shard=64",
+                              "data.keep_doc_boundaries=true"))
     return root / "shards"
 
 

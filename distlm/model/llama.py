@@ -65,6 +65,7 @@ def document_mask(doc_ids: torch.Tensor) -> torch.Tensor | BlockMask:
 
 
 def flex_document_mask(doc_ids: torch.Tensor) -> BlockMask:
+    """document_mask for flex_attention: which (query, key) pairs may attend, per batch row, for all heads."""
     def same_document_causal(b, h, q, kv):
         return (q >= kv) & (doc_ids[b, q] == doc_ids[b, kv])
     seq = doc_ids.shape[1]
@@ -72,7 +73,7 @@ def flex_document_mask(doc_ids: torch.Tensor) -> BlockMask:
 
 
 def rope_and_mask(rope_cos: torch.Tensor, rope_sin: torch.Tensor, seq: int, doc_ids: torch.Tensor | None,
-                  position_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | BlockMask | None]:
+                  position_ids: torch.Tensor | None) -> tuple:
     """RoPE angles for the positions (0..seq-1 when none are given) and the attention mask (None: causal over
     the whole sample; with doc_ids: inside each document)."""
     if position_ids is None:

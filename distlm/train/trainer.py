@@ -76,7 +76,8 @@ class Trainer:
         lay = self.layout
         loading = dict(micro_batch_size=c.trainer.micro_batch_size, dp_rank=lay.dp_rank, dp_size=lay.dp,
                        shuffle_window=c.data.shuffle_window, workers=c.data.loader_workers,
-                       shard_url=c.data.shard_url, verify=c.data.verify_shards, doc_boundaries=c.trainer.doc_masking)
+                       shard_url=c.data.shard_url, verify=c.data.verify_shards,
+                       doc_boundaries=c.trainer.doc_masking)
         self.train_data = ShardLoader(c.data.dir, split="train", seed=c.seed, shuffle=True, **loading)
         self.val_data = ShardLoader(c.data.dir, split="val", seed=0, shuffle=False, **loading)
         # Pipeline stages in the middle receive activations, not data.
