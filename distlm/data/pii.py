@@ -2,11 +2,11 @@
 patterns, data.pii.patterns) replaced by placeholders, counted per kind and document.
 
 Python's `re`, not pyarrow's RE2 as in clean.py: telling an address from a version number, a date, a time
-or a slice in code needs lookarounds and a look at the words before a match, which RE2 lacks. Python's engine is slow
-(≈0.3 MB/s for all kinds together), so RE2 does the bulk of the work: one vectorized pass over the batch
-finds the documents, then the lines, that could hold a built-in kind (a small share of real text), and only
-those lines go through the precise pass (one compiled pattern, every kind an alternative of it). A pattern
-of one's own sends every line through Python.
+or a slice in code needs lookarounds and a look at the words before a match, which RE2 lacks. Python's
+engine is slow (≈0.3 MB/s for all kinds together), so RE2 does the bulk of the work: one vectorized pass
+over the batch finds the documents, then the lines, that could hold a built-in kind (a small share of real
+text), and only those lines go through the precise pass (one compiled pattern, every kind an alternative of
+it). A pattern of one's own sends every line through Python.
 
 What is and is not replaced (tests/test_pii.py holds the cases):
 - email  local@domain.tld, the top-level domain two letters or more.
@@ -24,6 +24,7 @@ What is and is not replaced (tests/test_pii.py holds the cases):
 from __future__ import annotations
 
 import re
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
