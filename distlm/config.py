@@ -75,6 +75,14 @@ class TokenizerConfig:
 
 
 @dataclass
+class PiiConfig:
+    enabled: bool = MISSING
+    kinds: list[str] = MISSING
+    placeholders: dict[str, str] = MISSING
+    patterns: dict[str, str] = MISSING
+
+
+@dataclass
 class DataConfig:
     inputs: list[str] = MISSING
     text_field: str = MISSING
@@ -101,6 +109,7 @@ class DataConfig:
     shard_url: Optional[str] = MISSING
     verify_shards: bool = MISSING
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    pii: PiiConfig = field(default_factory=PiiConfig)
 
 
 class PipelinePartition(str, Enum):
@@ -166,6 +175,8 @@ class TrainerConfig:
     stop_grace_seconds: float = MISSING
     skip_spike_factor: Optional[float] = MISSING
     max_skipped_in_a_row: int = MISSING
+    doc_masking: bool = MISSING
+    doc_positions: bool = MISSING
 
 
 @dataclass

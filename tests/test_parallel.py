@@ -1,6 +1,8 @@
 """Every parallel layout computes what one process computes: the same losses step by step and the same
-updated weights, from the same initial weights and the same global batches (fp32, real gloo ranks)."""
+updated weights, from the same initial weights and the same global batches (fp32, real gloo ranks); also
+with document masking."""
 
+import json
 from pathlib import Path
 
 import deepspeed
@@ -8,6 +10,7 @@ import pytest
 import torch
 
 from distlm.config import compose_config
+from distlm.data.preprocess import preprocess
 from distlm.model.parallelize import full_state_dict
 from distlm.train.metrics import read_metrics
 from distlm.train.trainer import Trainer
@@ -56,8 +59,43 @@ def single_process(bible_shards, tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("name", LAYOUTS)
 def test_layout_matches_single_process(name, single_process, bible_shards, tmp_path):
+    assert_layout_matches(name, single_process, bible_shards, tmp_path)
+
+
+@pytest.fixture(scope="module")
+def verse_shards(ray_local, kjv_chapters, tmp_path_factory) -> Path:
+    """Bible verses (short documents: several in every 64-token sample) preprocessed with their boundaries."""
+    root = tmp_path_factory.mktemp("verses")
+    corpus = root / "verses.jsonl"
+    corpus.write_text("".join(json.dumps({"text": v}) + "\n" for c in kjv_chapters[:40] for v in c["text"].split("\n")))
+    preprocess(compose_config(f"data.inputs=[{corpus}]", f"data.dir={root / 'shards'}", "data.seq_len=64",
+                              "data.tokenizer.vocab_size=512", "data.samples_per_shard=64",
+                              "data.keep_doc_boundaries=true"))
+    return root / "shards"
+
+
+@pytest.fixture(scope="module")
+def single_process_masked(verse_shards, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("single_masked")
+    run_ranks(_train, 1, layout_config(verse_shards, run_dir, 1, f"trainer.micro_batch_size={GLOBAL_BATCH}",
+                                       "trainer.doc_masking=true"))
+    return run_dir
+
+
+def test_document_masking_changes_what_one_process_computes(single_process_masked, verse_shards, tmp_path):
+    run_ranks(_train, 1, layout_config(verse_shards, tmp_path, 1, f"trainer.micro_batch_size={GLOBAL_BATCH}"))
+    masked, unmasked = losses(single_process_masked), losses(tmp_path)
+    assert abs(masked[0] - unmasked[0]) > 1e-4 and masked != pytest.approx(unmasked, rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["tp2", "pp2", "tp2_pp2"])
+def test_masked_layout_matches_single_process(name, single_process_masked, verse_shards, tmp_path):
+    assert_layout_matches(name, single_process_masked, verse_shards, tmp_path, "trainer.doc_masking=true")
+
+
+def assert_layout_matches(name: str, single_process: Path, data_dir: Path, tmp_path: Path, *extra: str) -> None:
     world, overrides = LAYOUTS[name]
-    c = layout_config(bible_shards, tmp_path, world, *overrides)
+    c = layout_config(data_dir, tmp_path, world, *overrides, *extra)
     assert c.global_batch_size == GLOBAL_BATCH
     run_ranks(_train, world, c)
     expected, got = losses(single_process), losses(tmp_path)

@@ -16,9 +16,9 @@ import pytest
 import zstandard
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from distlm.config import ConfigError
+from distlm.config import ConfigError, compose_config
 from distlm.data import dedup, minhash
-from distlm.data.clean import clean_text
+from distlm.data.clean import clean_text as clean_with
 from distlm.data.loader import ShardLoader, read_samples
 from distlm.data.preprocess import preprocess
 from distlm.data.shards import STATS_FILE, Manifest
@@ -27,6 +27,12 @@ from distlm.data.tokenizer import TokenizerError, file_sha256
 
 MAX_CHARS = 20_000
 NUMBERS_7 = 123   # chapter index of Numbers 7: twelve tribes bring the same offering, line for line
+UNICODE_FORM = compose_config().data.unicode_form   # conf/'s, which the corpus here is preprocessed with
+
+
+def clean_text(text: str, unicode_form: str | None = UNICODE_FORM) -> str:
+    """A document as preprocessing cleans it."""
+    return clean_with(text, unicode_form)
 
 
 def jsonl(docs) -> bytes:

@@ -36,7 +36,7 @@ def clean_texts(texts: pa.Array, unicode_form: str | None) -> pa.Array:
     return pc.utf8_trim_whitespace(texts)
 
 
-def clean_text(text: str, unicode_form: str | None = "NFC") -> str:
+def clean_text(text: str, unicode_form: str | None) -> str:
     """clean_texts for one string."""
     return clean_texts(pa.array([text], pa.string()), unicode_form)[0].as_py()
 

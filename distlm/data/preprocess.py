@@ -28,7 +28,7 @@ from tokenizers import Tokenizer
 
 from distlm.cluster import connect
 from distlm.config import Config, raise_if, to_dict, validate_preprocess
-from distlm.data import dedup, minhash, stages
+from distlm.data import dedup, minhash, pii, stages
 from distlm.data.pack import plan_stream, samples_per_shard, token_dtype
 from distlm.data.stats import EXACT_DUPLICATE, NEAR_DUPLICATE, Progress, log_summary, removal_table
 from distlm.data.shards import (FORMAT_VERSION, MANIFEST_FILE, SPLITS, STATS_FILE, TOKENIZER_FILE, Manifest, RecordFormat,
@@ -46,7 +46,7 @@ _SHARD_FILE = re.compile(r"(train|val)-\d{5}\.tar(\.tmp)?")
 def preprocess(cfg: Config) -> Manifest:
     """Preprocess cfg.data.inputs into cfg.data.dir; skip the work if the dir already holds the output
     of the same inputs and config, and reuse what an interrupted run finished."""
-    raise_if(validate_preprocess(cfg))
+    raise_if(validate_preprocess(cfg) + pii.config_problems(cfg.data.pii))
     d = cfg.data
     files = list_inputs(d.inputs)  # every path checked readable before any work
     given = load_tokenizer(d.tokenizer.path, special_tokens(d.tokenizer)) if d.tokenizer.path else None
@@ -285,6 +285,7 @@ def _run(cfg: Config, files: list[InputFile], fingerprint: str, given: Tokenizer
         save_tokenizer(tokenizer, tokenizer_path)
     seconds["total"] = time.perf_counter() - started
     stats = _stats(files, blocks, keep, exact_first, split_of, layouts, shards, seconds, reused_shards)
+    stats["pii"] = _pii_counts(blocks, keep, d.pii)
     stats["tokenizer"] = {"trained": given is None, "vocab_size": vocab, "sha256": file_sha256(tokenizer_path)}
     stats = json.loads(json.dumps(stats))  # plain JSON types, as it reads back from stats.json and the manifest
     save_bytes((json.dumps(stats, indent=1) + "\n").encode(), data_dir / STATS_FILE)
@@ -330,6 +331,16 @@ def _stats(files, blocks, keep, exact_first, split_of, layouts, shards, seconds,
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
         "tokens_per_second": sum(tokens.values()) / max(seconds["total"], 1e-9),
     }
+
+
+def _pii_counts(blocks, keep, config) -> dict:
+    """Per PII kind: matches replaced and documents with at least one, in the documents kept."""
+    redactor = pii.Redactor.from_config(config)
+    if redactor is None:
+        return {}
+    counts = np.concatenate([b.meta["pii"] for b in blocks])[keep]
+    return {kind: {"replaced": int(counts[:, i].sum()), "documents": int((counts[:, i] > 0).sum())}
+            for i, kind in enumerate(redactor.kinds)}
 
 
 def _remove_stale_shards(data_dir: Path, manifest: Manifest) -> None:

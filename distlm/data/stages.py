@@ -27,6 +27,7 @@ from tokenizers import Tokenizer
 from distlm.data import dedup, minhash
 from distlm.data.clean import apply_filters, clean_texts
 from distlm.data.pack import Pieces, StreamLayout, assemble, cut_pieces, doc_start_mask, with_specials
+from distlm.data.pii import Redactor
 from distlm.data.shards import ShardInfo, shard_name, write_shard
 from distlm.data.sources import ReadTask, read_documents
 
@@ -40,11 +41,14 @@ def max_unit_bytes(max_chars: int) -> int:
 
 @ray.remote(num_returns=2, **RETRY)
 def read_block(task: ReadTask, d) -> tuple[pa.Array, dict]:
-    """Cleaned, filtered texts of one read task (as Arrow: zero-copy through the object store) and their
-    metadata: digests, UTF-8 sizes, and documents/bytes removed per reason."""
+    """Cleaned, filtered, PII-redacted texts of one read task (as Arrow: zero-copy through the object store)
+    and their metadata: digests, UTF-8 sizes, documents/bytes removed per reason, PII replaced per document
+    and kind."""
     found = read_documents(task, d.text_field, d.txt_document, max_unit_bytes(d.max_chars))
     texts = clean_texts(pa.array(found.texts, pa.string()), d.unicode_form)
     texts, removed, removed_bytes = apply_filters(texts, d)
+    redactor = Redactor.from_config(d.pii)
+    texts, pii = redactor.redact(texts) if redactor else (texts, np.zeros((len(texts), 0), np.int32))
     meta = {
         "digests": dedup.digests(texts),
         "text_bytes": pc.binary_length(texts).to_numpy(zero_copy_only=False).astype(np.int64),
@@ -52,6 +56,7 @@ def read_block(task: ReadTask, d) -> tuple[pa.Array, dict]:
         "removed": dict(found.removed + removed),
         "removed_bytes": dict(found.removed_bytes + removed_bytes),
         "bad_files": found.bad_files,
+        "pii": pii,
     }
     return texts, meta
 

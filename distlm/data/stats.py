@@ -2,7 +2,7 @@
 
 stats.json (also inside manifest.json) holds documents in/out of every stage, the documents and bytes each
 filter and each kind of bad input removed, duplicates removed, tokens, dropped tokens, bytes per token,
-shards, time per stage and throughput.
+shards, time per stage and throughput, and the personal data (PII) replaced per kind.
 """
 
 from __future__ import annotations
@@ -74,6 +74,11 @@ def summary_lines(stats: dict) -> list[str]:
                          f"{row['bytes_removed'] / 2**20:9,.2f} MB  out {row['docs_out']:>9,}")
     for reason, url in s["bad_files"][:10]:
         lines.append(f"  {reason}: {url}")
+    if s["pii"]:
+        lines.append("PII replaced in the kept documents: " + ", ".join(
+            f"{kind} {c['replaced']:,} in {c['documents']:,} docs" for kind, c in s["pii"].items()))
+    else:
+        lines.append("PII redaction off (data.pii.enabled=false)")
     tok = s["tokens"]
     lines += [
         f"documents train={s['documents']['train']:,} val={s['documents']['val']:,}; "

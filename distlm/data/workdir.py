@@ -88,7 +88,7 @@ class WorkDir:
     def save_meta(self, block: int, meta: dict) -> None:
         info = {k: meta[k] for k in ("units", "removed", "removed_bytes", "bad_files")}
         stages.save_npz(self._meta_path(block), digests=meta["digests"], text_bytes=meta["text_bytes"],
-                        info=np.array(json.dumps(info)))
+                        pii=meta["pii"], info=np.array(json.dumps(info)))
 
     def load_block(self, block: int) -> tuple[dict, list[Path]] | None:
         """(metadata, part files) of a block an earlier run finished tokenizing, else None."""
@@ -96,7 +96,8 @@ class WorkDir:
         if not path.is_file():
             return None
         with np.load(path) as saved:
-            meta = {"digests": saved["digests"], "text_bytes": saved["text_bytes"], **json.loads(str(saved["info"]))}
+            meta = {"digests": saved["digests"], "text_bytes": saved["text_bytes"], "pii": saved["pii"],
+                    **json.loads(str(saved["info"]))}
         parts = [self.part_path(block, k) for k in range(-(-len(meta["digests"]) // self.docs_per_task))]
         return (meta, parts) if all(p.is_file() for p in parts) else None
 

@@ -7,11 +7,13 @@ export is a rename and nothing is permuted.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
 from distlm.config import ModelConfig
@@ -43,6 +45,49 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
+def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
+    """Each token's position inside its document, from doc_ids [batch, seq] (the document number of each
+    token in a packed sample, non-decreasing along seq)."""
+    index = torch.arange(doc_ids.shape[1], device=doc_ids.device).expand_as(doc_ids)
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    return index - torch.where(starts, index, 0).cummax(dim=1).values
+
+
+def document_mask(doc_ids: torch.Tensor) -> torch.Tensor | BlockMask:
+    """Causal attention that never crosses a document boundary. On CUDA a flex-attention BlockMask (its
+    kernel skips whole blocks of other documents); elsewhere a boolean [batch, 1, seq, seq] mask for SDPA."""
+    if doc_ids.is_cuda:
+        return flex_document_mask(doc_ids)
+    seq = doc_ids.shape[1]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=doc_ids.device).tril()
+    return ((doc_ids[:, :, None] == doc_ids[:, None, :]) & causal)[:, None]
+
+
+def flex_document_mask(doc_ids: torch.Tensor) -> BlockMask:
+    """document_mask for flex_attention: which (query, key) pairs may attend, per batch row, for all heads."""
+    def same_document_causal(b, h, q, kv):
+        return (q >= kv) & (doc_ids[b, q] == doc_ids[b, kv])
+    seq = doc_ids.shape[1]
+    return create_block_mask(same_document_causal, doc_ids.shape[0], None, seq, seq, device=doc_ids.device)
+
+
+def rope_and_mask(rope_cos: torch.Tensor, rope_sin: torch.Tensor, seq: int, doc_ids: torch.Tensor | None,
+                  position_ids: torch.Tensor | None) -> tuple:
+    """RoPE angles for the positions (0..seq-1 when none are given) and the attention mask (None: causal over
+    the whole sample; with doc_ids: inside each document)."""
+    if position_ids is None:
+        cos, sin = rope_cos[:seq], rope_sin[:seq]
+    else:
+        cos, sin = rope_cos[position_ids].unsqueeze(1), rope_sin[position_ids].unsqueeze(1)  # [batch, 1, seq, hd]
+    return cos, sin, None if doc_ids is None else document_mask(doc_ids)
+
+
+@functools.cache
+def _compiled_flex_attention():
+    return torch.compile(flex_attention, dynamic=False)  # without compiling it is a slow reference version
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -52,14 +97,21 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | BlockMask | None = None) -> torch.Tensor:
         batch, seq, _ = x.shape
         q = self.q_proj(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        # SDPA picks the flash kernel on GPU; enable_gqa lets query heads share key/value heads.
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
+        gqa = self.n_kv_heads != self.n_heads  # query heads share key/value heads
+        if mask is None:  # SDPA picks the flash kernel on GPU
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        elif isinstance(mask, BlockMask):
+            flex = _compiled_flex_attention() if q.is_cuda else flex_attention
+            y = flex(q, k, v, block_mask=mask, enable_gqa=gqa)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(batch, seq, -1))
 
 
@@ -82,8 +134,9 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | BlockMask | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -92,9 +145,9 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.reshape(-1))
 
 
-def _run_blocks(blocks: nn.ModuleList, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def _run_blocks(blocks: nn.ModuleList, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask) -> torch.Tensor:
     for block in blocks:
-        x = block(x, cos, sin)
+        x = block(x, cos, sin, mask)
     return x
 
 
@@ -124,17 +177,19 @@ class Llama(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [batch, seq, vocab]; or, given labels, the mean next-token cross-entropy."""
-        seq = input_ids.shape[1]
-        cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [batch, seq, vocab]; or, given labels, the mean next-token cross-entropy. With doc_ids (each
+        token's document number in a packed sample) attention stays inside each document; position_ids
+        [batch, seq] (e.g. document_positions) replace the positions 0..seq-1 of RoPE."""
+        cos, sin, mask = rope_and_mask(self.rope_cos, self.rope_sin, input_ids.shape[1], doc_ids, position_ids)
         x = self.embed_tokens(input_ids)
         step = self.activation_checkpoint_interval if self.training else 0
         if step:  # trade compute for memory: keep only each segment's input for backward
             for i in range(0, len(self.layers), step):
-                x = checkpoint(_run_blocks, self.layers[i:i + step], x, cos, sin, use_reentrant=False)
+                x = checkpoint(_run_blocks, self.layers[i:i + step], x, cos, sin, mask, use_reentrant=False)
         else:
-            x = _run_blocks(self.layers, x, cos, sin)
+            x = _run_blocks(self.layers, x, cos, sin, mask)
         logits = self.lm_head(self.norm(x))
         return logits if labels is None else self.loss_fn(logits, labels)
 

@@ -1,7 +1,9 @@
 """How a Llama is split across ranks: the tensor-parallel plan and the pipeline stages.
 
 llama.py knows nothing of this: the plan swaps its linear layers for tensor-parallel ones in place, and
-the pipeline split wraps its embedding, blocks and head as DeepSpeed pipeline stages. Both keep the
+the pipeline split wraps its embedding, blocks and head as DeepSpeed pipeline stages. With document
+masking a stage's input and output is the tuple (activations or token ids, document ids, positions): the
+document ids and positions travel with the activations from stage to stage. Both keep the
 model's parameter names (a stage `3` holding `layers.2....`), so `full_state_dict` can gather a layout
 back into the names of a one-process Llama (and of Hugging Face's, less the `model.` prefix).
 """
@@ -17,7 +19,7 @@ import torch.nn.functional as F
 from deepspeed.checkpoint import constants as uc
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 
-from distlm.model.llama import Llama
+from distlm.model.llama import Llama, rope_and_mask
 from distlm.parallel.layout import Layout
 from distlm.parallel.tensor import (ColumnParallelLinear, RowParallelLinear, VocabParallelCrossEntropy,
                                     VocabParallelEmbedding, copy_to_tp, padded_vocab_size)
@@ -52,7 +54,9 @@ class EmbedStage(nn.Module):
         super().__init__()
         self.embed_tokens = embed_tokens
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor | tuple) -> torch.Tensor | tuple:
+        if isinstance(ids, tuple):  # (token ids, document ids, positions)
+            return (self.embed_tokens(ids[0]), *ids[1:])
         return self.embed_tokens(ids)
 
     def unembed(self, x: torch.Tensor) -> torch.Tensor:
@@ -69,10 +73,12 @@ class BlockStage(nn.Module):
         self.register_buffer("rope_cos", rope_cos, persistent=False)
         self.register_buffer("rope_sin", rope_sin, persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        seq = x.shape[1]
+    def forward(self, x: torch.Tensor | tuple) -> torch.Tensor | tuple:
         (block,) = self.layers.values()
-        return block(x, self.rope_cos[:seq], self.rope_sin[:seq])
+        x, *documents = x if isinstance(x, tuple) else (x,)
+        cos, sin, mask = rope_and_mask(self.rope_cos, self.rope_sin, x.shape[1], *(documents or (None, None)))
+        x = block(x, cos, sin, mask)
+        return (x, *documents) if documents else x
 
 
 class NormStage(nn.Module):
@@ -80,8 +86,8 @@ class NormStage(nn.Module):
         super().__init__()
         self.norm = norm
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(x)
+    def forward(self, x: torch.Tensor | tuple) -> torch.Tensor:
+        return self.norm(x[0] if isinstance(x, tuple) else x)
 
 
 class HeadStage(NormStage):
@@ -89,8 +95,8 @@ class HeadStage(NormStage):
         super().__init__(norm)
         self.lm_head = lm_head
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.norm(x))
+    def forward(self, x: torch.Tensor | tuple) -> torch.Tensor:
+        return self.lm_head(super().forward(x))
 
 
 def _unembed(stage: EmbedStage, x: torch.Tensor) -> torch.Tensor:

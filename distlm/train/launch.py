@@ -97,6 +97,9 @@ def check_before_launch(c: Config) -> None:
     if manifest.seq_len != c.data.seq_len:
         raise ConfigError(f"data.dir={c.data.dir} holds samples of seq_len {manifest.seq_len} but "
                           f"data.seq_len={c.data.seq_len}; set data.seq_len={manifest.seq_len} or preprocess again")
+    if c.trainer.doc_masking and not manifest.doc_boundaries:
+        raise ConfigError(f"trainer.doc_masking=true needs document boundaries, which data.dir={c.data.dir} does not "
+                          f"store: preprocess it with data.keep_doc_boundaries=true, or set trainer.doc_masking=false")
     found = checkpoint.to_resume(c)
     if found is not None:
         saved = checkpoint.read_state(found[0] / found[1])

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from distlm.config import Config, to_dict
 from distlm.data.loader import ShardLoader
 from distlm.data.shards import Manifest
-from distlm.model.llama import Llama
+from distlm.model.llama import Llama, document_positions
 from distlm.parallel.layout import make_layout
 from distlm.train import checkpoint
 from distlm.train.checkpoint import STOP_FILE, RunState
@@ -76,7 +76,7 @@ class Trainer:
         lay = self.layout
         # The tensor-parallel ranks of a stage need the same batches: the first reads, the others receive.
         loading = dict(micro_batch_size=c.trainer.micro_batch_size, dp_rank=lay.dp_rank, dp_size=lay.dp,
-                       broadcast_group=lay.tp_group if lay.tp > 1 else None)
+                       broadcast_group=lay.tp_group if lay.tp > 1 else None, doc_boundaries=c.trainer.doc_masking)
         self.train_data = ShardLoader(c.data, split="train", seed=c.seed, shuffle=True, **loading)
         self.val_data = ShardLoader(c.data, split="val", seed=0, shuffle=False, **loading)
         # Pipeline stages in the middle receive activations, not data.
@@ -90,10 +90,25 @@ class Trainer:
                      c.trainer.precision.value, c.global_batch_size, c.data.seq_len)
 
     def _pairs(self, batches):
-        """(inputs, labels) on the device, or None where a pipeline stage reads no data."""
+        """(inputs, labels) on the device, or None where a pipeline stage reads no data. With trainer.doc_masking
+        the inputs are (token ids, document ids, positions): a tuple of tensors, as pipeline stages pass on."""
         if not self.reads_data:
             return None
-        return ((b[:, :-1].to(self.device), b[:, 1:].to(self.device)) for b in batches)
+        if not self.c.trainer.doc_masking:
+            return ((b[:, :-1].to(self.device), b[:, 1:].to(self.device)) for b in batches)
+        return (self._with_documents(tokens, segments) for tokens, segments in batches)
+
+    def _with_documents(self, tokens: torch.Tensor, segments: torch.Tensor) -> tuple[tuple, torch.Tensor]:
+        tokens, doc_ids = tokens.to(self.device), segments[:, :-1].to(self.device, torch.long)
+        positions = document_positions(doc_ids) if self.c.trainer.doc_positions else \
+            torch.arange(doc_ids.shape[1], device=self.device).expand_as(doc_ids)
+        return (tokens[:, :-1], doc_ids, positions), tokens[:, 1:]
+
+    def _loss(self, inputs, labels) -> torch.Tensor:
+        if isinstance(inputs, tuple):
+            ids, doc_ids, positions = inputs
+            return self.engine(ids, labels, doc_ids=doc_ids, position_ids=positions)
+        return self.engine(inputs, labels)
 
     def _train_step(self, pairs) -> tuple[float, str | None]:
         """One optimizer step over grad_accum micro-batches -> (the loss averaged over them and all replicas,
@@ -109,7 +124,7 @@ class Trainer:
         micro_losses = []
         for i in range(t.grad_accum):
             inputs, labels = next(pairs)
-            micro_loss = self.engine(inputs, labels)
+            micro_loss = self._loss(inputs, labels)
             if (self.state.step + 1, i) in self.nan_at and self.rank == 0:
                 micro_loss = micro_loss * float("nan")
             micro_losses.append(_all_mean(micro_loss))
@@ -184,7 +199,7 @@ class Trainer:
             return self.engine.eval_batch(data_iter=pairs, num_micro_batches=count).item()
         self.engine.eval()
         with torch.no_grad():
-            loss = torch.stack([self.engine(inputs, labels).float() for inputs, labels in pairs]).mean()
+            loss = torch.stack([self._loss(inputs, labels).float() for inputs, labels in pairs]).mean()
         self.engine.train()
         return _all_mean(loss)
 
