@@ -21,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+import deepspeed  # noqa: E402
 import torch  # noqa: E402
 
 from distlm.config import compose_config  # noqa: E402
@@ -51,6 +52,13 @@ def _rank(rank: int, c, out: Path, build: bool) -> None:
     layout = make_layout(c.parallel.tp, c.parallel.pp)
     record = {"rank": rank, "stage": layout.stage, "tp_rank": layout.tp_rank}
     if build:
+        initialize = deepspeed.initialize
+
+        def recording_initialize(*args, **kwargs):  # the peak once the model is built, before DeepSpeed's part
+            record["model_mb"] = peak_rss_mb()
+            return initialize(*args, **kwargs)
+
+        deepspeed.initialize = recording_initialize
         engine = build_engine(c, layout)
         record["elements"] = _held_elements(engine.module)
     record["peak_mb"] = peak_rss_mb()
@@ -71,9 +79,10 @@ def measure(name: str, layers: int) -> list[str]:
             built = json.loads((out / f"built{rank}.json").read_text())
             share_mb = STATE_BYTES * built["elements"] / 2**20
             above = built["peak_mb"] - bare["peak_mb"]
+            model_above = built["model_mb"] - bare["peak_mb"]
             rows.append(f"{name:10} {rank:4} {built['stage']:5} {built['tp_rank']:3} {built['elements'] / 1e6:9.2f}M "
-                        f"{share_mb:9.0f} {bare['peak_mb']:8.0f} {built['peak_mb']:8.0f} {above:8.0f} "
-                        f"{above / share_mb:6.2f}")
+                        f"{share_mb:9.0f} {bare['peak_mb']:8.0f} {model_above:11.0f} {built['peak_mb']:8.0f} "
+                        f"{above:8.0f} {above / share_mb:6.2f}")
     return rows
 
 
@@ -90,9 +99,10 @@ def main() -> None:
           f"{STATE_BYTES} B/parameter = {STATE_BYTES * n / 2**20:.0f} MiB in one process; the whole fp32 model "
           f"{4 * n / 2**20:.0f} MiB")
     print("share = 16 B x parameter elements the rank holds; above = peak RSS after the engine is built minus the "
-          "peak of a bare process of the same layout (MiB)")
-    print(f"{'layout':10} {'rank':>4} {'stage':>5} {'tp':>3} {'elements':>10} {'share':>9} {'bare':>8} {'built':>8} "
-          f"{'above':>8} {'above/share':>6}")
+          "peak of a bare process of the same layout; model above = the same, once the model is built, before "
+          "deepspeed.initialize (MiB)")
+    print(f"{'layout':10} {'rank':>4} {'stage':>5} {'tp':>3} {'elements':>10} {'share':>9} {'bare':>8} "
+          f"{'model above':>11} {'built':>8} {'above':>8} {'above/share':>6}")
     for name in a.layouts:
         for row in measure(name, a.layers):
             print(row, flush=True)
