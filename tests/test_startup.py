@@ -68,7 +68,8 @@ def test_initial_weights_follow_the_init_rule(one_process):
     scaled = one_process["layers.0.mlp.down_proj.weight"].std().item()
     assert std == pytest.approx(c.model.init_std, rel=0.05)
     assert scaled == pytest.approx(c.model.init_std / (2 * c.model.n_layers) ** 0.5, rel=0.05)
-    assert not torch.equal(one_process["layers.0.self_attn.q_proj.weight"], one_process["layers.1.self_attn.q_proj.weight"])
+    q0, q1 = one_process["layers.0.self_attn.q_proj.weight"], one_process["layers.1.self_attn.q_proj.weight"]
+    assert not torch.equal(q0, q1)  # each tensor has its own streams
 
 
 def test_any_slice_is_drawn_as_part_of_the_whole_tensor():

@@ -95,7 +95,8 @@ class SafetensorsWeights:
         return piece[start:stop, cols] if len(shape) > 1 else piece[start:stop]
 
 
-def _values(source, name: str, full: torch.Size, p: nn.Parameter, layout: Layout, first: int, last: int) -> torch.Tensor:
+def _values(source, name: str, full: torch.Size, p: nn.Parameter, layout: Layout, first: int,
+            last: int) -> torch.Tensor:
     """Elements [first, last) of this rank's (flattened) tensor-parallel slice of parameter `name`. Rows past
     the real vocabulary (the padding of a vocabulary split over TP ranks) are zeros."""
     local = getattr(p, "ds_shape", p.shape)

@@ -172,7 +172,8 @@ def pipeline_stages(cfg: ModelConfig, layout: Layout, partition: str, checkpoint
         # gradients across the two stages.
         first = TiedLayerSpec("embed", EmbedStage, cfg, layout, tied_weight_attr="embed_tokens.weight")
         last = [LayerSpec(NormStage, cfg),
-                TiedLayerSpec("embed", EmbedStage, cfg, layout, forward_fn=_unembed, tied_weight_attr="embed_tokens.weight")]
+                TiedLayerSpec("embed", EmbedStage, cfg, layout, forward_fn=_unembed,
+                              tied_weight_attr="embed_tokens.weight")]
     else:
         first, last = LayerSpec(EmbedStage, cfg, layout), [LayerSpec(HeadStage, cfg, layout)]
     return PipelineModule(layers=[first, *blocks, *last], topology=layout.topology, loss_fn=loss_function(cfg, layout),
