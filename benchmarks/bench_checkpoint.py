@@ -23,7 +23,6 @@ from pathlib import Path
 import torch
 
 from distlm.config import compose_config, to_dict
-from distlm.model.llama import Llama
 from distlm.parallel.layout import make_layout
 from distlm.train import checkpoint
 from distlm.train.engine import build_engine
@@ -59,7 +58,7 @@ def engine_for(a: argparse.Namespace):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     deepspeed.init_distributed(dist_backend="gloo")
     torch.manual_seed(0)
-    return c, build_engine(Llama(c.model), c, make_layout(tp=1, pp=1))
+    return c, build_engine(c, make_layout(tp=1, pp=1))
 
 
 def train_step(engine, c) -> float:

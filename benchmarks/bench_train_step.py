@@ -108,7 +108,7 @@ def deepspeed_step(c, device: str):
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo")
     torch.manual_seed(0)
-    engine = build_engine(Llama(c.model), c, make_layout(tp=1, pp=1))
+    engine = build_engine(c, make_layout(tp=1, pp=1))
 
     def step(batch):
         batch = batch.to(engine.device)

@@ -75,7 +75,7 @@ def _train_and_save(rank: int, runs: list[Run], tokenizer_file: Path) -> None:
     for run in runs:
         c = run.cfg
         torch.manual_seed(c.seed)
-        engine = build_engine(Llama(c.model), c, make_layout(tp=1, pp=1))
+        engine = build_engine(c, make_layout(tp=1, pp=1))
         data = torch.Generator().manual_seed(rank)
         for step in range(1, SAVE_AT[-1] + 1):
             ids = torch.randint(0, VOCAB, (c.trainer.micro_batch_size, SEQ + 1), generator=data)

@@ -145,6 +145,16 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.reshape(-1))
 
 
+def initial_std(name: str, cfg: ModelConfig) -> float | None:
+    """How parameter `name` starts: normal(0, std), or ones where None (the norm gains). The projections that
+    write into the residual stream are scaled down, as GPT-2 does, so its variance does not grow with depth."""
+    if name.endswith("norm.weight"):
+        return None
+    if name.endswith(("o_proj.weight", "down_proj.weight")):
+        return cfg.init_std / math.sqrt(2 * cfg.n_layers)
+    return cfg.init_std
+
+
 def _run_blocks(blocks: nn.ModuleList, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask) -> torch.Tensor:
     for block in blocks:
         x = block(x, cos, sin, mask)
@@ -155,7 +165,8 @@ class Llama(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.loss_fn = cross_entropy  # tensor parallelism swaps in a vocabulary-parallel one
+        # Set for a layout by distlm/model/parallelize.py build_model (vocabulary-parallel loss under TP).
+        self.loss_fn = cross_entropy
         self.activation_checkpoint_interval = 0  # recompute every N blocks in backward (0 = keep activations)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
@@ -166,16 +177,8 @@ class Llama(nn.Module):
         cos, sin = rope_cache(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.apply(self._init_weights)
-        # Scale the projections that write into the residual stream, as GPT-2 does, so its variance
-        # does not grow with depth.
-        for name, p in self.named_parameters():
-            if name.endswith(("o_proj.weight", "down_proj.weight")):
-                nn.init.normal_(p, mean=0.0, std=cfg.init_std / math.sqrt(2 * cfg.n_layers))
-
-    def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
+        # Weights start as torch's defaults here; training draws them by `initial_std`
+        # (distlm/model/materialize.py), the same numbers in every layout.
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None) -> torch.Tensor:

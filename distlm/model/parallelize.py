@@ -1,16 +1,16 @@
-"""How a Llama is split across ranks: the tensor-parallel plan and the pipeline stages.
+"""How a Llama is fitted to a layout: the one place for its tensor-parallel plan, pipeline stages, loss and
+activation checkpointing, and where it is built for a rank (`build_model`).
 
-llama.py knows nothing of this: the plan swaps its linear layers for tensor-parallel ones in place, and
-the pipeline split wraps its embedding, blocks and head as DeepSpeed pipeline stages. With document
-masking a stage's input and output is the tuple (activations or token ids, document ids, positions): the
-document ids and positions travel with the activations from stage to stage. Both keep the
-model's parameter names (a stage `3` holding `layers.2....`), so `full_state_dict` can gather a layout
-back into the names of a one-process Llama (and of Hugging Face's, less the `model.` prefix).
+llama.py knows nothing of this. The model is built on the meta device (no storage), split for the layout
+there (the TP plan swaps its linear layers for tensor-parallel ones; the pipeline split builds only this
+rank's stages), and only then does each parameter get storage for this rank's slice (materialize.py). With
+document masking a stage's input and output is the tuple (activations or token ids, document ids, positions):
+the document ids and positions travel with the activations from stage to stage. Both keep the model's
+parameter names (a stage `3` holding `layers.2....`), so `full_state_dict` can gather a layout back into the
+names of a one-process Llama (and of Hugging Face's, less the `model.` prefix).
 """
 
 from __future__ import annotations
-
-import re
 
 import torch
 import torch.distributed as dist
@@ -19,7 +19,9 @@ import torch.nn.functional as F
 from deepspeed.checkpoint import constants as uc
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 
-from distlm.model.llama import Llama, rope_and_mask
+from distlm.config import ModelConfig
+from distlm.model.llama import Block, Llama, RMSNorm, cross_entropy, rope_and_mask, rope_cache
+from distlm.model.materialize import allocate, canonical_name, materialize
 from distlm.parallel.layout import Layout
 from distlm.parallel.tensor import (ColumnParallelLinear, RowParallelLinear, VocabParallelCrossEntropy,
                                     VocabParallelEmbedding, copy_to_tp, padded_vocab_size)
@@ -27,32 +29,86 @@ from distlm.parallel.tensor import (ColumnParallelLinear, RowParallelLinear, Voc
 PARTITION_METHODS = {"blocks": "type:BlockStage", "parameters": "parameters", "uniform": "uniform"}
 
 
-def tensor_parallel(model: Llama, layout: Layout) -> Llama:
-    """Split attention heads, MLP and vocabulary over the TP group (in place)."""
+def build_model(cfg: ModelConfig, layout: Layout, source, partition: str, checkpoint_interval: int,
+                zero3_config: dict | None = None) -> nn.Module:
+    """This rank's part of the model, filled from `source` (materialize.InitialWeights or SafetensorsWeights):
+    a Llama (tensor-parallel when tp > 1) or, when pp > 1, a PipelineModule of this rank's stages.
+    `zero3_config`: the DeepSpeed config, when ZeRO-3 partitions the parameters as they are built."""
+    if layout.pp > 1:
+        module = pipeline_stages(cfg, layout, partition, checkpoint_interval)
+    else:
+        with torch.device("meta"):
+            module = Llama(cfg)
+            if layout.tp > 1:
+                tensor_parallel(module, layout)
+        module.loss_fn = loss_function(cfg, layout)
+        module.activation_checkpoint_interval = checkpoint_interval
+    materialize(module, cfg, layout, source, zero3_config)
+    # Saved with every checkpoint, so that it can be resumed at any other layout.
+    module.universal_checkpoint_info = universal_checkpoint_info(cfg.vocab_size)
+    return module
+
+
+def loss_function(cfg: ModelConfig, layout: Layout) -> nn.Module:
+    """Cross-entropy; over the vocabulary split across the TP group when tp > 1."""
+    if layout.tp == 1:
+        return cross_entropy
+    local_vocab = padded_vocab_size(cfg.vocab_size, layout.tp) // layout.tp
+    return VocabParallelCrossEntropy(layout.tp_group, layout.tp_rank, local_vocab, cfg.vocab_size)
+
+
+def _split_block(block: Block, layout: Layout) -> None:
     tp, rank, group = layout.tp, layout.tp_rank, layout.tp_group
+    attn, mlp = block.self_attn, block.mlp
+
+    def column(lin: nn.Linear) -> ColumnParallelLinear:
+        return ColumnParallelLinear(lin.in_features, lin.out_features, group, rank, tp)
+
+    def row(lin: nn.Linear) -> RowParallelLinear:
+        return RowParallelLinear(lin.in_features, lin.out_features, group, rank, tp)
+
+    attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj = (column(attn.q_proj), column(attn.k_proj),
+                                                          column(attn.v_proj), row(attn.o_proj))
+    attn.n_heads, attn.n_kv_heads = attn.n_heads // tp, attn.n_kv_heads // tp  # whole KV groups per rank
+    mlp.gate_proj, mlp.up_proj, mlp.down_proj = column(mlp.gate_proj), column(mlp.up_proj), row(mlp.down_proj)
+
+
+def _split_embedding(cfg: ModelConfig, layout: Layout) -> VocabParallelEmbedding:
+    padded = padded_vocab_size(cfg.vocab_size, layout.tp)
+    return VocabParallelEmbedding(padded, cfg.dim, layout.tp_group, layout.tp_rank, layout.tp)
+
+
+def _split_head(cfg: ModelConfig, layout: Layout) -> ColumnParallelLinear:
+    padded = padded_vocab_size(cfg.vocab_size, layout.tp)  # zero rows, masked in the loss
+    return ColumnParallelLinear(cfg.dim, padded, layout.tp_group, layout.tp_rank, layout.tp)
+
+
+def tensor_parallel(model: Llama, layout: Layout) -> Llama:
+    """Split attention heads, MLP and vocabulary over the TP group (in place). The new layers are created
+    empty on the default device: build under `torch.device("meta")`, then materialize."""
     for block in model.layers:
-        attn, mlp = block.self_attn, block.mlp
-        attn.q_proj, attn.k_proj, attn.v_proj = (ColumnParallelLinear(lin, group, rank, tp)
-                                                 for lin in (attn.q_proj, attn.k_proj, attn.v_proj))
-        attn.o_proj = RowParallelLinear(attn.o_proj, group, rank, tp)
-        attn.n_heads, attn.n_kv_heads = attn.n_heads // tp, attn.n_kv_heads // tp  # whole KV groups per rank
-        mlp.gate_proj, mlp.up_proj = (ColumnParallelLinear(lin, group, rank, tp) for lin in (mlp.gate_proj, mlp.up_proj))
-        mlp.down_proj = RowParallelLinear(mlp.down_proj, group, rank, tp)
-    vocab = model.cfg.vocab_size
-    padded = padded_vocab_size(vocab, tp)
-    embed = VocabParallelEmbedding(model.embed_tokens, group, rank, tp, padded)
-    head = ColumnParallelLinear(model.lm_head, group, rank, tp, pad_to=padded)
+        _split_block(block, layout)
+    embed, head = _split_embedding(model.cfg, layout), _split_head(model.cfg, layout)
     if model.cfg.tie_embeddings:
         head.weight = embed.weight
     model.embed_tokens, model.lm_head = embed, head
-    model.loss_fn = VocabParallelCrossEntropy(group, rank, padded // tp, vocab)
     return model
 
 
+def _embedding(cfg: ModelConfig, layout: Layout) -> nn.Module:
+    return _split_embedding(cfg, layout) if layout.tp > 1 else nn.Embedding(cfg.vocab_size, cfg.dim)
+
+
+def _head(cfg: ModelConfig, layout: Layout) -> nn.Module:
+    return _split_head(cfg, layout) if layout.tp > 1 else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+
+
 class EmbedStage(nn.Module):
-    def __init__(self, embed_tokens: nn.Module):
+    def __init__(self, cfg: ModelConfig, layout: Layout):
         super().__init__()
-        self.embed_tokens = embed_tokens
+        with torch.device("meta"):
+            self.embed_tokens = _embedding(cfg, layout)
+        allocate(self)
 
     def forward(self, ids: torch.Tensor | tuple) -> torch.Tensor | tuple:
         if isinstance(ids, tuple):  # (token ids, document ids, positions)
@@ -67,9 +123,14 @@ class EmbedStage(nn.Module):
 
 
 class BlockStage(nn.Module):
-    def __init__(self, index: int, block: nn.Module, rope_cos: torch.Tensor, rope_sin: torch.Tensor):
+    def __init__(self, index: int, cfg: ModelConfig, layout: Layout, rope_cos: torch.Tensor, rope_sin: torch.Tensor):
         super().__init__()
+        with torch.device("meta"):
+            block = Block(cfg)
+            if layout.tp > 1:
+                _split_block(block, layout)
         self.layers = nn.ModuleDict({str(index): block})  # keeps the name layers.<index>.*
+        allocate(self)
         self.register_buffer("rope_cos", rope_cos, persistent=False)
         self.register_buffer("rope_sin", rope_sin, persistent=False)
 
@@ -82,18 +143,22 @@ class BlockStage(nn.Module):
 
 
 class NormStage(nn.Module):
-    def __init__(self, norm: nn.Module):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.norm = norm
+        with torch.device("meta"):
+            self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        allocate(self)
 
     def forward(self, x: torch.Tensor | tuple) -> torch.Tensor:
         return self.norm(x[0] if isinstance(x, tuple) else x)
 
 
 class HeadStage(NormStage):
-    def __init__(self, norm: nn.Module, lm_head: nn.Module):
-        super().__init__(norm)
-        self.lm_head = lm_head
+    def __init__(self, cfg: ModelConfig, layout: Layout):
+        super().__init__(cfg)
+        with torch.device("meta"):
+            self.lm_head = _head(cfg, layout)
+        allocate(self)
 
     def forward(self, x: torch.Tensor | tuple) -> torch.Tensor:
         return self.lm_head(super().forward(x))
@@ -103,33 +168,26 @@ def _unembed(stage: EmbedStage, x: torch.Tensor) -> torch.Tensor:
     return stage.unembed(x)
 
 
-def pipeline_stages(model: Llama, layout: Layout, partition: str, checkpoint_interval: int) -> PipelineModule:
-    """The model as a sequence of DeepSpeed pipeline stages: embedding, one stage per block, head."""
-    blocks = [LayerSpec(BlockStage, i, block, model.rope_cos, model.rope_sin) for i, block in enumerate(model.layers)]
-    if model.cfg.tie_embeddings:
+def pipeline_stages(cfg: ModelConfig, layout: Layout, partition: str, checkpoint_interval: int) -> PipelineModule:
+    """The model as a sequence of DeepSpeed pipeline stages: embedding, one stage per block, head. Given as
+    LayerSpecs, so each rank builds only its own stages (with uninitialized storage, filled by materialize)."""
+    cos, sin = rope_cache(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+    blocks = [LayerSpec(BlockStage, i, cfg, layout, cos, sin) for i in range(cfg.n_layers)]
+    if cfg.tie_embeddings:
         # One matrix on the first and the last stage: DeepSpeed keeps the copies equal by summing their
         # gradients across the two stages.
-        first = TiedLayerSpec("embed", EmbedStage, model.embed_tokens, tied_weight_attr="embed_tokens.weight")
-        last = [LayerSpec(NormStage, model.norm),
-                TiedLayerSpec("embed", EmbedStage, model.embed_tokens, forward_fn=_unembed,
+        first = TiedLayerSpec("embed", EmbedStage, cfg, layout, tied_weight_attr="embed_tokens.weight")
+        last = [LayerSpec(NormStage, cfg),
+                TiedLayerSpec("embed", EmbedStage, cfg, layout, forward_fn=_unembed,
                               tied_weight_attr="embed_tokens.weight")]
     else:
-        first, last = LayerSpec(EmbedStage, model.embed_tokens), [LayerSpec(HeadStage, model.norm, model.lm_head)]
-    return PipelineModule(layers=[first, *blocks, *last], topology=layout.topology, loss_fn=model.loss_fn,
+        first, last = LayerSpec(EmbedStage, cfg, layout), [LayerSpec(HeadStage, cfg, layout)]
+    return PipelineModule(layers=[first, *blocks, *last], topology=layout.topology, loss_fn=loss_function(cfg, layout),
                           partition_method=PARTITION_METHODS[partition],
                           activation_checkpoint_interval=checkpoint_interval,
                           # Only blocks: a reentrant checkpoint around the embedding (integer input) would
                           # cut its gradient.
                           checkpointable_layers=["BlockStage"])
-
-
-_STAGE_PREFIX = re.compile(r"^(\d+\.|tied_modules\.\w+\.)")
-
-
-def canonical_name(name: str) -> str:
-    """A parameter's one-process Llama name, whatever the layout: `3.layers.2.mlp.up_proj.weight` ->
-    `layers.2.mlp.up_proj.weight`, `tied_modules.embed.embed_tokens.weight` -> `embed_tokens.weight`."""
-    return _STAGE_PREFIX.sub("", name)
 
 
 def universal_checkpoint_info(vocab_size: int) -> dict:

@@ -5,8 +5,12 @@ input features; a column layer feeding a row layer needs one all-reduce in the f
 the backward pass. The vocabulary is split over ranks for the embedding and the output head, and the
 cross-entropy is computed on the split logits, so no rank ever holds full-vocabulary logits.
 
-Every layer is built from the full, unsplit layer and keeps only its rank's slice, so a model
-initialised once has the same weights under any layout.
+Layers hold only their rank's slice, created empty (on the meta device when built under
+`torch.device("meta")`); distlm/model/materialize.py fills them. Each parameter says how it is split
+(`partition_dim`), so the same full tensor can be sliced for any layout.
+
+Hand-written rather than DTensor or DeepSpeed AutoTP: DeepSpeed's pipeline engine and ZeRO optimizers
+take plain tensors, not DTensors, and AutoTP slices an already built full model with no vocab-parallel loss.
 """
 
 from __future__ import annotations
@@ -24,10 +28,6 @@ def mark_tensor_parallel(p: nn.Parameter, dim: int) -> nn.Parameter:
     p.tensor_model_parallel = True
     p.partition_dim = dim
     return p
-
-
-def shard(t: torch.Tensor, dim: int, rank: int, world: int) -> torch.Tensor:
-    return t.chunk(world, dim=dim)[rank].clone()
 
 
 class _CopyToTP(torch.autograd.Function):
@@ -68,15 +68,13 @@ def reduce_from_tp(x: torch.Tensor, group) -> torch.Tensor:
 
 
 class ColumnParallelLinear(nn.Module):
-    """y_local = x W_local^T: this rank's slice of the output features (no bias, as in Llama)."""
+    """y_local = x W_local^T: this rank's slice of the output features (no bias, as in Llama).
+    `out_features` is the full (padded) count; each rank holds out_features / world rows."""
 
-    def __init__(self, full: nn.Linear, group, rank: int, world: int, pad_to: int | None = None):
+    def __init__(self, in_features: int, out_features: int, group, rank: int, world: int):
         super().__init__()
         self.group = group
-        weight = full.weight.detach()
-        if pad_to is not None and pad_to > weight.shape[0]:  # vocabulary padding: zero rows, masked in the loss
-            weight = torch.cat([weight, weight.new_zeros(pad_to - weight.shape[0], weight.shape[1])])
-        self.weight = mark_tensor_parallel(nn.Parameter(shard(weight, 0, rank, world)), dim=0)
+        self.weight = mark_tensor_parallel(nn.Parameter(torch.empty(out_features // world, in_features)), dim=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(copy_to_tp(x, self.group), self.weight)
@@ -85,24 +83,23 @@ class ColumnParallelLinear(nn.Module):
 class RowParallelLinear(nn.Module):
     """y = sum over ranks of x_local W_local^T: input features split, output summed across the group."""
 
-    def __init__(self, full: nn.Linear, group, rank: int, world: int):
+    def __init__(self, in_features: int, out_features: int, group, rank: int, world: int):
         super().__init__()
         self.group = group
-        self.weight = mark_tensor_parallel(nn.Parameter(shard(full.weight.detach(), 1, rank, world)), dim=1)
+        self.weight = mark_tensor_parallel(nn.Parameter(torch.empty(out_features, in_features // world)), dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return reduce_from_tp(F.linear(x, self.weight), self.group)
 
 
 class VocabParallelEmbedding(nn.Module):
-    """Rows [start, end) of the (padded) embedding table; other ids read zeros, summed across the group."""
+    """Rows [start, end) of the (padded) embedding table; other ids read zeros, summed across the group.
+    Padding rows (ids >= the real vocabulary) are zeros and never looked up."""
 
-    def __init__(self, full: nn.Embedding, group, rank: int, world: int, padded_vocab: int):
+    def __init__(self, padded_vocab: int, dim: int, group, rank: int, world: int):
         super().__init__()
         self.group = group
-        weight = full.weight.detach()
-        weight = torch.cat([weight, weight.new_zeros(padded_vocab - weight.shape[0], weight.shape[1])])
-        self.weight = mark_tensor_parallel(nn.Parameter(shard(weight, 0, rank, world)), dim=0)
+        self.weight = mark_tensor_parallel(nn.Parameter(torch.empty(padded_vocab // world, dim)), dim=0)
         self.start = rank * self.weight.shape[0]
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:

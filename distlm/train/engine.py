@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import deepspeed
@@ -9,8 +10,8 @@ import torch
 import torch.nn as nn
 
 from distlm.config import Config, Precision
-from distlm.model.llama import Llama
-from distlm.model.parallelize import pipeline_stages, tensor_parallel, universal_checkpoint_info
+from distlm.model.materialize import InitialWeights, SafetensorsWeights
+from distlm.model.parallelize import build_model
 from distlm.parallel.layout import Layout
 
 
@@ -66,29 +67,26 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Decay matrices (linear and embedding weights), not norm gains."""
     decay, no_decay = [], []
     for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
+        if p.requires_grad:  # a ZeRO-3 parameter is partitioned already: its shape is ds_shape
+            (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_engine(model: Llama, c: Config, layout: Layout, load_universal: bool = False):
-    """Split the model as the layout says and wrap it in a DeepSpeed engine (a PipelineEngine when pp > 1).
-    `load_universal`: the checkpoint to be loaded is a universal one (written at another layout)."""
+def build_engine(c: Config, layout: Layout, load_universal: bool = False, weights: Path | None = None):
+    """This rank's part of the model, built for the layout and wrapped in a DeepSpeed engine (a PipelineEngine
+    when pp > 1). Its initial weights are drawn from `c.seed`, the same in every layout, or read by slice from
+    `weights` (a safetensors file under one-process names). `load_universal`: the checkpoint to be loaded is
+    a universal one (written at another layout)."""
     use_cuda = torch.cuda.is_available() and c.cluster.use_gpu
-    if layout.tp > 1:
-        tensor_parallel(model, layout)
-    interval = c.parallel.activation_checkpoint_interval
-    if layout.pp > 1:
-        module = pipeline_stages(model, layout, c.parallel.pipeline_partition.value, interval)
-    else:
-        model.activation_checkpoint_interval = interval
-        module = model
-    # Saved with every checkpoint, so that it can be resumed at any other layout.
-    module.universal_checkpoint_info = universal_checkpoint_info(c.model.vocab_size)
+    config = deepspeed_config(c, use_cuda, load_universal)
+    source = SafetensorsWeights(weights, c.model) if weights else InitialWeights(c.model, c.seed)
+    module = build_model(c.model, layout, source, c.parallel.pipeline_partition.value,
+                         c.parallel.activation_checkpoint_interval,
+                         zero3_config=config if c.parallel.zero_stage == 3 else None)
     engine, *_ = deepspeed.initialize(
         model=module,
         model_parameters=param_groups(module, c.optimizer.weight_decay),
-        config=deepspeed_config(c, use_cuda, load_universal),
+        config=config,
         # The pipeline module brings its own grid; a one-stage model needs ours for its TP and DP groups.
         mpu=layout.grid if layout.pp == 1 and layout.tp > 1 else None,
     )

@@ -54,17 +54,18 @@ class Trainer:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.manifest = Manifest.load(c.data.dir)  # checked against the config on the driver
         self.layout = make_layout(c.parallel.tp, c.parallel.pp)
-        # The same full initial weights on every rank, whatever the layout; each keeps its own part.
         torch.manual_seed(c.seed)
-        model = Llama(c.model)
+        with torch.device("meta"):  # shapes only: each rank builds and fills just its part (build_engine)
+            model = Llama(c.model)
         self.num_params, self.flops_per_token = model.num_params(), model.flops_per_token(c.data.seq_len)
         self.state = RunState(config=to_dict(c), tokenizer_sha256=self.manifest.tokenizer_sha256)
         self.resume_from = checkpoint.to_resume(c)  # checked against the config on the driver
+        weights = None
         if self.resume_from and checkpoint.is_weights_only(Path(*self.resume_from)):
-            model.load_state_dict(checkpoint.load_weights(Path(*self.resume_from)))  # imported: a new run from its weights
+            weights = Path(*self.resume_from) / checkpoint.WEIGHTS_FILE  # imported: a new run from its weights
             self.resume_from = None
         universal = bool(self.resume_from) and checkpoint.prepare_universal(self.resume_from, self.state.config)
-        self.engine = build_engine(model, c, self.layout, load_universal=universal)
+        self.engine = build_engine(c, self.layout, load_universal=universal, weights=weights)
         self.pipelined = self.layout.pp > 1
         self.device = self.engine.device
         self.resumed = self._maybe_resume(universal)
