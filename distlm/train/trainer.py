@@ -147,6 +147,7 @@ class Trainer:
         self.resumed = self._maybe_resume(universal)
         if c.trainer.compile:  # compiles lazily: at the first forward (evaluation) and backward (first step)
             compile_blocks(self.engine.module)
+        self.compile_seconds_before = compile_seconds()
         self.skipped_in_a_row = 0
         if self.state.wandb_run_id is None:
             self.state.wandb_run_id = f"{c.run_name}-{int(time.time())}"
@@ -342,7 +343,7 @@ class Trainer:
         if self.peak_flops:
             record["mfu"] = mfu(self.flops_per_step, seconds, self.peak_flops, self.world)
         if self.c.trainer.compile:
-            record["compile_seconds"] = compile_seconds()
+            record["compile_seconds"] = compile_seconds() - self.compile_seconds_before  # this trainer's
             if record["compile_seconds"] > self.compile_seconds_logged:  # the first step, and any recompilation
                 self.compile_seconds_logged = record["compile_seconds"]
                 log.info("step %d: %.1fs spent in torch.compile so far", step, record["compile_seconds"])
