@@ -42,7 +42,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=2, help="steps per variant per round")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=os.cpu_count())
-    p.add_argument("--no-compile", action="store_true", help="skip the compiled variants (they compile for minutes on CPU)")
+    p.add_argument("--no-compile", action="store_true",
+                   help="skip the compiled variants (they compile for minutes on CPU)")
     p.add_argument("--no-bf16", action="store_true")
     return p.parse_args()
 
@@ -181,7 +182,8 @@ def main() -> None:
             other = name.replace("distlm", "transformers")
             print(f"    {name:28s} {ratio(other, name):5.2f}x")
     if not a.no_compile:
-        print(f"    distlm fp32 compiled vs transformers fp32 eager: {ratio('transformers fp32', 'distlm fp32 compiled'):5.2f}x")
+        both = ratio("transformers fp32", "distlm fp32 compiled")
+        print(f"    distlm fp32 compiled vs transformers fp32 eager: {both:5.2f}x")
 
     matmul_flops = [2 * 2048**3 / s for s in seconds["fp32 matmul 2048"]]
     print(f"\n(b) fp32 matmul (2048^3): {statistics.median(matmul_flops) / 1e9:,.1f} GFLOP/s; distlm training FLOP/s "

@@ -79,9 +79,9 @@ def main() -> None:
     model = Llama(c.model)
     flops_per_token = model.flops_per_token(a.seq)
     engine = build_engine(model, c, make_layout(tp=1, pp=1))
-    print(f"{device_name}: model={a.model} {model.num_params() / 1e6:,.1f} M parameters, {c.trainer.precision.value}, "
-          f"ZeRO-{a.zero_stage}, micro-batch {a.micro_batch} x {a.seq} tokens, {flops_per_token / 1e9:.2f} GFLOP/token; "
-          f"built in {time.perf_counter() - build_start:.0f}s")
+    print(f"{device_name}: model={a.model} {model.num_params() / 1e6:,.1f} M parameters, {c.trainer.precision.value},"
+          f" ZeRO-{a.zero_stage}, micro-batch {a.micro_batch} x {a.seq} tokens, {flops_per_token / 1e9:.3f} GFLOP/token;"
+          f" built in {time.perf_counter() - build_start:.0f}s")
     print(f"distlm plan: {estimate.total / GiB:.1f} GiB per GPU (weights {estimate.weights / GiB:.1f}, gradients "
           f"{estimate.gradients / GiB:.1f}, optimizer {estimate.optimizer / GiB:.1f}, activations "
           f"{estimate.activations / GiB:.1f}) of {gpu_gb:.0f} GiB")

@@ -26,7 +26,6 @@ from distlm.train.metrics import DataWait, MetricsLogger, memory_metrics, mfu, p
 log = logging.getLogger(__name__)
 
 
-
 def why_skip(loss: float, recent: list[float], spike_factor: float | None, min_history: int) -> str | None:
     """Why a step with this loss must not update the model, or None. Every rank passes the same all-reduced
     loss and history, so every rank decides the same. A spike needs `min_history` recent losses to compare."""
@@ -65,12 +64,12 @@ def accumulate_and_step(engine, pairs, grad_accum: int, control, check) -> StepR
     """One optimizer step of a (non-pipeline) DeepSpeed engine over grad_accum micro-batches, with one
     collective and one host sync per step, not per micro-batch.
 
-    The micro-batches' losses and `control()` (rank 0's flags: stop requested, save due; read after the last
-    forward) travel in one all-reduce, issued after the last forward, and are read before the last backward: `check(micro_losses)` (the same
-    on every rank) then says why the step must be skipped, or None. A skipped step runs no last backward, no
-    optimizer step and no LR-schedule step (as DeepSpeed's own fp16-overflow skip), and the gradients the
-    earlier micro-batches accumulated are dropped; its micro-batches were all read, so the data position is
-    the same as if it had run. Only rank 0's flags are non-zero, so their sum is rank 0's value."""
+    The micro-batches' losses stay on the device until the last forward; then they and `control()` (rank 0's
+    flags: stop requested, save due; zeros on the other ranks, so the sum is rank 0's value) travel in one
+    all-reduce, read before the last backward. `check(micro_losses)` (the same on every rank) says why the
+    step must be skipped, or None. A skipped step runs no last backward, no optimizer step and no LR-schedule
+    step (as DeepSpeed's own fp16-overflow skip), and the gradients the earlier micro-batches accumulated are
+    dropped; all its micro-batches were read, so the data position is the same as if it had run."""
     micro_losses = []
     for i in range(grad_accum):
         inputs, labels = next(pairs)
