@@ -27,6 +27,7 @@ class ConfigError(ValueError):
 class Precision(str, Enum):
     fp32 = "fp32"
     bf16 = "bf16"
+    auto = "auto"  # bf16 on GPUs, fp32 on CPU: `load_config` replaces it with one of the two
 
 
 class ExportDtype(str, Enum):
@@ -145,11 +146,24 @@ class ClusterConfig:
     plan_headroom: float = MISSING
 
 
+class OptimizerType(str, Enum):
+    AdamW = "AdamW"
+    Adam = "Adam"
+
+
+class WarmupType(str, Enum):
+    linear = "linear"
+    log = "log"
+
+
 @dataclass
 class OptimizerConfig:
+    type: OptimizerType = MISSING
+    fused: Optional[bool] = MISSING
     lr: float = MISSING
     min_lr: float = MISSING
     warmup_steps: int = MISSING
+    warmup_type: WarmupType = MISSING
     weight_decay: float = MISSING
     beta1: float = MISSING
     beta2: float = MISSING
@@ -164,6 +178,8 @@ class TrainerConfig:
     micro_batch_size: int = MISSING
     grad_accum: int = MISSING
     precision: Precision = MISSING
+    compile: bool = MISSING
+    tf32: bool = MISSING
     log_every: int = MISSING
     eval_every: int = MISSING
     eval_batches: int = MISSING
@@ -174,6 +190,8 @@ class TrainerConfig:
     resume: str = MISSING
     stop_grace_seconds: float = MISSING
     skip_spike_factor: Optional[float] = MISSING
+    spike_window: int = MISSING
+    spike_min_history: int = MISSING
     max_skipped_in_a_row: int = MISSING
     doc_masking: bool = MISSING
     doc_positions: bool = MISSING
@@ -263,6 +281,8 @@ def load_config(cfg: DictConfig | dict) -> Config:
     except OmegaConfBaseException as e:
         raise ConfigError(f"config key '{e.full_key}': {e.msg}") from None
     _resolve_paths(config)
+    if config.trainer.precision == Precision.auto:
+        config.trainer.precision = Precision.bf16 if config.cluster.use_gpu else Precision.fp32
     return config
 
 
@@ -392,6 +412,8 @@ def validate_train(c: Config) -> list[str]:
     _check(p, t.skip_spike_factor is None or t.skip_spike_factor > 1,
            f"trainer.skip_spike_factor={t.skip_spike_factor} must be above 1 (a multiple of the recent mean loss), "
            f"or null to skip only NaN/inf losses")
+    _check(p, 0 < t.spike_min_history <= t.spike_window,
+           f"need 0 < trainer.spike_min_history <= trainer.spike_window, got {t.spike_min_history}, {t.spike_window}")
     _check(p, t.max_skipped_in_a_row >= 0, f"trainer.max_skipped_in_a_row={t.max_skipped_in_a_row} must be >= 0")
     _check(p, t.resume in ("auto", "never") or Path(t.resume).exists(),
            f"trainer.resume='{t.resume}': use auto, never, or an existing checkpoint directory")

@@ -22,7 +22,7 @@ from distlm.train import checkpoint
 from distlm.train.checkpoint import CheckpointError
 from distlm.train.launch import train
 from distlm.train.metrics import last_per_step, read_metrics
-from distlm.train.trainer import NAN_STEPS_ENV, why_skip
+from distlm.train.trainer import why_skip
 from distributed import run_ranks
 from test_train import train_config, train_overrides
 
@@ -168,6 +168,27 @@ SMALL = ["trainer.max_steps=6", "trainer.micro_batch_size=2", "trainer.grad_accu
          "trainer.eval_batches=1", "trainer.checkpoint_every=100", "logger.samples=0"]
 
 
+class NanLossOnRank0:
+    """Test-only loss function, installed on a built trainer's model: rank 0's training loss becomes NaN at
+    the given STEP or STEP:MICRO_BATCH (comma-separated), after the forward pass, as a bad batch would make it."""
+
+    def __init__(self, trainer, at: str):
+        self.trainer, self.model = trainer, trainer.engine.module
+        self.loss_fn = self.model.loss_fn
+        self.at = {tuple(map(int, (s + ":0").split(":")[:2])) for s in at.split(",")}
+        self.step, self.micro = 0, -1
+
+    def __call__(self, logits, labels):
+        loss = self.loss_fn(logits, labels)
+        if not self.model.training:  # evaluations
+            return loss
+        step = self.trainer.state.step + 1
+        self.step, self.micro = step, (self.micro + 1 if step == self.step else 0)
+        if (step, self.micro) in self.at and self.trainer.rank == 0:
+            loss = loss * float("nan")
+        return loss
+
+
 def _scenarios(rank: int, data_dir: Path, root: Path) -> None:
     """Every scenario on the same two gloo ranks (one spawn): each writes its run dir under root."""
     from distlm.train.trainer import Trainer
@@ -176,8 +197,9 @@ def _scenarios(rank: int, data_dir: Path, root: Path) -> None:
         return train_config(data_dir, root / name, *SMALL, *overrides)
 
     def fit(c, nan_at: str = "") -> Trainer:
-        os.environ[NAN_STEPS_ENV] = nan_at
         trainer = Trainer(c)
+        if nan_at:
+            trainer.engine.module.loss_fn = NanLossOnRank0(trainer, nan_at)
         trainer.fit()
         return trainer
 
@@ -277,9 +299,9 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_says_what_happened(scenar
 
 
 def test_the_skip_rule():
-    assert why_skip(float("nan"), [], 3.0) == "loss is nan"
-    assert why_skip(float("inf"), [1.0] * 5, None) == "loss is inf"
-    assert why_skip(3.5, [1.0] * 4, 3.0) is None  # too little history to call anything a spike
-    assert why_skip(3.5, [1.0] * 5, 3.0) == "loss 3.5000 is above 3 x the recent mean 1.0000"
-    assert why_skip(2.9, [1.0] * 5, 3.0) is None
-    assert why_skip(100.0, [1.0] * 5, None) is None
+    assert why_skip(float("nan"), [], 3.0, 5) == "loss is nan"
+    assert why_skip(float("inf"), [1.0] * 5, None, 5) == "loss is inf"
+    assert why_skip(3.5, [1.0] * 4, 3.0, 5) is None  # too little history to call anything a spike
+    assert why_skip(3.5, [1.0] * 5, 3.0, 5) == "loss 3.5000 is above 3 x the recent mean 1.0000"
+    assert why_skip(2.9, [1.0] * 5, 3.0, 5) is None
+    assert why_skip(100.0, [1.0] * 5, None, 5) is None

@@ -9,7 +9,8 @@ import deepspeed
 import torch
 import torch.nn as nn
 
-from distlm.config import Config, Precision
+from distlm.config import Config, OptimizerType, Precision
+from distlm.model.llama import Block
 from distlm.model.materialize import InitialWeights, SafetensorsWeights
 from distlm.model.parallelize import build_model
 from distlm.parallel.layout import Layout
@@ -25,11 +26,14 @@ def deepspeed_config(c: Config, use_cuda: bool, load_universal: bool = False) ->
         "zero_optimization": zero_config(c, use_cuda),
         "bf16": {"enabled": t.precision == Precision.bf16},
         "optimizer": {
-            "type": "AdamW",
+            "type": o.type.value,
             "params": {
                 "lr": o.lr, "betas": [o.beta1, o.beta2], "eps": o.eps, "weight_decay": o.weight_decay,
-                # DeepSpeed's fused Adam is a CUDA kernel; on CPU torch's AdamW avoids a long JIT build.
-                "torch_adam": not use_cuda,
+                "adam_w_mode": o.type == OptimizerType.AdamW,
+                # torch's AdamW, passed these params: its fused kernel needs no JIT build (DeepSpeed's FusedAdam
+                # compiles with nvcc at start-up, and on CPU for minutes).
+                "torch_adam": True,
+                "fused": use_cuda if o.fused is None else o.fused,
             },
         },
         "scheduler": {
@@ -37,7 +41,7 @@ def deepspeed_config(c: Config, use_cuda: bool, load_universal: bool = False) ->
             "params": {
                 "total_num_steps": t.max_steps,
                 "warmup_num_steps": o.warmup_steps,
-                "warmup_type": "linear",
+                "warmup_type": o.warmup_type.value,
                 "warmup_min_ratio": 0.0,
                 "cos_min_ratio": o.min_lr / o.lr,
             },
@@ -91,3 +95,14 @@ def build_engine(c: Config, layout: Layout, load_universal: bool = False, weight
         mpu=layout.grid if layout.pp == 1 and layout.tp > 1 else None,
     )
     return engine
+
+
+def compile_blocks(module: nn.Module) -> int:
+    """torch.compile every transformer block of the module in place, whatever the layout (a Llama, its TP
+    split, pipeline stages): `Module.compile` keeps parameter names, so checkpoints and exports are unchanged.
+    Blocks, not the whole model: they are identical, so one compiled graph serves them all, and ZeRO-3 hooks,
+    pipeline stages and the vocabulary-parallel loss stay outside the compiled code. Returns the block count."""
+    blocks = [m for m in module.modules() if isinstance(m, Block)]
+    for block in blocks:
+        block.compile()
+    return len(blocks)

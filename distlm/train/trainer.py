@@ -4,41 +4,116 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import deepspeed
 import torch
 import torch.distributed as dist
 
-from distlm.config import Config, to_dict
+from distlm.config import Config, TrainerConfig, to_dict
 from distlm.data.loader import ShardLoader
 from distlm.data.shards import Manifest
 from distlm.model.llama import Llama, document_positions
 from distlm.parallel.layout import make_layout
 from distlm.train import checkpoint
 from distlm.train.checkpoint import STOP_FILE, RunState
-from distlm.train.engine import build_engine
+from distlm.train.engine import build_engine, compile_blocks
 from distlm.train.metrics import MetricsLogger, memory_metrics, mfu, peak_flops
 
 log = logging.getLogger(__name__)
 
-SPIKE_WINDOW = 20  # the spike rule compares a loss with the mean of this many recent kept steps ...
-SPIKE_MIN_HISTORY = 5  # ... once it has at least this many
-# Test hook: comma-separated STEP or STEP:MICRO_BATCH whose loss rank 0 turns into NaN after the forward.
-NAN_STEPS_ENV = "DISTLM_TEST_NAN_STEPS"
 
-
-def why_skip(loss: float, recent: list[float], spike_factor: float | None) -> str | None:
+def why_skip(loss: float, recent: list[float], spike_factor: float | None, min_history: int) -> str | None:
     """Why a step with this loss must not update the model, or None. Every rank passes the same all-reduced
-    loss and history, so every rank decides the same."""
+    loss and history, so every rank decides the same. A spike needs `min_history` recent losses to compare."""
     if not math.isfinite(loss):
         return f"loss is {loss}"
-    if spike_factor and len(recent) >= SPIKE_MIN_HISTORY and loss > spike_factor * statistics.fmean(recent):
+    if spike_factor and len(recent) >= min_history and loss > spike_factor * statistics.fmean(recent):
         return f"loss {loss:.4f} is above {spike_factor:g} x the recent mean {statistics.fmean(recent):.4f}"
     return None
+
+
+@dataclass(frozen=True)
+class AfterStep:
+    """What the loop does once a step is done. Every rank derives it from the same inputs, so every rank
+    evaluates, saves and stops at the same step (each of these is collective)."""
+    evaluate: bool
+    save: bool
+    stop: bool
+
+
+def after_step(step: int, end: int, t: TrainerConfig, stop_requested: bool, save_due: bool) -> AfterStep:
+    """`stop_requested`: the driver asked to stop (SIGTERM); `save_due`: checkpoint_minutes have passed."""
+    last = step == end
+    return AfterStep(evaluate=step % t.eval_every == 0 or last,
+                     save=step % t.checkpoint_every == 0 or last or stop_requested or save_due,
+                     stop=stop_requested)
+
+
+@dataclass
+class StepResult:
+    micro_losses: list[float]  # each micro-batch's loss averaged over all ranks
+    control: list[float]  # rank 0's control flags, as every rank received them
+    why_skipped: str | None
+
+
+def accumulate_and_step(engine, forward, pairs, grad_accum: int, control, check) -> StepResult:
+    """One optimizer step of a (non-pipeline) DeepSpeed engine over grad_accum micro-batches, with one
+    collective and one host sync per step, not per micro-batch.
+
+    The micro-batches' losses stay on the device until the last forward; then they and `control()` (rank 0's
+    flags: stop requested, save due; zeros on the other ranks, so the sum is rank 0's value) travel in one
+    all-reduce, read before the last backward. `check(micro_losses)` (the same on every rank) says why the
+    step must be skipped, or None. A skipped step runs no last backward, no optimizer step and no LR-schedule
+    step (as DeepSpeed's own fp16-overflow skip), and the gradients the earlier micro-batches accumulated are
+    dropped; all its micro-batches were read, so the data position is the same as if it had run."""
+    micro_losses = []
+    for i in range(grad_accum):
+        inputs, labels = next(pairs)
+        micro_loss = forward(inputs, labels)  # the engine's forward, with document masks where asked
+        micro_losses.append(micro_loss.detach().float())
+        if i < grad_accum - 1:
+            engine.backward(micro_loss)
+            engine.step()  # not at the accumulation boundary: no update yet
+    shared = torch.cat([torch.stack(micro_losses), torch.tensor(control(), device=engine.device)])
+    dist.all_reduce(shared)
+    values = shared.tolist()
+    world = dist.get_world_size()
+    result = StepResult([v / world for v in values[:grad_accum]], values[grad_accum:], None)
+    result.why_skipped = check(result.micro_losses)
+    if result.why_skipped:
+        if grad_accum > 1:
+            drop_gradients(engine, grad_accum - 1)
+        return result
+    engine.backward(micro_loss)
+    engine.step()
+    return result
+
+
+def drop_gradients(engine, micro_steps: int) -> None:
+    """Forget the gradients accumulated by the first `micro_steps` micro-batches of this step: what
+    DeepSpeed's own overflow path clears (ZeRO-1/2: stage_1_and_2.py step(); ZeRO-3: reduced partitions)."""
+    optimizer, stage = engine.optimizer, engine.zero_optimization_stage()
+    optimizer.zero_grad(set_to_none=True)  # p.grad (and ZeRO's grad_accum)
+    if stage in (1, 2):
+        for buffers in (optimizer.averaged_gradients, optimizer.all_grad_tensors):
+            for group in buffers:
+                buffers[group] = None
+    elif stage == 3:
+        for grads in optimizer.averaged_gradients.values():
+            for grad in grads or []:
+                grad.zero_()
+    engine.micro_steps -= micro_steps  # the next micro-batch starts a fresh accumulation
+
+
+def compile_seconds() -> float:
+    """Wall seconds this process has spent in torch.compile so far (tracing, graph passes, code generation)."""
+    from torch._dynamo.utils import calculate_time_spent
+
+    return calculate_time_spent().get("total_wall_time", 0.0)
 
 
 def _all_mean(value: torch.Tensor) -> float:
@@ -51,6 +126,7 @@ class Trainer:
     def __init__(self, c: Config):
         self.c = c
         deepspeed.init_distributed(dist_backend="nccl" if c.cluster.use_gpu else "gloo")
+        torch.set_float32_matmul_precision("high" if c.trainer.tf32 else "highest")  # "high": TF32 on CUDA
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.manifest = Manifest.load(c.data.dir)  # checked against the config on the driver
         self.layout = make_layout(c.parallel.tp, c.parallel.pp)
@@ -69,8 +145,10 @@ class Trainer:
         self.pipelined = self.layout.pp > 1
         self.device = self.engine.device
         self.resumed = self._maybe_resume(universal)
+        if c.trainer.compile:  # compiles lazily: at the first forward (evaluation) and backward (first step)
+            compile_blocks(self.engine.module)
+        self.compile_seconds_before = compile_seconds()
         self.skipped_in_a_row = 0
-        self.nan_at = {tuple(map(int, (s + ":0").split(":")[:2])) for s in os.environ.get(NAN_STEPS_ENV, "").split(",") if s}
         if self.state.wandb_run_id is None:
             self.state.wandb_run_id = f"{c.run_name}-{int(time.time())}"
         self.metrics = MetricsLogger(c, self.state.wandb_run_id) if self.rank == 0 else None
@@ -111,71 +189,49 @@ class Trainer:
             return self.engine(ids, labels, doc_ids=doc_ids, position_ids=positions)
         return self.engine(inputs, labels)
 
-    def _train_step(self, pairs) -> tuple[float, str | None]:
-        """One optimizer step over grad_accum micro-batches -> (the loss averaged over them and all replicas,
-        why the step was skipped or None).
-
-        Each micro-batch's loss is checked (NaN/inf, spike) before its backward pass. A bad one skips the
-        step: no further backward, no optimizer step, no LR-schedule step (as DeepSpeed's own fp16-overflow
-        skip); gradients that earlier micro-batches of the step accumulated are dropped; the step's
-        remaining micro-batches are read and not used, so the data position is the same as if it had run."""
-        t = self.c.trainer
+    def _train_step(self, pairs, control) -> tuple[float, str | None, list[float]]:
+        """One optimizer step -> (its loss averaged over micro-batches and replicas, why it was skipped or None,
+        rank 0's control flags as every rank received them). See `accumulate_and_step`."""
         if self.pipelined:
-            return self._pipeline_step(pairs)
-        micro_losses = []
-        for i in range(t.grad_accum):
-            inputs, labels = next(pairs)
-            micro_loss = self._loss(inputs, labels)
-            if (self.state.step + 1, i) in self.nan_at and self.rank == 0:
-                micro_loss = micro_loss * float("nan")
-            micro_losses.append(_all_mean(micro_loss))
-            why = why_skip(micro_losses[-1], self.state.recent_losses, t.skip_spike_factor)
-            if why:
-                for _ in range(t.grad_accum - i - 1):
-                    next(pairs)
-                if i > 0:
-                    self._drop_gradients(i)
-                return micro_losses[-1], why
-            self.engine.backward(micro_loss)
-            self.engine.step()
+            return self._pipeline_step(pairs, control)
+        t = self.c.trainer
+
+        def check(micro_losses: list[float]) -> str | None:  # the first bad micro-batch skips the step
+            return next(filter(None, (why_skip(loss, self.state.recent_losses, t.skip_spike_factor,
+                                               t.spike_min_history) for loss in micro_losses)), None)
+
+        result = accumulate_and_step(self.engine, self._loss, pairs, t.grad_accum, control, check)
+        loss = statistics.fmean(result.micro_losses)
+        if result.why_skipped:
+            bad = next(x for x in result.micro_losses if check([x]))
+            return bad, result.why_skipped, result.control
         if self.engine.skipped_steps > self.ds_skipped:  # DeepSpeed's own check: non-finite gradients
             self.ds_skipped = self.engine.skipped_steps
-            return statistics.fmean(micro_losses), "DeepSpeed found non-finite gradients and skipped the update"
-        return statistics.fmean(micro_losses), None
+            return loss, "DeepSpeed found non-finite gradients and skipped the update", result.control
+        return loss, None, result.control
 
-    def _drop_gradients(self, micro_steps: int) -> None:
-        """Forget the gradients accumulated by the first `micro_steps` micro-batches of this step: what
-        DeepSpeed's own overflow path clears (ZeRO-1/2: stage_1_and_2.py step(); ZeRO-3: reduced partitions)."""
-        optimizer, stage = self.engine.optimizer, self.engine.zero_optimization_stage()
-        optimizer.zero_grad(set_to_none=True)  # p.grad (and ZeRO's grad_accum)
-        if stage in (1, 2):
-            for buffers in (optimizer.averaged_gradients, optimizer.all_grad_tensors):
-                for group in buffers:
-                    buffers[group] = None
-        elif stage == 3:
-            for grads in optimizer.averaged_gradients.values():
-                for grad in grads or []:
-                    grad.zero_()
-        self.engine.micro_steps -= micro_steps  # the next micro-batch starts a fresh accumulation
-
-    def _pipeline_step(self, pairs) -> tuple[float, str | None]:
+    def _pipeline_step(self, pairs, control) -> tuple[float, str | None, list[float]]:
         """DeepSpeed's train_batch runs forward, backward and the optimizer step together: the loss is known
         only after the update. Non-finite gradients are caught by its ZeRO-1 optimizer (it skips the update,
         counted here); a ZeRO-0 pipeline has no such check, so a non-finite loss there stops the run before a
         checkpoint could store the damaged weights. A spike cannot be undone: it is only logged."""
         loss = self.engine.train_batch(data_iter=pairs).item()  # 1F1B schedule; the loss reaches every stage
+        flags = torch.tensor(control(), device=self.device)
+        dist.all_reduce(flags)  # rank 0's flags (the others send zeros); a pipeline step syncs many times anyway
+        control = flags.tolist()
         if self.engine.skipped_steps > self.ds_skipped:
             self.ds_skipped = self.engine.skipped_steps
-            return loss, "DeepSpeed found non-finite gradients and skipped the update"
+            return loss, "DeepSpeed found non-finite gradients and skipped the update", control
         if not math.isfinite(loss):
             raise FloatingPointError(f"step {self.state.step + 1}: loss is {loss} and the pipeline engine applied the "
                                      f"update (ZeRO-0 has no overflow check); the weights may be damaged. Resume from "
                                      f"the last checkpoint, with parallel.zero_stage=1 to have such steps skipped")
-        why = why_skip(loss, self.state.recent_losses, self.c.trainer.skip_spike_factor)
+        t = self.c.trainer
+        why = why_skip(loss, self.state.recent_losses, t.skip_spike_factor, t.spike_min_history)
         if why and self.rank == 0:
             log.warning("step %d: %s; a pipeline step cannot be skipped before its update, so it was applied",
                         self.state.step + 1, why)
-        return loss, None
+        return loss, None, control
 
     def _maybe_resume(self, universal: bool) -> bool:
         if self.resume_from is None:
@@ -190,7 +246,7 @@ class Trainer:
             log.info("resumed from %s at step %d (%d tokens seen)", ckpt_dir / tag, restored.step, restored.tokens_seen)
         return True
 
-    def evaluate(self) -> float:
+    def validation_loss(self) -> float:
         """Mean validation loss over eval_batches batches per replica (the same count on every rank)."""
         count = min(self.c.trainer.eval_batches, self.val_data.batches_per_epoch)
         if count == 0:
@@ -205,12 +261,14 @@ class Trainer:
         return _all_mean(loss)
 
     def _log_eval(self) -> None:
-        val_loss = self.evaluate()
+        val_loss = self.validation_loss()
         if self.metrics:
             self.metrics.log(self.state.step, val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50)),
                              tokens_seen=self.state.tokens_seen)
             log.info("step %d: val_loss %.4f val_ppl %.2f", self.state.step, val_loss, math.exp(min(val_loss, 50)))
-            self.metrics.log_samples(self.state.step, self.engine.module, self.val_data, self.manifest.tokenizer_path)
+            with torch.compiler.set_stance("force_eager"):  # growing prompts would recompile at every length
+                self.metrics.log_samples(self.state.step, self.engine.module, self.val_data,
+                                         self.manifest.tokenizer_path)
 
     def save(self) -> None:
         start = time.perf_counter()
@@ -232,27 +290,23 @@ class Trainer:
             self._log_eval()  # the starting point of the validation curve
         self.last_save = time.monotonic()
         self.ds_skipped = self.engine.skipped_steps
+        self.compile_seconds_logged = 0.0
         while self.state.step < end:
             start = time.perf_counter()
-            loss, skipped = self._train_step(pairs)
+            loss, skipped, (stop_requested, save_due) = self._train_step(pairs, self._control_flags)
             seconds = time.perf_counter() - start
             self.state.step += 1
             self.state.samples_seen += c.global_batch_size
             self.state.tokens_seen += self.tokens_per_step
             self._count(loss, skipped)
             self._log_step(loss, seconds, skipped)
-            if self.skipped_in_a_row > t.max_skipped_in_a_row:
-                raise FloatingPointError(
-                    f"step {self.state.step}: {self.skipped_in_a_row} steps in a row were skipped ({skipped}), more "
-                    f"than trainer.max_skipped_in_a_row={t.max_skipped_in_a_row}: the run is diverging or the data is "
-                    f"bad. The checkpoints are intact (latest: {checkpoint.find_latest(Path(c.run_dir) / 'checkpoints')}"
-                    f"); resume with a lower optimizer.lr, or skip the data")
-            if self.state.step % t.eval_every == 0 or self.state.step == end:
+            self._raise_if_diverging(skipped)
+            todo = after_step(self.state.step, end, t, bool(stop_requested), bool(save_due))
+            if todo.evaluate:
                 self._log_eval()
-            stop, minutes_passed = self._rank0_says()
-            if self.state.step % t.checkpoint_every == 0 or self.state.step == end or stop or minutes_passed:
+            if todo.save:
                 self.save()
-            if stop:
+            if todo.stop:
                 if self.rank == 0:
                     log.info("step %d: stopping as asked (%s), checkpoint saved", self.state.step, STOP_FILE)
                 break
@@ -260,6 +314,7 @@ class Trainer:
             self.metrics.close()
 
     def _count(self, loss: float, skipped: str | None) -> None:
+        t = self.c.trainer
         if skipped:
             self.state.skipped_steps += 1
             self.skipped_in_a_row += 1
@@ -268,18 +323,27 @@ class Trainer:
                             self.skipped_in_a_row, self.state.skipped_steps)
         else:
             self.skipped_in_a_row = 0
-            self.state.recent_losses = (self.state.recent_losses + [loss])[-SPIKE_WINDOW:]
+            self.state.recent_losses = (self.state.recent_losses + [loss])[-t.spike_window:]
 
-    def _rank0_says(self) -> tuple[bool, bool]:
-        """(a stop was requested, checkpoint_minutes have passed since the last save): rank 0 decides and
-        broadcasts, so every rank saves and stops at the same step."""
-        flags = torch.zeros(2, device=self.device)
-        if self.rank == 0:
-            minutes = self.c.trainer.checkpoint_minutes
-            flags[0] = (Path(self.c.run_dir) / STOP_FILE).exists()
-            flags[1] = minutes is not None and time.monotonic() - self.last_save >= minutes * 60
-        dist.broadcast(flags, src=0)
-        return bool(flags[0]), bool(flags[1])
+    def _raise_if_diverging(self, skipped: str | None) -> None:
+        t = self.c.trainer
+        if self.skipped_in_a_row > t.max_skipped_in_a_row:
+            raise FloatingPointError(
+                f"step {self.state.step}: {self.skipped_in_a_row} steps in a row were skipped ({skipped}), more "
+                f"than trainer.max_skipped_in_a_row={t.max_skipped_in_a_row}: the run is diverging or the data is "
+                f"bad. The checkpoints are intact (latest: "
+                f"{checkpoint.find_latest(Path(self.c.run_dir) / 'checkpoints')}); resume with a lower optimizer.lr, "
+                f"or skip the data")
+
+    def _control_flags(self) -> list[float]:
+        """[a stop was requested, checkpoint_minutes have passed since the last save] on rank 0 (a file check
+        and a clock read: microseconds), zeros on the others. They ride on the step's loss all-reduce, so every
+        rank saves and stops at the same step without a collective of their own."""
+        if self.rank != 0:
+            return [0.0, 0.0]
+        minutes = self.c.trainer.checkpoint_minutes
+        return [float((Path(self.c.run_dir) / STOP_FILE).exists()),
+                float(minutes is not None and time.monotonic() - self.last_save >= minutes * 60)]
 
     def _log_step(self, loss: float, seconds: float, skipped: str | None) -> None:
         if self.metrics is None:
@@ -292,6 +356,11 @@ class Trainer:
                   "data_wait_seconds": self.train_data.wait_seconds(), **memory_metrics(self.device)}
         if self.peak_flops:
             record["mfu"] = mfu(self.flops_per_step, seconds, self.peak_flops, self.world)
+        if self.c.trainer.compile:
+            record["compile_seconds"] = compile_seconds() - self.compile_seconds_before  # this trainer's
+            if record["compile_seconds"] > self.compile_seconds_logged:  # the first step, and any recompilation
+                self.compile_seconds_logged = record["compile_seconds"]
+                log.info("step %d: %.1fs spent in torch.compile so far", step, record["compile_seconds"])
         record = {k: float(v) if v is not None else None for k, v in record.items()}
         self.metrics.log(step, **record, tokens_seen=self.state.tokens_seen, skipped_steps=self.state.skipped_steps)
         if step % self.c.trainer.log_every == 0:

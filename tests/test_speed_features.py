@@ -1,0 +1,108 @@
+"""Speed features on real parts: torch.compile of the blocks under DP, ZeRO 0-3, TP and a pipeline on two gloo
+ranks (the same losses as eager), GPU-right defaults in the config, and the loop's after-step decisions."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from distlm.config import Precision, compose_config
+from distlm.model.llama import Block
+from distlm.train.metrics import last_per_step, read_metrics
+from distlm.train.trainer import AfterStep, after_step
+from distributed import run_ranks
+from test_train import train_config
+
+STEPS = 3
+SMALL = [f"trainer.max_steps={STEPS}", "trainer.micro_batch_size=2", "trainer.grad_accum=2", "trainer.eval_every=100",
+         "trainer.eval_batches=1", "trainer.checkpoint_every=100", "logger.samples=0", "optimizer.warmup_steps=1"]
+# The last: after a PipelineModule, DeepSpeed's global state breaks the next non-pipeline engine in a process.
+LAYOUTS = {"zero0": ["parallel.zero_stage=0"], "zero1": ["parallel.zero_stage=1"], "zero2": ["parallel.zero_stage=2"],
+           "zero3": ["parallel=zero3"], "tp2": ["parallel=tp2"], "pp2": ["parallel=pp2"]}
+
+
+def _eager_and_compiled(rank: int, data_dir: Path, root: Path) -> None:
+    from distlm.train.trainer import Trainer
+
+    for name, layout in LAYOUTS.items():
+        for compiled in (False, True):
+            run_dir = root / f"{name}_{'compiled' if compiled else 'eager'}"
+            trainer = Trainer(train_config(data_dir, run_dir, *SMALL, *layout, f"trainer.compile={compiled}"))
+            blocks = [m for m in trainer.engine.module.modules() if isinstance(m, Block)]
+            compiled_blocks = sum(getattr(b, "_compiled_call_impl", None) is not None for b in blocks)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / f"blocks_rank{rank}.txt").write_text(f"{compiled_blocks}/{len(blocks)}")
+            trainer.fit()
+
+
+@pytest.fixture(scope="module")
+def runs(bible_shards, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("compiled")
+    run_ranks(_eager_and_compiled, 2, bible_shards, root)
+    return root
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return dict(last_per_step(read_metrics(run_dir), "loss"))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_compiled_blocks_train_as_eager_ones(runs, layout):
+    eager, compiled = runs / f"{layout}_eager", runs / f"{layout}_compiled"
+    assert (compiled / "blocks_rank0.txt").read_text() == (compiled / "blocks_rank1.txt").read_text()
+    done, total = map(int, (compiled / "blocks_rank0.txt").read_text().split("/"))
+    assert done == total > 0, f"{done} of {total} blocks compiled on rank 0"
+    assert (eager / "blocks_rank0.txt").read_text().startswith("0/")
+    assert sorted(losses(compiled)) == sorted(losses(eager)) == list(range(1, STEPS + 1))
+    for step, loss in losses(eager).items():
+        assert losses(compiled)[step] == pytest.approx(loss, rel=1e-4), f"step {step}"
+    val_eager, val_compiled = (dict(last_per_step(read_metrics(run), "val_loss")) for run in (eager, compiled))
+    assert val_compiled[STEPS] == pytest.approx(val_eager[STEPS], rel=1e-4)  # the updates were the same too
+    assert val_eager[STEPS] < val_eager[0] - 0.01  # and they trained: not a comparison of two constants
+
+
+def test_compile_time_is_in_the_metrics(runs):
+    # zero0 is the first compiled run of its processes: the later ones reuse its compiled code.
+    seconds = last_per_step(read_metrics(runs / "zero0_compiled"), "compile_seconds")
+    assert [step for step, _ in seconds] == list(range(1, STEPS + 1))
+    assert all(s > 0 and math.isfinite(s) for _, s in seconds)
+    assert not last_per_step(read_metrics(runs / "zero0_eager"), "compile_seconds")
+
+
+# ---------------------------------------------------------------- config defaults, no ranks
+
+def test_precision_auto_is_bf16_on_gpus_and_fp32_on_cpus():
+    assert compose_config("cluster.use_gpu=true").trainer.precision == Precision.bf16
+    assert compose_config("cluster.use_gpu=false").trainer.precision == Precision.fp32
+    assert compose_config("cluster.use_gpu=true", "trainer.precision=fp32").trainer.precision == Precision.fp32
+
+
+def test_fused_adamw_on_cuda_only_unless_set():
+    from distlm.train.engine import deepspeed_config
+
+    def optimizer(*overrides: str, use_cuda: bool) -> dict:
+        return deepspeed_config(compose_config(*overrides), use_cuda)["optimizer"]
+
+    assert optimizer(use_cuda=True)["params"]["fused"] is True
+    assert optimizer(use_cuda=False)["params"]["fused"] is False
+    assert optimizer("optimizer.fused=true", use_cuda=False)["params"]["fused"] is True
+    assert optimizer(use_cuda=True) == {"type": "AdamW", "params": optimizer(use_cuda=True)["params"]}
+    assert optimizer("optimizer.type=Adam", use_cuda=True)["params"]["adam_w_mode"] is False
+
+
+# ---------------------------------------------------------------- what the loop does after a step
+
+def test_evaluate_and_save_on_their_schedule_and_at_the_end():
+    t = compose_config("trainer.eval_every=4", "trainer.checkpoint_every=6").trainer
+    assert after_step(3, 10, t, False, False) == AfterStep(evaluate=False, save=False, stop=False)
+    assert after_step(4, 10, t, False, False) == AfterStep(evaluate=True, save=False, stop=False)
+    assert after_step(6, 10, t, False, False) == AfterStep(evaluate=False, save=True, stop=False)
+    assert after_step(10, 10, t, False, False) == AfterStep(evaluate=True, save=True, stop=False)
+
+
+def test_a_stop_request_saves_and_stops_and_a_due_time_only_saves():
+    t = compose_config("trainer.eval_every=4", "trainer.checkpoint_every=6").trainer
+    assert after_step(3, 10, t, True, False) == AfterStep(evaluate=False, save=True, stop=True)
+    assert after_step(3, 10, t, False, True) == AfterStep(evaluate=False, save=True, stop=False)
