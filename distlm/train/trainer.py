@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import dataclasses
 import statistics
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ import torch.distributed as dist
 
 from distlm.config import Config, to_dict
 from distlm.data.loader import ShardLoader
+from distlm.data.mixture import MixtureLoader, main_dir
 from distlm.data.shards import Manifest
 from distlm.model.llama import Llama
 from distlm.parallel.layout import make_layout
@@ -52,7 +54,7 @@ class Trainer:
         self.c = c
         deepspeed.init_distributed(dist_backend="nccl" if c.cluster.use_gpu else "gloo")
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        self.manifest = Manifest.load(c.data.dir)  # checked against the config on the driver
+        self.manifest = Manifest.load(main_dir(c.data))  # checked against the config on the driver
         self.layout = make_layout(c.parallel.tp, c.parallel.pp)
         # The same full initial weights on every rank, whatever the layout; each keeps its own part.
         torch.manual_seed(c.seed)
@@ -77,8 +79,13 @@ class Trainer:
         # The tensor-parallel ranks of a stage need the same batches: the first reads, the others receive.
         loading = dict(micro_batch_size=c.trainer.micro_batch_size, dp_rank=lay.dp_rank, dp_size=lay.dp,
                        broadcast_group=lay.tp_group if lay.tp > 1 else None)
-        self.train_data = ShardLoader(c.data, split="train", seed=c.seed, shuffle=True, **loading)
-        self.val_data = ShardLoader(c.data, split="val", seed=0, shuffle=False, **loading)
+        self.train_data = ShardLoader(c.data, split="train", seed=c.seed, shuffle=True, **loading) if not c.data.mix \
+            else MixtureLoader(c.data, seed=c.seed, **loading)
+        self.val_data = ShardLoader(c.data, split="val", seed=0, shuffle=False, **loading) if not c.data.mix else None
+        # With data.mix: each source's validation split, evaluated apart (val_loss/NAME).
+        self.val_sources = {s.name: ShardLoader(dataclasses.replace(c.data, dir=s.dir), split="val", seed=0,
+                                                shuffle=False, **loading) for s in c.data.mix or []}
+        self.val_data = self.val_data or next(iter(self.val_sources.values()))
         # Pipeline stages in the middle receive activations, not data.
         self.reads_data = not self.pipelined or lay.is_first_stage or lay.is_last_stage
         self.tokens_per_step = c.global_batch_size * c.data.seq_len
@@ -174,12 +181,13 @@ class Trainer:
             log.info("resumed from %s at step %d (%d tokens seen)", ckpt_dir / tag, restored.step, restored.tokens_seen)
         return True
 
-    def evaluate(self) -> float:
+    def evaluate(self, val_data: ShardLoader | None = None) -> float:
         """Mean validation loss over eval_batches batches per replica (the same count on every rank)."""
-        count = min(self.c.trainer.eval_batches, self.val_data.batches_per_epoch)
+        val_data = val_data or self.val_data
+        count = min(self.c.trainer.eval_batches, val_data.batches_per_epoch)
         if count == 0:
             return float("nan")
-        pairs = self._pairs(self.val_data.iter_batches(max_batches=count))
+        pairs = self._pairs(val_data.iter_batches(max_batches=count))
         if self.pipelined:
             return self.engine.eval_batch(data_iter=pairs, num_micro_batches=count).item()
         self.engine.eval()
@@ -189,10 +197,14 @@ class Trainer:
         return _all_mean(loss)
 
     def _log_eval(self) -> None:
-        val_loss = self.evaluate()
+        # A mixture's val_loss is the weighted mean of its sources' validation losses.
+        per_source = {f"val_loss/{name}": self.evaluate(loader) for name, loader in self.val_sources.items()}
+        weights = [s.weight for s in self.c.data.mix or []]
+        val_loss = self.evaluate() if not per_source else \
+            sum(w * loss for w, loss in zip(weights, per_source.values())) / sum(weights)
         if self.metrics:
             self.metrics.log(self.state.step, val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50)),
-                             tokens_seen=self.state.tokens_seen)
+                             tokens_seen=self.state.tokens_seen, **per_source)
             log.info("step %d: val_loss %.4f val_ppl %.2f", self.state.step, val_loss, math.exp(min(val_loss, 50)))
             self.metrics.log_samples(self.state.step, self.engine.module, self.val_data, self.manifest.tokenizer_path)
 
@@ -254,6 +266,20 @@ class Trainer:
             self.skipped_in_a_row = 0
             self.state.recent_losses = (self.state.recent_losses + [loss])[-SPIKE_WINDOW:]
 
+    def _source_metrics(self) -> dict[str, int]:
+        """With data.mix: tokens_seen/NAME and epoch/NAME per source; a log line when a source was exhausted
+        during this step and repeats."""
+        if not isinstance(self.train_data, MixtureLoader):
+            return {}
+        now = self.train_data.progress(self.state.samples_seen)
+        before = self.train_data.progress(self.state.samples_seen - self.c.global_batch_size)
+        for name, (samples, epoch) in now.items():
+            if epoch > before[name][1]:
+                log.info("step %d: data source %s was exhausted; it repeats (epoch %d of it starts, %d samples fed "
+                         "so far)", self.state.step, name, epoch, samples)
+        return {**{f"tokens_seen/{name}": samples * self.c.data.seq_len for name, (samples, _) in now.items()},
+                **{f"epoch/{name}": epoch for name, (_, epoch) in now.items()}}
+
     def _rank0_says(self) -> tuple[bool, bool]:
         """(a stop was requested, checkpoint_minutes have passed since the last save): rank 0 decides and
         broadcasts, so every rank saves and stops at the same step."""
@@ -277,7 +303,8 @@ class Trainer:
         if self.peak_flops:
             record["mfu"] = mfu(self.flops_per_step, seconds, self.peak_flops, self.world)
         record = {k: float(v) if v is not None else None for k, v in record.items()}
-        self.metrics.log(step, **record, tokens_seen=self.state.tokens_seen, skipped_steps=self.state.skipped_steps)
+        self.metrics.log(step, **record, tokens_seen=self.state.tokens_seen, skipped_steps=self.state.skipped_steps,
+                         **self._source_metrics())
         if step % self.c.trainer.log_every == 0:
             log.info("step %d: loss %.4f lr %.2e grad_norm %.3f tokens/s %.0f", step, loss, record["lr"],
                      record["grad_norm"] or float("nan"), tokens_per_s)
