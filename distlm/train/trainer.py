@@ -81,11 +81,11 @@ class Trainer:
                        broadcast_group=lay.tp_group if lay.tp > 1 else None)
         self.train_data = ShardLoader(c.data, split="train", seed=c.seed, shuffle=True, **loading) if not c.data.mix \
             else MixtureLoader(c.data, seed=c.seed, **loading)
-        self.val_data = ShardLoader(c.data, split="val", seed=0, shuffle=False, **loading) if not c.data.mix else None
         # With data.mix: each source's validation split, evaluated apart (val_loss/NAME).
         self.val_sources = {s.name: ShardLoader(dataclasses.replace(c.data, dir=s.dir), split="val", seed=0,
                                                 shuffle=False, **loading) for s in c.data.mix or []}
-        self.val_data = self.val_data or next(iter(self.val_sources.values()))
+        self.val_data = ShardLoader(c.data, split="val", seed=0, shuffle=False, **loading) if not c.data.mix \
+            else next(iter(self.val_sources.values()))
         # Pipeline stages in the middle receive activations, not data.
         self.reads_data = not self.pipelined or lay.is_first_stage or lay.is_last_stage
         self.tokens_per_step = c.global_batch_size * c.data.seq_len
