@@ -106,7 +106,8 @@ def test_the_schedule_counts_what_it_assigns():
     for s in range(4):
         assert index[source == s].tolist() == list(range(int((source == s).sum())))
     far = np.arange(10**12, 10**12 + 1000)   # position-addressable: no walk from 0
-    assert (np.bincount(schedule.assign(far)[0], minlength=4) == schedule.counts(far[-1] + 1) - schedule.counts(far[0])).all()
+    fed = np.bincount(schedule.assign(far)[0], minlength=4)
+    assert (fed == schedule.counts(far[-1] + 1) - schedule.counts(far[0])).all()
 
 
 def test_the_seed_changes_the_interleave(sources):
@@ -152,7 +153,7 @@ def test_progress_counts_each_sources_samples_and_repeats(sources):
 # ---------------------------------------------------------------- checks
 
 def train_config(sources: dict[str, Path], run_dir: Path, *overrides: str, seq_len=SAMPLE_LEN - 1):
-    mix = ",".join(f"{{name:{n},dir:'{d}',weight:{SOURCES[n][2] if n in SOURCES else 0.5}}}" for n, d in sources.items())
+    mix = ",".join(f"{{name:{name},dir:'{path}',weight:0.5}}" for name, path in sources.items())
     return compose_config("model=test", f"data.seq_len={seq_len}", f"data.mix=[{mix}]", f"run_dir={run_dir}",
                           "trainer.micro_batch_size=2", "logger.wandb=false", *overrides)
 
@@ -241,15 +242,18 @@ def test_a_two_source_mixture_trains_through_the_cli(two_sources, tmp_path):
     val = {k: by_step(tmp_path, k) for k in ("val_loss", "val_loss/law", "val_loss/gospels")}
     assert sorted(val["val_loss/law"]) == sorted(val["val_loss/gospels"]) == [0, 4, 8]
     for step in (0, 4, 8):
-        assert val["val_loss"][step] == pytest.approx(0.6 * val["val_loss/law"][step] + 0.4 * val["val_loss/gospels"][step])
+        weighted = 0.6 * val["val_loss/law"][step] + 0.4 * val["val_loss/gospels"][step]
+        assert val["val_loss"][step] == pytest.approx(weighted)
     assert val["val_loss/law"][8] < val["val_loss/law"][0]
 
 
 def test_a_mixture_run_stopped_and_resumed_gives_the_losses_of_an_uninterrupted_one(two_sources, ray_local, tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
     train(compose_config(*TRAIN, mix_override(two_sources), f"run_dir={straight}"))
-    assert train(compose_config(*TRAIN, mix_override(two_sources), f"run_dir={split}", "trainer.stop_at_step=3"))["steps"] == 3
+    stopped = train(compose_config(*TRAIN, mix_override(two_sources), f"run_dir={split}", "trainer.stop_at_step=3"))
+    assert stopped["steps"] == 3
     train(compose_config(*TRAIN, mix_override(two_sources), f"run_dir={split}"))   # resume=auto: from step 3
+    after = range(4, STEPS + 1)
     for key in ("loss", "tokens_seen/gospels", "epoch/gospels"):
-        assert [by_step(split, key)[s] for s in range(4, STEPS + 1)] == [by_step(straight, key)[s] for s in range(4, STEPS + 1)]
+        assert [by_step(split, key)[s] for s in after] == [by_step(straight, key)[s] for s in after], key
     assert by_step(split, "val_loss/gospels")[8] == by_step(straight, "val_loss/gospels")[8]
