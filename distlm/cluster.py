@@ -99,8 +99,9 @@ def worker_node_problems(c: Config, workers_on_node: int, node: str) -> list[str
     elif yaml.safe_load(run_config_file.read_text()) != to_dict(c):
         problems.append(f"node {node} finds another run's config in {run_config_file}: run_dir is not the "
                         f"driver's (a node-local directory?) or another job writes to it")
-    manifest = Path(c.data.dir) / "manifest.json"
-    if not manifest.is_file():
-        problems.append(f"node {node} cannot see {manifest}: data.dir must be on storage every node mounts "
-                        f"(e.g. data.dir=/fsx/data/NAME); see docs/cluster.md")
+    for data_dir in [source.dir for source in c.data.mix] if c.data.mix else [c.data.dir]:   # data.mix: every source
+        manifest = Path(data_dir) / "manifest.json"
+        if not manifest.is_file():
+            problems.append(f"node {node} cannot see {manifest}: data.dir must be on storage every node mounts "
+                            f"(e.g. data.dir=/fsx/data/NAME); see docs/cluster.md")
     return problems

@@ -84,6 +84,13 @@ class PiiConfig:
 
 
 @dataclass
+class MixSource:
+    name: str = MISSING      # names the source in metrics (tokens_seen/NAME, val_loss/NAME) and errors
+    dir: str = MISSING       # a preprocessed data directory (its manifest.json)
+    weight: float = MISSING  # share of training samples drawn from it (weights are normalized)
+
+
+@dataclass
 class DataConfig:
     inputs: list[str] = MISSING
     text_field: str = MISSING
@@ -111,6 +118,7 @@ class DataConfig:
     verify_shards: bool = MISSING
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     pii: PiiConfig = field(default_factory=PiiConfig)
+    mix: Optional[list[MixSource]] = MISSING
 
 
 class PipelinePartition(str, Enum):
@@ -309,6 +317,8 @@ def _resolve_paths(c: Config) -> None:
     # Ray workers run in their own working directory: every path they see must be absolute.
     c.run_dir = _absolute(c.run_dir)
     c.data.dir = _absolute(c.data.dir)
+    for source in c.data.mix or []:
+        source.dir = _absolute(source.dir)
     c.data.inputs = [_absolute(p) for p in c.data.inputs]
     if c.data.tokenizer.path:
         c.data.tokenizer.path = _absolute(c.data.tokenizer.path)
@@ -387,9 +397,10 @@ def validate_train(c: Config) -> list[str]:
     t, cl, o = c.trainer, c.cluster, c.optimizer
     p = validate_model(c.model)
     manifest = Path(c.data.dir) / "manifest.json"
-    _check(p, manifest.is_file(),
+    _check(p, bool(c.data.mix) or manifest.is_file(),
            f"data.dir: no preprocessed data at '{c.data.dir}' (missing manifest.json); run `distlm preprocess` first "
            f"or point data.dir at a preprocessed dataset")
+    p += validate_mix(c.data)
     _check(p, not (c.data.shard_url or "").startswith("pipe:"),
            f"data.shard_url={c.data.shard_url!r}: a pipe: command streams whole shards, but each rank reads only its "
            f"own samples at their offsets; give a path or fsspec URL template, e.g. s3://bucket/set/{{name}}")
@@ -420,6 +431,21 @@ def validate_train(c: Config) -> list[str]:
     _check(p, 0 < o.min_lr <= o.lr, f"need 0 < optimizer.min_lr <= optimizer.lr, got {o.min_lr}, {o.lr}")
     _check(p, 0 <= o.warmup_steps < t.max_steps,
            f"optimizer.warmup_steps={o.warmup_steps} must be below trainer.max_steps={t.max_steps}")
+    return p
+
+
+def validate_mix(d: DataConfig) -> list[str]:
+    """data.mix: distinct names, positive weights, a preprocessed dataset in every dir."""
+    p: list[str] = []
+    names = [source.name for source in d.mix or []]
+    _check(p, len(set(names)) == len(names), f"data.mix: source names must be distinct, got {names}")
+    for i, source in enumerate(d.mix or []):
+        _check(p, bool(source.name) and "/" not in source.name,
+               f"data.mix[{i}].name={source.name!r} must be a non-empty name without '/'")
+        _check(p, source.weight > 0, f"data.mix[{i}] ({source.name}): weight={source.weight} must be positive")
+        _check(p, (Path(source.dir) / "manifest.json").is_file(),
+               f"data.mix[{i}] ({source.name}): no preprocessed data at '{source.dir}' (missing manifest.json); "
+               f"run `distlm preprocess` with data.dir={source.dir} first")
     return p
 
 

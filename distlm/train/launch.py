@@ -15,6 +15,7 @@ import yaml
 
 from distlm import cluster
 from distlm.config import Config, ConfigError, raise_if, to_dict, validate_train
+from distlm.data.mixture import main_dir
 from distlm.train import checkpoint, universal
 from distlm.train.progress import ProgressBar, summarize
 
@@ -82,13 +83,41 @@ def check_layout_change(saved: checkpoint.RunState, c: Config, where: Path) -> N
              universal.describe(was), universal.describe(now))
 
 
+def check_mix(c: Config) -> None:
+    """The sources of data.mix must be one tokenization: the same tokenizer (sha256) and seq_len as the first."""
+    from distlm.data.shards import Manifest
+
+    if not c.data.mix:
+        return
+    manifests = []
+    for source in c.data.mix:
+        try:
+            manifests.append(Manifest.load(source.dir))
+        except ValueError as e:
+            raise ConfigError(f"data.mix source {source.name}: {e}") from None
+    for source, manifest in zip(c.data.mix, manifests):
+        if manifest.num_samples("train") == 0:
+            raise ConfigError(f"data.mix source {source.name} ({source.dir}) has no training samples")
+    first, first_manifest = c.data.mix[0], manifests[0]
+    for source, manifest in zip(c.data.mix[1:], manifests[1:]):
+        if manifest.tokenizer_sha256 != first_manifest.tokenizer_sha256:
+            raise ConfigError(f"data.mix sources {first.name} ({first.dir}) and {source.name} ({source.dir}) were "
+                              f"tokenized differently (tokenizer {first_manifest.tokenizer_sha256[:12]} vs "
+                              f"{manifest.tokenizer_sha256[:12]}): preprocess both with the same data.tokenizer.path")
+        if manifest.seq_len != first_manifest.seq_len:
+            raise ConfigError(f"data.mix sources {first.name} ({first.dir}) and {source.name} ({source.dir}) hold "
+                              f"samples of seq_len {first_manifest.seq_len} and {manifest.seq_len}: preprocess both "
+                              f"with the same data.seq_len")
+
+
 def check_before_launch(c: Config) -> None:
     """Everything that can be known on the driver fails here, before any worker starts."""
     from distlm.data.shards import Manifest
 
     raise_if(validate_train(c))
+    check_mix(c)
     try:
-        manifest = Manifest.load(c.data.dir)
+        manifest = Manifest.load(main_dir(c.data))
     except ValueError as e:  # a manifest from an older distlm, or unreadable
         raise ConfigError(f"data.dir: {e}") from None
     if manifest.vocab_size > c.model.vocab_size:

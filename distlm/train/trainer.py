@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import statistics
@@ -15,6 +16,7 @@ import torch.distributed as dist
 
 from distlm.config import Config, TrainerConfig, to_dict
 from distlm.data.loader import ShardLoader
+from distlm.data.mixture import MixtureLoader, main_dir
 from distlm.data.shards import Manifest
 from distlm.model.llama import Llama, document_positions
 from distlm.parallel.layout import make_layout
@@ -128,7 +130,7 @@ class Trainer:
         deepspeed.init_distributed(dist_backend="nccl" if c.cluster.use_gpu else "gloo")
         torch.set_float32_matmul_precision("high" if c.trainer.tf32 else "highest")  # "high": TF32 on CUDA
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        self.manifest = Manifest.load(c.data.dir)  # checked against the config on the driver
+        self.manifest = Manifest.load(main_dir(c.data))  # checked against the config on the driver
         self.layout = make_layout(c.parallel.tp, c.parallel.pp)
         torch.manual_seed(c.seed)
         with torch.device("meta"):  # shapes only: each rank builds and fills just its part (build_engine)
@@ -156,8 +158,13 @@ class Trainer:
         # The tensor-parallel ranks of a stage need the same batches: the first reads, the others receive.
         loading = dict(micro_batch_size=c.trainer.micro_batch_size, dp_rank=lay.dp_rank, dp_size=lay.dp,
                        broadcast_group=lay.tp_group if lay.tp > 1 else None, doc_boundaries=c.trainer.doc_masking)
-        self.train_data = ShardLoader(c.data, split="train", seed=c.seed, shuffle=True, **loading)
-        self.val_data = ShardLoader(c.data, split="val", seed=0, shuffle=False, **loading)
+        self.train_data = ShardLoader(c.data, split="train", seed=c.seed, shuffle=True, **loading) if not c.data.mix \
+            else MixtureLoader(c.data, seed=c.seed, **loading)
+        # With data.mix: each source's validation split, evaluated apart (val_loss/NAME).
+        self.val_sources = {s.name: ShardLoader(dataclasses.replace(c.data, dir=s.dir), split="val", seed=0,
+                                                shuffle=False, **loading) for s in c.data.mix or []}
+        self.val_data = ShardLoader(c.data, split="val", seed=0, shuffle=False, **loading) if not c.data.mix \
+            else next(iter(self.val_sources.values()))
         # Pipeline stages in the middle receive activations, not data.
         self.reads_data = not self.pipelined or lay.is_first_stage or lay.is_last_stage
         self.tokens_per_step = c.global_batch_size * c.data.seq_len
@@ -246,12 +253,13 @@ class Trainer:
             log.info("resumed from %s at step %d (%d tokens seen)", ckpt_dir / tag, restored.step, restored.tokens_seen)
         return True
 
-    def validation_loss(self) -> float:
+    def validation_loss(self, val_data: ShardLoader | None = None) -> float:
         """Mean validation loss over eval_batches batches per replica (the same count on every rank)."""
-        count = min(self.c.trainer.eval_batches, self.val_data.batches_per_epoch)
+        val_data = val_data or self.val_data
+        count = min(self.c.trainer.eval_batches, val_data.batches_per_epoch)
         if count == 0:
             return float("nan")
-        pairs = self._pairs(self.val_data.iter_batches(max_batches=count))
+        pairs = self._pairs(val_data.iter_batches(max_batches=count))
         if self.pipelined:
             return self.engine.eval_batch(data_iter=pairs, num_micro_batches=count).item()
         self.engine.eval()
@@ -261,10 +269,14 @@ class Trainer:
         return _all_mean(loss)
 
     def _log_eval(self) -> None:
-        val_loss = self.validation_loss()
+        # A mixture's val_loss is the weighted mean of its sources' validation losses.
+        per_source = {f"val_loss/{name}": self.validation_loss(loader) for name, loader in self.val_sources.items()}
+        weights = [s.weight for s in self.c.data.mix or []]
+        val_loss = self.validation_loss() if not per_source else \
+            sum(w * loss for w, loss in zip(weights, per_source.values())) / sum(weights)
         if self.metrics:
             self.metrics.log(self.state.step, val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50)),
-                             tokens_seen=self.state.tokens_seen)
+                             tokens_seen=self.state.tokens_seen, **per_source)
             log.info("step %d: val_loss %.4f val_ppl %.2f", self.state.step, val_loss, math.exp(min(val_loss, 50)))
             with torch.compiler.set_stance("force_eager"):  # growing prompts would recompile at every length
                 self.metrics.log_samples(self.state.step, self.engine.module, self.val_data,
@@ -345,6 +357,31 @@ class Trainer:
         return [float((Path(self.c.run_dir) / STOP_FILE).exists()),
                 float(minutes is not None and time.monotonic() - self.last_save >= minutes * 60)]
 
+    def _source_metrics(self) -> dict[str, int]:
+        """With data.mix: tokens_seen/NAME and epoch/NAME per source; a log line when a source was exhausted
+        during this step and repeats."""
+        if not isinstance(self.train_data, MixtureLoader):
+            return {}
+        now = self.train_data.progress(self.state.samples_seen)
+        before = self.train_data.progress(self.state.samples_seen - self.c.global_batch_size)
+        for name, (samples, epoch) in now.items():
+            if epoch > before[name][1]:
+                log.info("step %d: data source %s was exhausted; it repeats (epoch %d of it starts, %d samples fed "
+                         "so far)", self.state.step, name, epoch, samples)
+        return {**{f"tokens_seen/{name}": samples * self.c.data.seq_len for name, (samples, _) in now.items()},
+                **{f"epoch/{name}": epoch for name, (_, epoch) in now.items()}}
+
+    def _rank0_says(self) -> tuple[bool, bool]:
+        """(a stop was requested, checkpoint_minutes have passed since the last save): rank 0 decides and
+        broadcasts, so every rank saves and stops at the same step."""
+        flags = torch.zeros(2, device=self.device)
+        if self.rank == 0:
+            minutes = self.c.trainer.checkpoint_minutes
+            flags[0] = (Path(self.c.run_dir) / STOP_FILE).exists()
+            flags[1] = minutes is not None and time.monotonic() - self.last_save >= minutes * 60
+        dist.broadcast(flags, src=0)
+        return bool(flags[0]), bool(flags[1])
+
     def _log_step(self, loss: float, seconds: float, skipped: str | None) -> None:
         if self.metrics is None:
             return
@@ -362,7 +399,8 @@ class Trainer:
                 self.compile_seconds_logged = record["compile_seconds"]
                 log.info("step %d: %.1fs spent in torch.compile so far", step, record["compile_seconds"])
         record = {k: float(v) if v is not None else None for k, v in record.items()}
-        self.metrics.log(step, **record, tokens_seen=self.state.tokens_seen, skipped_steps=self.state.skipped_steps)
+        self.metrics.log(step, **record, tokens_seen=self.state.tokens_seen, skipped_steps=self.state.skipped_steps,
+                         **self._source_metrics())
         if step % self.c.trainer.log_every == 0:
             log.info("step %d: loss %.4f lr %.2e grad_norm %.3f tokens/s %.0f", step, loss, record["lr"],
                      record["grad_norm"] or float("nan"), tokens_per_s)
