@@ -34,6 +34,7 @@ sys.path.insert(0, str(REPO / "tests"))  # distributed.run_ranks: N gloo ranks a
 from distlm.config import compose_config  # noqa: E402
 from distlm.data.shards import Manifest  # noqa: E402
 from distlm.train import checkpoint, resume, universal  # noqa: E402
+from distlm.train.metrics import read_metrics  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -152,10 +153,10 @@ def main() -> None:
     started = root / "started_dp2"
     train(dp2, started)  # the universal form loaded at dp 2, one more step
     first = min(float(p.read_text()) for p in started.iterdir())
+    loss = {r["step"]: r["loss"] for r in read_metrics(Path(dp2.run_dir)) if "loss" in r}
     print(f"dp 2      its ranks started {first - ended:.1f}s after the conversion ended: no training rank "
-          f"existed, so none waited in a collective, while it ran; it resumed at step "
-          f"{checkpoint.read_state(Path(dp2.run_dir) / 'checkpoints' / checkpoint.tag_for_step(2)).step - 1} "
-          f"and saved step 2")
+          f"existed, so none waited in a collective, while it ran; from the universal form they trained step "
+          f"{max(loss)} (loss {loss[max(loss)]:.4f}; step 1 at tp 2 x pp 2: {loss[1]:.4f})")
     ray.shutdown()
     shutil.rmtree(root, ignore_errors=True)
 

@@ -131,6 +131,7 @@ def _ray_tasks(work: Callable, items: list, record: list) -> list:
     (its memory is returned when it ends) doing every n-th item; the results in the items' order."""
     import ray
 
+    items = list(items)  # DeepSpeed passes a list, or a set of names (ZeRO-3 merge)
     if not items:
         return []
     parts = max(1, min(len(items), int(ray.cluster_resources().get("CPU", 1))))
