@@ -15,9 +15,11 @@ from distlm.config import ConfigError, ModelConfig, compose_config, to_dict
 from distlm.export.hf import export
 from distlm.model.llama import Llama
 from distlm.model.parallelize import full_state_dict
-from distlm.train import checkpoint, universal
-from distlm.train.checkpoint_cli import info
-from distlm.train.launch import check_layout_change
+from distlm.data.shards import Manifest
+from distlm.train import checkpoint, launch, resume, universal
+from distlm.train.checkpoint import CheckpointError
+from distlm.train.checkpoint_cli import info, reshape
+from distlm.train.resume import ResumeKind, check_layout_change
 from distlm.train.metrics import read_metrics
 from distlm.train.trainer import Trainer
 from distributed import run_ranks
@@ -46,8 +48,8 @@ def layout_config(data_dir: Path, run_dir: Path, layout: str, *overrides: str):
         "trainer.eval_batches=1", "trainer.eval_every=100", "logger.wandb=false", *layout_overrides, *overrides)
 
 
-def _fit(rank: int, c) -> None:
-    trainer = Trainer(c)
+def _fit(rank: int, c, plan) -> None:
+    trainer = Trainer(c, plan)
     trainer.fit()
     with deepspeed.zero.GatheredParameters(list(trainer.engine.module.parameters())):  # no-op below ZeRO-3
         weights = full_state_dict(trainer.engine.module, trainer.layout, c.model.vocab_size)
@@ -55,8 +57,15 @@ def _fit(rank: int, c) -> None:
         torch.save(weights, Path(c.run_dir) / f"weights_step{trainer.state.step}.pt")
 
 
+def plan(c) -> resume.ResumePlan:
+    return resume.plan_resume(c, Manifest.load(c.data.dir).tokenizer_sha256)
+
+
 def train(c) -> None:
-    run_ranks(_fit, c.cluster.num_workers, c)
+    """As `distlm train`: the plan made and prepared (a universal conversion on Ray tasks) before any rank starts."""
+    made = plan(c)
+    resume.prepare(made)
+    run_ranks(_fit, c.cluster.num_workers, c, made)
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -89,7 +98,7 @@ def test_resume_at_another_layout_continues_the_run(was, now, written, straight,
     tag_dir = run_dir / "checkpoints" / checkpoint.tag_for_step(STOP)
     shutil.copytree(written(was) / "checkpoints" / tag_dir.name, tag_dir)
     train(layout_config(bible_shards, run_dir, now))  # resume=auto
-    assert (tag_dir / universal.UNIVERSAL_DIR / "zero").is_dir()  # converted on the way
+    assert universal.is_complete(tag_dir)  # converted on the way, before the ranks started
     description = info(tag_dir)
     assert f"layout      {universal.describe(universal.layout_of(to_dict(layout_config(Path(), run_dir, was))))}; " \
            "universal form present" in description and "step        3" in description
@@ -121,19 +130,33 @@ def test_export_from_tensor_and_pipeline_layouts(layout, written, tmp_path):
 
 
 def test_layout_changes_universal_checkpoints_cannot_do_fail_before_launch(tmp_path):
-    saved = checkpoint.RunState(config=to_dict(layout_config(tmp_path, tmp_path, "tp2_pp2", "parallel.zero_stage=0")))
-    now = layout_config(tmp_path, tmp_path, "single", "parallel.zero_stage=0")
+    def layout(name, *overrides):
+        return universal.layout_of(to_dict(layout_config(tmp_path, tmp_path, name, *overrides)))
+
+    where = tmp_path / "step00000003"
     with pytest.raises(ConfigError, match=r"needs a checkpoint written with parallel.zero_stage>=1\. Resume with "
                                           r"parallel.tp=2 parallel.pp=2 parallel.zero_stage=0"):
-        check_layout_change(saved, now, tmp_path / "step00000003")
-    zero1 = checkpoint.RunState(config=to_dict(layout_config(tmp_path, tmp_path, "dp2")))
+        check_layout_change(layout("tp2_pp2", "parallel.zero_stage=0"), layout("single", "parallel.zero_stage=0"), where)
     with pytest.raises(ConfigError, match=r"written with ZeRO-1; .* resume with parallel.zero_stage=1 \(any tp/pp/dp\)"):
-        check_layout_change(zero1, layout_config(tmp_path, tmp_path, "zero3_single"), tmp_path / "step00000003")
-    check_layout_change(saved, layout_config(tmp_path, tmp_path, "tp2_pp2", "parallel.zero_stage=0",
-                                             "cluster.num_workers=8"), tmp_path / "step00000003")  # DP only: fine
+        check_layout_change(layout("dp2"), layout("zero3_single"), where)
+    zero0_dp8 = layout("tp2_pp2", "parallel.zero_stage=0", "cluster.num_workers=8")  # DP only: no conversion
+    assert not universal.needs_universal(layout("tp2_pp2", "parallel.zero_stage=0"), zero0_dp8)
 
 
-def test_a_failed_conversion_stops_the_run_with_the_reason(written, bible_shards, tmp_path):
+def test_the_plan_says_how_the_checkpoint_resumes(written, bible_shards):
+    run_dir = written("dp2")
+    tag_dir = run_dir / "checkpoints" / checkpoint.tag_for_step(STOP)
+    same = plan(layout_config(bible_shards, run_dir, "dp2"))
+    assert (same.kind, same.tag_dir, same.saved.step, same.load_universal) == (ResumeKind.same_layout, tag_dir, STOP, False)
+    other = plan(layout_config(bible_shards, run_dir, "single"))
+    assert (other.kind, other.tag_dir, other.load_universal) == (ResumeKind.universal, tag_dir, True)
+    assert other.layout == {"tp": 1, "pp": 1, "dp": 1, "zero_stage": 1}
+    assert "written at tp 1 x pp 1 x dp 2, ZeRO-1, through its universal form at tp 1 x pp 1 x dp 1" in other.describe()
+    assert plan(layout_config(bible_shards, run_dir, "dp2", "trainer.resume=never")).kind is ResumeKind.fresh
+    assert other.existing == checkpoint.snapshot(run_dir / "checkpoints")  # what a restart compares against
+
+
+def test_a_failed_conversion_stops_the_run_with_the_reason_before_any_worker_starts(written, bible_shards, tmp_path):
     run_dir = tmp_path / "run"
     tag_dir = run_dir / "checkpoints" / checkpoint.tag_for_step(STOP)
     shutil.copytree(written("single") / "checkpoints" / tag_dir.name, tag_dir)
@@ -142,7 +165,33 @@ def test_a_failed_conversion_stops_the_run_with_the_reason(written, bible_shards
         shard.unlink()
         del state["files"][shard.name]
     (tag_dir / checkpoint.STATE_FILE).write_text(json.dumps(state))
-    with pytest.raises(Exception, match="cannot be converted to a universal checkpoint: ValueError: .* no ZeRO "
-                                        "optimizer shards"):
-        train(layout_config(bible_shards, run_dir, "dp2"))
+    with pytest.raises(CheckpointError, match="cannot be converted to a universal checkpoint: ValueError: .* no ZeRO "
+                                              "optimizer shards"):
+        launch.train(layout_config(bible_shards, run_dir, "dp2"))  # the real driver
     assert not (tag_dir / universal.UNIVERSAL_DIR).exists()
+    assert not (run_dir / "pids").exists()  # no training worker was started
+
+
+def test_an_interrupted_conversion_is_cleaned_up_and_redone(written, straight, bible_shards, tmp_path):
+    """What a conversion killed mid-way leaves (its temporary folder; a universal folder without its completion
+    record) is never used: `distlm checkpoint reshape` removes it and converts again, on Ray tasks."""
+    run_dir = tmp_path / "run"
+    tag_dir = run_dir / "checkpoints" / checkpoint.tag_for_step(STOP)
+    shutil.copytree(written("tp2_pp2") / "checkpoints" / tag_dir.name, tag_dir)
+    partial = tag_dir / universal.UNIVERSAL_DIR
+    reshape(tag_dir)  # (the export test may have made it already)
+    shutil.copytree(partial, tag_dir / ".universal.tmp4242")  # left by a converter killed before its rename
+    (partial / universal.COMPLETE_FILE).unlink()  # a universal folder that never finished
+    lost = next(p for p in (partial / "zero").iterdir() if p.name.startswith("layers.1."))
+    shutil.rmtree(lost)
+    assert "universal form present" not in info(tag_dir)
+    out = reshape(tag_dir)
+    assert out == partial and universal.is_complete(tag_dir) and (lost / "fp32.pt").is_file()  # redone
+    assert not list(tag_dir.glob(".universal.tmp*"))
+    record = json.loads((out / universal.COMPLETE_FILE).read_text())
+    extract, merge = record["tasks"]  # DeepSpeed's two parallel phases, as Ray tasks
+    assert extract["items"] == 4 and extract["tasks"] == 2  # 4 shard files (tp 2 x pp 2) over 2 CPUs
+    assert merge["items"] == len(list((out / "zero").glob("*/fp32.pt"))) and merge["tasks"] == 2
+    train(layout_config(bible_shards, run_dir, "single"))  # resumes from the redone form
+    got = losses(run_dir)
+    assert [got[s] for s in (4, 5)] == pytest.approx([straight[4], straight[5]], rel=1e-5)

@@ -153,17 +153,6 @@ def resolve(path: Path) -> tuple[Path, str]:
     return path, tag
 
 
-def to_resume(c) -> tuple[Path, str] | None:
-    """The checkpoint `trainer.resume` asks for: (checkpoints dir, tag), or None to start fresh."""
-    if c.trainer.resume == "never":
-        return None
-    if c.trainer.resume == "auto":
-        ckpt_dir = Path(c.run_dir) / "checkpoints"
-        tag = find_latest(ckpt_dir)
-        return (ckpt_dir, tag) if tag else None
-    return resolve(Path(c.trainer.resume))
-
-
 def snapshot(ckpt_dir: Path) -> dict[str, int]:
     """Complete tags and when they were published: what a launch found, to tell later saves apart."""
     return {tag: (Path(ckpt_dir) / tag / STATE_FILE).stat().st_mtime_ns for tag in complete_tags(ckpt_dir)}
@@ -307,25 +296,6 @@ def is_weights_only(tag_dir: Path) -> bool:
 
 def load_weights(tag_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(Path(tag_dir) / WEIGHTS_FILE)
-
-
-def prepare_universal(found: tuple[Path, str], config: dict[str, Any]) -> bool:
-    """Whether the checkpoint was written at another layout; if so, make its universal form (rank 0,
-    once) before any rank loads it. Collective."""
-    tag_dir = found[0] / found[1]
-    if not universal.needs_universal(read_state(tag_dir).config, config):
-        return False
-    error = [None]
-    if dist.get_rank() == 0:
-        try:
-            universal.convert(tag_dir)
-        except Exception as e:  # told to every rank, which would otherwise wait for rank 0 forever
-            error = [f"{type(e).__name__}: {e}"]
-    dist.broadcast_object_list(error, src=0)
-    if error[0]:
-        raise CheckpointError(f"checkpoint {tag_dir} was written at another layout and cannot be converted to a "
-                              f"universal checkpoint: {error[0]}")
-    return True
 
 
 def load(engine, ckpt_dir: Path, tag: str, from_universal: bool = False) -> RunState:

@@ -6,8 +6,8 @@
 
 `info` validates the checkpoint (every file it lists is there with its size; every .pt file is whole) and
 exits 1 if it does not. `reshape` writes `<tag>/universal/`, which a run at any other tp/pp/dp layout
-resumes from; `distlm train` also does it by itself when the layout changed, so this only saves that
-time on the cluster (or checks a conversion beforehand).
+resumes from, by the same path `distlm train` takes when the layout changed (Ray tasks, before any
+training rank starts); doing it ahead saves that time on the cluster (or checks a conversion beforehand).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def info(path: Path) -> str:
         layout = "none (weights only, imported: resumes at any layout with a fresh optimizer)"
     else:
         layout = universal.describe(universal.layout_of(state.config))
-        if (tag_dir / universal.UNIVERSAL_DIR / "zero").is_dir():
+        if universal.is_complete(tag_dir):
             layout += "; universal form present (resumes at any layout)"
     lines = [
         f"checkpoint  {tag_dir}",
@@ -54,10 +54,19 @@ def info(path: Path) -> str:
 
 
 def reshape(path: Path) -> Path:
+    """The checkpoint's universal form, made as `distlm train` makes it: DeepSpeed's converter on Ray tasks
+    (on the cluster of RAY_ADDRESS, or a local one)."""
+    from distlm import cluster
+    from distlm.config import compose_config
+
     ckpt_dir, tag = checkpoint.resolve(path)
     checkpoint.verify(ckpt_dir / tag)
+    if checkpoint.is_weights_only(ckpt_dir / tag):
+        raise CheckpointError(f"checkpoint {ckpt_dir / tag} holds imported weights only: it resumes at any layout "
+                              f"as it is, and has no universal form")
+    cluster.connect(compose_config().cluster)
     try:
-        return universal.convert(ckpt_dir / tag)
+        return universal.convert(ckpt_dir / tag, on_ray=True)
     except (ValueError, AssertionError, OSError) as e:
         raise CheckpointError(f"checkpoint {ckpt_dir / tag}: cannot make its universal form: {e}") from e
 

@@ -16,7 +16,7 @@ import yaml
 from distlm import cluster
 from distlm.config import Config, ConfigError, raise_if, to_dict, validate_train
 from distlm.data.mixture import main_dir
-from distlm.train import checkpoint, universal
+from distlm.train import checkpoint, resume
 from distlm.train.progress import ProgressBar, summarize
 
 log = logging.getLogger(__name__)
@@ -38,49 +38,13 @@ def _worker_main(loop_config: dict[str, Any]) -> None:
     pids = Path(c.run_dir) / "pids"  # which process is which rank, for people and tests
     pids.mkdir(exist_ok=True)
     checkpoint.write_atomic(pids / f"rank{rank}.pid", str(os.getpid()))
-    # After a worker died, Ray Train restarts the whole group with this same config: it must continue from
-    # this run's own newest checkpoint, not go back to trainer.resume=PATH or start over (resume=never).
-    own = checkpoint.newest_since(Path(c.run_dir) / "checkpoints", loop_config["checkpoints_at_launch"])
-    if own is not None and c.trainer.resume != "auto":
-        if rank == 0:
-            log.info("restarted: resuming from this run's newest checkpoint %s, not trainer.resume=%s", own,
-                     c.trainer.resume)
-        c.trainer.resume = str(own)
-    Trainer(c).fit()
-
-
-def check_compatible(saved: checkpoint.RunState, c: Config, tokenizer_sha256: str, where: Path) -> None:
-    """Never silently continue a different model or tokenizer."""
-    now = to_dict(c)["model"]
-    was = saved.config.get("model", {})
-    changed = [f"model.{k}: checkpoint {was.get(k)!r} vs config {v!r}"
-               for k, v in now.items() if k not in ("init_std", "max_seq_len") and was.get(k) != v]
-    if changed:
-        raise ConfigError(f"checkpoint {where} was trained with a different model: {', '.join(changed)}; "
-                          f"use the checkpoint's model settings, or trainer.resume=never to start over")
-    if saved.tokenizer_sha256 != tokenizer_sha256:
-        raise ConfigError(f"checkpoint {where} used tokenizer {saved.tokenizer_sha256[:12]} but data.dir={c.data.dir} "
-                          f"has tokenizer {tokenizer_sha256[:12]}; train on the same tokenization, or "
-                          f"trainer.resume=never to start over")
-
-
-def check_layout_change(saved: checkpoint.RunState, c: Config, where: Path) -> None:
-    """A checkpoint of another layout resumes through its universal form, which needs ZeRO optimizer shards."""
-    if checkpoint.is_weights_only(where):
-        return  # imported weights: any layout
-    was, now = universal.layout_of(saved.config), universal.layout_of(to_dict(c))
-    if not universal.needs_universal(saved.config, to_dict(c)):
-        return
-    if was["zero_stage"] == 0:
-        raise ConfigError(f"checkpoint {where} was written at {universal.describe(was)}; resuming it at "
-                          f"{universal.describe(now)} needs a checkpoint written with parallel.zero_stage>=1. "
-                          f"Resume with parallel.tp={was['tp']} parallel.pp={was['pp']} parallel.zero_stage=0")
-    if (was["zero_stage"] == 3) != (now["zero_stage"] == 3):
-        raise ConfigError(f"checkpoint {where} was written with ZeRO-{was['zero_stage']}; DeepSpeed's universal "
-                          f"checkpoints do not carry optimizer states between ZeRO-3 and ZeRO 1/2: resume with "
-                          f"parallel.zero_stage={was['zero_stage']} (any tp/pp/dp)")
-    log.info("checkpoint %s was written at %s; it resumes at %s through its universal form", where,
-             universal.describe(was), universal.describe(now))
+    plan: resume.ResumePlan = loop_config["resume"]  # made on the driver
+    # After a worker died, Ray Train restarts the whole group with this same config and plan.
+    restarted = resume.replan_after_restart(c, plan)
+    if restarted is not plan and rank == 0:
+        log.info("restarted: resuming from this run's newest checkpoint, %s, instead of the launch plan, %s",
+                 restarted.describe(), plan.describe())
+    Trainer(c, restarted).fit()
 
 
 def check_mix(c: Config) -> None:
@@ -110,8 +74,8 @@ def check_mix(c: Config) -> None:
                               f"with the same data.seq_len")
 
 
-def check_before_launch(c: Config) -> None:
-    """Everything that can be known on the driver fails here, before any worker starts."""
+def check_before_launch(c: Config) -> resume.ResumePlan:
+    """Everything that can be known on the driver fails here, before any worker starts; returns the resume plan."""
     from distlm.data.shards import Manifest
 
     raise_if(validate_train(c))
@@ -129,19 +93,12 @@ def check_before_launch(c: Config) -> None:
     if c.trainer.doc_masking and not manifest.doc_boundaries:
         raise ConfigError(f"trainer.doc_masking=true needs document boundaries, which data.dir={c.data.dir} does not "
                           f"store: preprocess it with data.keep_doc_boundaries=true, or set trainer.doc_masking=false")
-    found = checkpoint.to_resume(c)
-    if found is not None:
-        saved = checkpoint.read_state(found[0] / found[1])
-        check_compatible(saved, c, manifest.tokenizer_sha256, found[0] / found[1])
-        check_layout_change(saved, c, found[0] / found[1])
-        if saved.samples_seen % c.global_batch_size:
-            raise ConfigError(f"checkpoint {found[0] / found[1]} stopped after {saved.samples_seen} samples, not a multiple "
-                              f"of the global batch {c.global_batch_size} (trainer.micro_batch_size x grad_accum x "
-                              f"data-parallel size): choose a global batch that divides it, e.g. the checkpoint's "
-                              f"{saved.samples_seen // max(saved.step, 1)}")
+    plan = resume.plan_resume(c, manifest.tokenizer_sha256)
+    log.info("the run starts from %s", plan.describe())
     if manifest.num_samples("train") < c.global_batch_size:
         raise ConfigError(f"data.dir={c.data.dir} has {manifest.num_samples('train')} training samples, fewer than "
                           f"one global batch ({c.global_batch_size}); lower trainer.micro_batch_size or add data")
+    return plan
 
 
 @contextmanager
@@ -189,15 +146,16 @@ def train(c: Config) -> dict[str, Any]:
     from ray.train import FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
-    check_before_launch(c)
+    plan = check_before_launch(c)
     run_dir = Path(c.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(c), sort_keys=False))
     cl = c.cluster
     cluster.connect(cl, cpus_needed=cl.num_workers * cl.cpus_per_worker)
+    resume.prepare(plan)  # a universal conversion, on Ray tasks, before any training rank exists
     trainer = TorchTrainer(
         _worker_main,
-        train_loop_config={"config": c, "checkpoints_at_launch": checkpoint.snapshot(run_dir / "checkpoints")},
+        train_loop_config={"config": c, "resume": plan},
         scaling_config=cluster.scaling_config(cl),  # one worker per GPU, packed node by node
         run_config=RunConfig(name=c.run_name, storage_path=str(run_dir / "ray"),
                              failure_config=FailureConfig(max_failures=cl.max_failures)),

@@ -20,10 +20,11 @@ from distlm.data.mixture import MixtureLoader, main_dir
 from distlm.data.shards import Manifest
 from distlm.model.llama import Llama, document_positions
 from distlm.parallel.layout import make_layout
-from distlm.train import checkpoint
+from distlm.train import checkpoint, resume
 from distlm.train.checkpoint import STOP_FILE, RunState
 from distlm.train.engine import build_engine, compile_blocks
 from distlm.train.metrics import MetricsLogger, memory_metrics, mfu, peak_flops
+from distlm.train.resume import ResumePlan
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +126,7 @@ def _all_mean(value: torch.Tensor) -> float:
 
 
 class Trainer:
-    def __init__(self, c: Config):
+    def __init__(self, c: Config, plan: ResumePlan | None = None):
         self.c = c
         deepspeed.init_distributed(dist_backend="nccl" if c.cluster.use_gpu else "gloo")
         torch.set_float32_matmul_precision("high" if c.trainer.tf32 else "highest")  # "high": TF32 on CUDA
@@ -137,16 +138,13 @@ class Trainer:
             model = Llama(c.model)
         self.num_params, self.flops_per_token = model.num_params(), model.flops_per_token(c.data.seq_len)
         self.state = RunState(config=to_dict(c), tokenizer_sha256=self.manifest.tokenizer_sha256)
-        self.resume_from = checkpoint.to_resume(c)  # checked against the config on the driver
-        weights = None
-        if self.resume_from and checkpoint.is_weights_only(Path(*self.resume_from)):
-            weights = Path(*self.resume_from) / checkpoint.WEIGHTS_FILE  # imported: a new run from its weights
-            self.resume_from = None
-        universal = bool(self.resume_from) and checkpoint.prepare_universal(self.resume_from, self.state.config)
-        self.engine = build_engine(c, self.layout, load_universal=universal, weights=weights)
+        # Where the run starts: planned on the driver (launch.py); planned here when the trainer runs without one.
+        self.plan = plan or resume.plan_resume(c, self.manifest.tokenizer_sha256)
+        self.engine = build_engine(c, self.layout, load_universal=self.plan.load_universal,
+                                   weights=resume.imported_weights(self.plan))
         self.pipelined = self.layout.pp > 1
         self.device = self.engine.device
-        self.resumed = self._maybe_resume(universal)
+        self.resumed = self._maybe_resume()
         if c.trainer.compile:  # compiles lazily: at the first forward (evaluation) and backward (first step)
             compile_blocks(self.engine.module)
         self.compile_seconds_before = compile_seconds()
@@ -240,17 +238,16 @@ class Trainer:
                         self.state.step + 1, why)
         return loss, None, control
 
-    def _maybe_resume(self, universal: bool) -> bool:
-        if self.resume_from is None:
+    def _maybe_resume(self) -> bool:
+        restored = resume.restore(self.plan, self.engine)
+        if restored is None:
             return False
-        ckpt_dir, tag = self.resume_from
-        restored = checkpoint.load(self.engine, ckpt_dir, tag, universal)
         self.state.step, self.state.samples_seen = restored.step, restored.samples_seen
         self.state.tokens_seen, self.state.wandb_run_id = restored.tokens_seen, restored.wandb_run_id
         # The skip rule's memory too, so a resumed run decides as an uninterrupted one.
         self.state.skipped_steps, self.state.recent_losses = restored.skipped_steps, restored.recent_losses
         if self.rank == 0:
-            log.info("resumed from %s at step %d (%d tokens seen)", ckpt_dir / tag, restored.step, restored.tokens_seen)
+            log.info("resumed from %s at step %d (%d tokens seen)", self.plan.tag_dir, restored.step, restored.tokens_seen)
         return True
 
     def validation_loss(self, val_data: ShardLoader | None = None) -> float:

@@ -6,22 +6,34 @@ layout, or to export it, DeepSpeed's `ds_to_universal` merges those shards into 
 padding dropped, by the rules the model declares (`parallelize.universal_checkpoint_info`). distlm keeps
 that folder in the checkpoint, `<tag>/universal/`, with each parameter under its one-process Llama name;
 a layout about to load it links its own names (`3.layers.2.mlp.up_proj.weight`) to those.
+
+The conversion is its own step, before any training rank exists (`resume.prepare`, `distlm checkpoint
+reshape`): on Ray, one task runs DeepSpeed's converter and fans its two parallel phases out as Ray tasks
+(extract: one task per optimizer shard file; merge: the parameters spread over tasks). It writes into a
+temporary folder that is renamed into place with a `complete.json` record last: a folder without it was
+interrupted, and is removed and redone, as are temporary folders left by a killed conversion.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
+import json
 import logging
 import os
+import resource
 import shutil
+import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
 log = logging.getLogger(__name__)
 
 UNIVERSAL_DIR = "universal"
+COMPLETE_FILE = "complete.json"  # written last into the temporary folder: the conversion finished
+_TMP_PREFIX = f".{UNIVERSAL_DIR}.tmp"
 
 
 def layout_of(config: dict[str, Any]) -> dict[str, int]:
@@ -35,45 +47,110 @@ def describe(layout: dict[str, int]) -> str:
     return f"tp {layout['tp']} x pp {layout['pp']} x dp {layout['dp']}, ZeRO-{layout['zero_stage']}"
 
 
-def needs_universal(saved_config: dict[str, Any], config: dict[str, Any]) -> bool:
-    """Whether a checkpoint written under `saved_config` must go through its universal form to be loaded
-    under `config`: DeepSpeed's own loading needs the same TP, PP and ZeRO stage, and with ZeRO >= 1
+def needs_universal(was: dict[str, int], now: dict[str, int]) -> bool:
+    """Whether a checkpoint written at layout `was` must go through its universal form to be loaded at
+    `now` (both `layout_of`): DeepSpeed's own loading needs the same TP, PP and ZeRO stage, and with ZeRO >= 1
     (optimizer states partitioned over data-parallel ranks) the same DP size."""
-    was, now = layout_of(saved_config), layout_of(config)
     if was == now:
         return False
     return was["zero_stage"] > 0 or (was["tp"], was["pp"], was["zero_stage"]) != (now["tp"], now["pp"], now["zero_stage"])
 
 
-def convert(tag_dir: Path) -> Path:
-    """`tag_dir/universal`, made once with ds_to_universal (written under a temporary name, renamed into
-    place when complete); returns it."""
+def is_complete(tag_dir: Path) -> bool:
+    return (Path(tag_dir) / UNIVERSAL_DIR / COMPLETE_FILE).is_file()
+
+
+def convert(tag_dir: Path, on_ray: bool = False) -> Path:
+    """`tag_dir/universal`, made once; returns it. `on_ray`: the converter and its parallel phases run as
+    Ray tasks (ray must be initialized) and this process only waits; otherwise all runs in this process."""
+    tag_dir = Path(tag_dir)
+    if is_complete(tag_dir):
+        return tag_dir / UNIVERSAL_DIR
+    if not any(tag_dir.glob("*optim_states.pt")):
+        raise ValueError(f"checkpoint {tag_dir} has no ZeRO optimizer shards (written with ZeRO-0): it can only be "
+                         f"loaded with the tensor/pipeline layout and ZeRO stage that wrote it")
+    if not on_ray:
+        return _convert_locked(tag_dir, run_tasks=None)
+    import ray
+    import ray.exceptions
+
+    task = ray.remote(num_cpus=1, max_calls=1)(_convert_locked)
+    try:
+        return ray.get(task.remote(tag_dir, run_tasks=_ray_tasks))
+    except ray.exceptions.RayTaskError as e:
+        cause: BaseException = e
+        while isinstance(cause, ray.exceptions.RayTaskError) and cause.cause is not None:
+            cause = cause.cause
+        raise cause from None
+
+
+def _convert_locked(tag_dir: Path, run_tasks: Callable | None) -> Path:
+    """The conversion under a lock (one converter per checkpoint at a time): leftovers of an interrupted
+    one are removed first, then ds_to_universal writes a temporary folder, which is published by rename."""
     from deepspeed.checkpoint import ds_to_universal
 
     from distlm.model.parallelize import canonical_name
 
-    tag_dir = Path(tag_dir)
     out = tag_dir / UNIVERSAL_DIR
-    if (out / "zero").is_dir():
-        return out
-    if not any(tag_dir.glob("*optim_states.pt")):
-        raise ValueError(f"checkpoint {tag_dir} has no ZeRO optimizer shards (written with ZeRO-0): it can only be "
-                         f"loaded with the tensor/pipeline layout and ZeRO stage that wrote it")
-    tmp = tag_dir / f".{UNIVERSAL_DIR}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    log.info("converting %s to a universal checkpoint", tag_dir)
-    args = argparse.Namespace(input_folder=str(tag_dir), output_folder=str(tmp), num_extract_workers=1,
-                              num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=False)
-    try:
-        ds_to_universal.main(args)
-        for param_dir in (tmp / "zero").iterdir():
-            name = canonical_name(param_dir.name)
-            if param_dir.is_dir() and name != param_dir.name:
-                param_dir.rename(param_dir.with_name(name))
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with open(tag_dir / f".{UNIVERSAL_DIR}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        if is_complete(tag_dir):  # another converter finished while this one waited
+            return out
+        for leftover in [*tag_dir.glob(f"{_TMP_PREFIX}*"), out]:
+            if leftover.exists():
+                log.warning("removing %s, left by an interrupted conversion", leftover)
+                shutil.rmtree(leftover)
+        tmp = tag_dir / f"{_TMP_PREFIX}{os.getpid()}"
+        log.info("converting %s to a universal checkpoint%s", tag_dir, " (Ray tasks)" if run_tasks else "")
+        start = time.perf_counter()
+        args = argparse.Namespace(input_folder=str(tag_dir), output_folder=str(tmp), num_extract_workers=1,
+                                  num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=False)
+        record: dict[str, Any] = {"tasks": []}
+        serial = ds_to_universal._do_parallel_work  # DeepSpeed's own: a process pool, or a loop for 1 worker
+        if run_tasks:
+            ds_to_universal._do_parallel_work = lambda work, items, _: run_tasks(work, items, record["tasks"])
+        try:
+            ds_to_universal.main(args)
+            for param_dir in (tmp / "zero").iterdir():
+                name = canonical_name(param_dir.name)
+                if param_dir.is_dir() and name != param_dir.name:
+                    param_dir.rename(param_dir.with_name(name))
+            record.update(seconds=round(time.perf_counter() - start, 2), converter_peak_rss_mib=_peak_rss_mib())
+            (tmp / COMPLETE_FILE).write_text(json.dumps(record, indent=1))
+            os.replace(tmp, out)
+        finally:
+            ds_to_universal._do_parallel_work = serial
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tag_dir / "latest_universal").unlink(missing_ok=True)  # ds_to_universal's pointer to the tmp name
+    log.info("universal form of %s made in %.1fs", tag_dir, record["seconds"])
     return out
+
+
+def _ray_tasks(work: Callable, items: list, record: list) -> list:
+    """DeepSpeed's parallel phase as Ray tasks: at most one per CPU of the cluster, each a fresh process
+    (its memory is returned when it ends) doing every n-th item; the results in the items' order."""
+    import ray
+
+    items = list(items)  # DeepSpeed passes a list, or a set of names (ZeRO-3 merge)
+    if not items:
+        return []
+    parts = max(1, min(len(items), int(ray.cluster_resources().get("CPU", 1))))
+    run = ray.remote(num_cpus=1, max_calls=1)(_run_items)
+    work_ref = ray.put(work)
+    done = ray.get([run.remote(work_ref, items[i::parts]) for i in range(parts)])
+    record.append({"items": len(items), "tasks": parts, "peak_rss_mib": [rss for _, rss in done]})
+    results: list = [None] * len(items)
+    for i, (part, _) in enumerate(done):
+        results[i::parts] = part
+    return results
+
+
+def _run_items(work: Callable, items: list) -> tuple[list, float]:
+    return [work(item) for item in items], _peak_rss_mib()
+
+
+def _peak_rss_mib() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
 
 
 def link_names(universal_dir: Path, names: Iterable[str]) -> None:

@@ -1,0 +1,163 @@
+"""Where a run starts, decided once: on the driver before any worker exists, then applied by every worker.
+
+    plan_resume(c, tokenizer_sha256)   -> ResumePlan: which checkpoint (if any), how it loads; refusals here
+    prepare(plan)                      driver, after Ray is up: the universal form a plan needs, on Ray tasks
+    replan_after_restart(c, plan)      a restarted worker group: this run's newest checkpoint since the plan
+    imported_weights(plan)             worker, building the engine: an imported checkpoint's weights file, read by slice
+    restore(plan, engine)              worker, after the engine: DeepSpeed's state and the run state
+
+A plan records the layout it was made for, so a restart with another worker count can plan again with the
+layout it has then (a checkpoint of this run then resumes through its universal form).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+from distlm.config import Config, ConfigError, to_dict
+from distlm.train import checkpoint, universal
+from distlm.train.checkpoint import CheckpointError, RunState
+
+log = logging.getLogger(__name__)
+
+
+class ResumeKind(str, Enum):
+    fresh = "fresh"  # no checkpoint: the seed's initial weights, step 0
+    same_layout = "same_layout"  # DeepSpeed loads the checkpoint's own shards, every rank's RNG too
+    universal = "universal"  # written at another layout: loaded from its universal form (made by prepare)
+    weights_only = "weights_only"  # imported (`distlm import-hf`): its weights, a fresh optimizer, step 0
+
+
+@dataclass(frozen=True)
+class ResumePlan:
+    kind: ResumeKind
+    layout: dict[str, int]  # the layout this plan is for (universal.layout_of of the config)
+    tag_dir: Path | None = None  # the checkpoint to start from; None when fresh
+    saved: RunState | None = None  # its run state: step, data position, the config (layout) that wrote it
+    # Complete checkpoints of run_dir/checkpoints when the plan was made (checkpoint.snapshot): whatever
+    # appears later was written by this run, which a restarted worker group continues from.
+    existing: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def load_universal(self) -> bool:
+        return self.kind is ResumeKind.universal
+
+    def describe(self) -> str:
+        if self.kind is ResumeKind.fresh:
+            return "step 0 (no checkpoint)"
+        what = f"{self.tag_dir} (step {self.saved.step})"
+        if self.kind is ResumeKind.weights_only:
+            return f"the imported weights of {what}, with a fresh optimizer"
+        if self.kind is ResumeKind.universal:
+            return (f"{what}, written at {universal.describe(universal.layout_of(self.saved.config))}, through its "
+                    f"universal form at {universal.describe(self.layout)}")
+        return f"{what} at {universal.describe(self.layout)}"
+
+
+def find_checkpoint(c: Config) -> Path | None:
+    """The checkpoint (tag dir) `trainer.resume` asks for, or None to start fresh."""
+    if c.trainer.resume == "never":
+        return None
+    if c.trainer.resume == "auto":
+        ckpt_dir = Path(c.run_dir) / "checkpoints"
+        tag = checkpoint.find_latest(ckpt_dir)
+        return ckpt_dir / tag if tag else None
+    return Path(*checkpoint.resolve(Path(c.trainer.resume)))
+
+
+def plan_resume(c: Config, tokenizer_sha256: str, source: Path | None = None) -> ResumePlan:
+    """The plan for config `c` (its layout) from `source` or else the checkpoint `trainer.resume` asks for.
+    Refuses (ConfigError, naming the setting to change) what cannot continue: another model or tokenizer, a
+    layout change universal checkpoints cannot do, a global batch that does not divide the position."""
+    now = universal.layout_of(to_dict(c))
+    existing = checkpoint.snapshot(Path(c.run_dir) / "checkpoints")
+    tag_dir = find_checkpoint(c) if source is None else Path(*checkpoint.resolve(source))
+    if tag_dir is None:
+        return ResumePlan(ResumeKind.fresh, now, existing=existing)
+    saved = checkpoint.read_state(tag_dir)
+    check_compatible(saved, c, tokenizer_sha256, tag_dir)
+    if checkpoint.is_weights_only(tag_dir):
+        kind = ResumeKind.weights_only  # no optimizer, no layout: any layout
+    elif universal.needs_universal(universal.layout_of(saved.config), now):
+        check_layout_change(universal.layout_of(saved.config), now, tag_dir)
+        kind = ResumeKind.universal
+    else:
+        kind = ResumeKind.same_layout
+    if saved.samples_seen % c.global_batch_size:
+        raise ConfigError(f"checkpoint {tag_dir} stopped after {saved.samples_seen} samples, not a multiple of the "
+                          f"global batch {c.global_batch_size} (trainer.micro_batch_size x grad_accum x data-parallel "
+                          f"size): choose a global batch that divides it, e.g. the checkpoint's "
+                          f"{saved.samples_seen // max(saved.step, 1)}")
+    return ResumePlan(kind, now, tag_dir, saved, existing)
+
+
+def check_compatible(saved: RunState, c: Config, tokenizer_sha256: str, where: Path) -> None:
+    """Never silently continue a different model or tokenizer."""
+    now = to_dict(c)["model"]
+    was = saved.config.get("model", {})
+    changed = [f"model.{k}: checkpoint {was.get(k)!r} vs config {v!r}"
+               for k, v in now.items() if k not in ("init_std", "max_seq_len") and was.get(k) != v]
+    if changed:
+        raise ConfigError(f"checkpoint {where} was trained with a different model: {', '.join(changed)}; "
+                          f"use the checkpoint's model settings, or trainer.resume=never to start over")
+    if saved.tokenizer_sha256 != tokenizer_sha256:
+        raise ConfigError(f"checkpoint {where} used tokenizer {saved.tokenizer_sha256[:12]} but data.dir={c.data.dir} "
+                          f"has tokenizer {tokenizer_sha256[:12]}; train on the same tokenization, or "
+                          f"trainer.resume=never to start over")
+
+
+def check_layout_change(was: dict[str, int], now: dict[str, int], where: Path) -> None:
+    """What DeepSpeed's universal checkpoints cannot carry from layout `was` to `now` (both layout_of)."""
+    if was["zero_stage"] == 0:
+        raise ConfigError(f"checkpoint {where} was written at {universal.describe(was)}; resuming it at "
+                          f"{universal.describe(now)} needs a checkpoint written with parallel.zero_stage>=1. "
+                          f"Resume with parallel.tp={was['tp']} parallel.pp={was['pp']} parallel.zero_stage=0")
+    if (was["zero_stage"] == 3) != (now["zero_stage"] == 3):
+        raise ConfigError(f"checkpoint {where} was written with ZeRO-{was['zero_stage']}; DeepSpeed's universal "
+                          f"checkpoints do not carry optimizer states between ZeRO-3 and ZeRO 1/2: resume with "
+                          f"parallel.zero_stage={was['zero_stage']} (any tp/pp/dp)")
+
+
+def prepare(plan: ResumePlan) -> None:
+    """Before any training rank starts: make the universal form a plan needs, on Ray tasks (the driver has
+    connected to Ray), so that no rank waits in a collective while one process converts."""
+    if not plan.load_universal or universal.is_complete(plan.tag_dir):
+        return
+    try:
+        universal.convert(plan.tag_dir, on_ray=True)
+    except Exception as e:  # the reason, named with the checkpoint
+        raise CheckpointError(f"checkpoint {plan.tag_dir} was written at another layout and cannot be converted "
+                              f"to a universal checkpoint: {type(e).__name__}: {e}") from e
+
+
+def replan_after_restart(c: Config, plan: ResumePlan) -> ResumePlan:
+    """After a worker died Ray Train restarts the group with the launch's config and plan: it continues from
+    this run's newest checkpoint written since the plan was made, if any, not from trainer.resume=PATH
+    again nor from step 0 (resume=never); otherwise the plan stands. `c` has the layout the group has now."""
+    from distlm.data.shards import Manifest
+
+    own = checkpoint.newest_since(Path(c.run_dir) / "checkpoints", plan.existing)
+    if own is None:
+        return plan
+    restarted = plan_resume(c, Manifest.load(c.data.dir).tokenizer_sha256, source=own)
+    return ResumePlan(restarted.kind, restarted.layout, restarted.tag_dir, restarted.saved, plan.existing)
+
+
+def imported_weights(plan: ResumePlan) -> Path | None:
+    """An imported checkpoint's weights file (one-process names), which each rank reads by slice as it builds
+    its part of the model; None unless the run starts from imported weights."""
+    return plan.tag_dir / checkpoint.WEIGHTS_FILE if plan.kind is ResumeKind.weights_only else None
+
+
+def restore(plan: ResumePlan, engine) -> RunState | None:
+    """Load the plan's checkpoint into the engine (weights, optimizer, LR schedule; the RNG at the same
+    layout) and return its run state; None when there is nothing to restore. Collective."""
+    if plan.kind not in (ResumeKind.same_layout, ResumeKind.universal):
+        return None
+    if plan.load_universal and not universal.is_complete(plan.tag_dir):
+        raise CheckpointError(f"checkpoint {plan.tag_dir} has no universal form yet: it is made before the workers "
+                              f"start (`distlm train` does it, or `distlm checkpoint reshape {plan.tag_dir}`)")
+    return checkpoint.load(engine, plan.tag_dir.parent, plan.tag_dir.name, plan.load_universal)
