@@ -21,7 +21,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from distlm.config import Config, ConfigError, ExportDtype, compose_config, to_dict
 from distlm.export.generate import generate
-from distlm.export.hf import LOGIT_TOLERANCE, SHARD_INDEX_FILE, export, plan_shards, verify
+from distlm.export.hf import SHARD_INDEX_FILE, export, plan_shards
+from distlm.export.verify import LOGIT_TOLERANCE, verify
 from distlm.model.llama import Llama
 from distlm.train import checkpoint
 from distlm.train.checkpoint import CheckpointError, RunState
@@ -237,7 +238,7 @@ def test_verification_rejects_an_export_of_other_weights(runs, zero1_export):
     run = runs["zero1"]
     older = run.reference_model(step=2).state_dict()
     with pytest.raises(RuntimeError, match="does not reproduce the checkpoint"):
-        verify(zero1_export, run.cfg.model, older, ExportDtype.fp32)
+        verify(zero1_export, run.cfg.model, older.__getitem__, ExportDtype.fp32)
 
 
 def test_tokenizer_round_trips_text_and_knows_eos(zero1_export):

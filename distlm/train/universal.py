@@ -17,7 +17,6 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterable
 
-import torch
 
 log = logging.getLogger(__name__)
 
@@ -95,9 +94,3 @@ def link_names(universal_dir: Path, names: Iterable[str]) -> None:
         except FileExistsError:
             pass
 
-
-def read_weights(universal_dir: Path) -> dict[str, torch.Tensor]:
-    """The fp32 weights of a universal folder under one-process names (vocabulary padding already dropped)."""
-    zero = Path(universal_dir) / "zero"
-    return {p.name: torch.load(p / "fp32.pt", map_location="cpu", weights_only=False)["param"]
-            for p in sorted(zero.iterdir()) if p.is_dir() and not p.is_symlink()}
