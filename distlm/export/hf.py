@@ -63,6 +63,15 @@ def export(c: Config) -> Path:
     return out_dir
 
 
+def export_memory_bytes(m: ModelConfig, max_shard_mb: float) -> int:
+    """Host memory an export of model `m` needs: the process (Python, torch, transformers; 3 GiB), one output
+    file, and the largest module four times over (its fp32 tensors, their converted copies, the checkpoint
+    pages they came from, and the exported copy verification reads)."""
+    block = 2 * m.dim * m.n_heads * m.head_dim + 2 * m.dim * m.n_kv_heads * m.head_dim + 3 * m.dim * m.ffn_dim
+    largest = max(block, m.vocab_size * m.dim) * 4
+    return 3 * 2**30 + int(max_shard_mb * 1e6) + 4 * largest
+
+
 def hf_config(m: ModelConfig, eos_id: int, dtype: torch.dtype) -> LlamaConfig:
     return LlamaConfig(
         architectures=["LlamaForCausalLM"],
