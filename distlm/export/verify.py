@@ -48,7 +48,8 @@ def verify(hf_dir: Path, m: ModelConfig, weights: Callable[[str], torch.Tensor],
     ours.rope_cos, ours.rope_sin = rope_cache(m.head_dim, m.max_seq_len, m.rope_theta)
     _check_names(hf, exported, hf_dir)
     layers = [f"layers.{i}" for i in range(m.n_layers)]
-    _stream_weights(hf, ["model.embed_tokens", *(f"model.{x}" for x in layers), "model.norm", "lm_head"], exported.get)
+    _stream_weights(hf, ["model.embed_tokens", *(f"model.{x}" for x in layers), "model.norm", "lm_head"], exported.get,
+                    release)
     _stream_weights(ours, ["embed_tokens", *layers, "norm", "lm_head"], weights, release)
 
     n = min(VERIFY_TOKENS, m.max_seq_len)

@@ -21,6 +21,8 @@ few tensors, so its memory is those tensors, not the model.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import math
 import re
 from pathlib import Path
@@ -121,8 +123,9 @@ class CheckpointWeights:
         return weights
 
     def release(self) -> None:
-        """Unmap every file read so far (their pages leave this process's memory)."""
+        """Unmap every file read so far (their pages leave this process's memory) and give freed tensors back."""
         self._files.clear()
+        return_freed_memory()
 
     def __enter__(self) -> "CheckpointWeights":
         return self
@@ -147,6 +150,19 @@ class CheckpointWeights:
 
     def source_name(self) -> str:
         return getattr(self, "source", "layout files")
+
+
+def return_freed_memory() -> None:
+    """Hand freed heap memory back to the system. glibc keeps freed blocks below its adaptive mmap threshold
+    (up to 32 MB: most tensors of a model below a few billion parameters) in its heap, so a process that reads
+    a model tensor by tensor would otherwise grow towards the model's size."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if ctypes.util.find_library("c") else None
+if _LIBC is not None and not hasattr(_LIBC, "malloc_trim"):  # not glibc
+    _LIBC = None
 
 
 def read_weights(tag_dir: Path, state: RunState, m: ModelConfig) -> dict[str, torch.Tensor]:
