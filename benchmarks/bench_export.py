@@ -3,7 +3,7 @@ checkpoint to its output files, so its peak should be about one output file plus
 
     python benchmarks/bench_export.py [--dim 768 --layers 24 --vocab 4096 --tp 2 --pp 2 --max-shard-mb 20]
 
-Writes, with real DeepSpeed engines on tp x pp gloo ranks (ZeRO-1, fp32, saved right after initialization),
+Writes, with real DeepSpeed engines on tp x pp gloo ranks (ZeRO-1, fp32, saved after one step),
 a checkpoint of a >= 150M-parameter Llama and a tiny one of the same layout, then exports each in a fresh
 process: first the tiny one (libraries loaded, code pages touched), then, after resetting the peak, the big
 one with `export.max_shard_mb`; it prints the peak RSS above that point. The same is measured for the export
@@ -82,6 +82,9 @@ def model_config(a: argparse.Namespace, run_dir: Path, tiny: bool):
 def _save(rank: int, c, tokenizer_file: Path) -> None:
     torch.manual_seed(c.seed)
     engine = build_engine(Llama(c.model), c, make_layout(tp=c.parallel.tp, pp=c.parallel.pp))
+    # One step, so that the optimizer files hold Adam's moments (the earlier export's universal conversion needs them).
+    ids = torch.randint(0, c.model.vocab_size, (c.trainer.grad_accum, 65), generator=torch.Generator().manual_seed(0))
+    engine.train_batch(data_iter=iter([(x[None, :-1], x[None, 1:]) for x in ids]))
     state = checkpoint.RunState(config=to_dict(c), tokenizer_sha256=hashlib.sha256(tokenizer_file.read_bytes()).hexdigest())
     checkpoint.save(engine, Path(c.run_dir) / "checkpoints", state, tokenizer_file, keep=1)
 

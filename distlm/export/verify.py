@@ -121,6 +121,7 @@ def _stream_weights(model: nn.Module, modules: list[str], read: Callable[[str], 
 
         def load(mod: nn.Module, args, prefix=prefix, names=names) -> None:
             mod.load_state_dict({k: read(f"{prefix}.{k}") for k in names}, assign=True)
+            release()  # the files' pages, now that the module has its own copy
 
         def drop(mod: nn.Module, args, output) -> None:
             mod.to("meta")
