@@ -532,6 +532,30 @@ def validate_cluster(c: Config) -> list[str]:
     return p
 
 
+def validate_export(c: Config) -> list[str]:
+    p: list[str] = []
+    _check(p, c.export.max_shard_mb > 0, f"export.max_shard_mb={c.export.max_shard_mb} must be positive")
+    return p
+
+
+def validate_eval(c: Config) -> list[str]:
+    e = c.eval
+    p: list[str] = []
+    _check(p, e.batch_size > 0 and (e.batches is None or e.batches > 0),
+           f"eval.batch_size={e.batch_size} must be positive and eval.batches={e.batches} positive or null (the "
+           f"whole split)")
+    return p
+
+
+def model_reads_data(vocab_size: int, max_seq_len: int, data_vocab_size: int, data_seq_len: int,
+                     where: str) -> list[str]:
+    """Whether a model (at `where`) has the embeddings and positions for a dataset's token ids and inputs."""
+    if data_vocab_size > vocab_size or data_seq_len > max_seq_len:
+        return [f"{where}: {vocab_size} embeddings and {max_seq_len} positions cannot read the shards in data.dir "
+                f"({data_vocab_size} token ids, {data_seq_len}-token inputs)"]
+    return []
+
+
 def raise_if(problems: list[str]) -> None:
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))

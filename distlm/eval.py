@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from distlm.config import Config, ConfigError, ModelConfig
+from distlm.config import Config, ConfigError, ModelConfig, model_reads_data, raise_if, validate_eval
 from distlm.data.loader import ShardLoader
 from distlm.data.shards import Manifest
 from distlm.train import checkpoint
@@ -28,9 +28,7 @@ def evaluate(c: Config) -> dict[str, Any]:
     """Mean next-token cross-entropy and perplexity over `c.eval.batches` batches of split `c.eval.split`
     (all of it if null); printed, written as JSON to `c.eval.out`, and returned."""
     e = c.eval
-    if e.batch_size <= 0 or (e.batches is not None and e.batches <= 0):
-        raise ConfigError(f"eval.batch_size={e.batch_size} must be positive and eval.batches={e.batches} positive "
-                          f"or null (the whole split)")
+    raise_if(validate_eval(c))
     try:
         manifest = Manifest.load(c.data.dir)
     except (FileNotFoundError, ValueError) as err:
@@ -69,16 +67,16 @@ def evaluate(c: Config) -> dict[str, Any]:
 
 
 def _load_checkpoint(path: Path, manifest: Manifest, device: torch.device) -> tuple[Callable, dict[str, Any]]:
-    from distlm.export.hf import locate_checkpoint, read_weights
     from distlm.model.llama import Llama
+    from distlm.train.weights import find_checkpoint, read_weights
 
-    tag_dir = locate_checkpoint(path, None)
+    tag_dir = find_checkpoint(path)
     state = checkpoint.read_state(tag_dir)
     if state.tokenizer_sha256 != manifest.tokenizer_sha256:
         raise ConfigError(f"checkpoint {tag_dir} was trained with another tokenizer than the shards in data.dir="
                           f"{manifest.data_dir}: its perplexity there would mean nothing")
     m = ModelConfig(**state.config["model"])
-    _check_fits(m.vocab_size, m.max_seq_len, manifest, str(tag_dir))
+    raise_if(model_reads_data(m.vocab_size, m.max_seq_len, manifest.vocab_size, manifest.seq_len, str(tag_dir)))
     model = Llama(m)
     model.load_state_dict(read_weights(tag_dir, state, m))
     model.to(device).eval()
@@ -102,13 +100,9 @@ def _load_hf(model_dir: Path, manifest: Manifest, device: torch.device) -> tuple
     else:
         log.warning("%s has no tokenizer.json: cannot check that it reads the shards' token ids", model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    _check_fits(model.config.vocab_size, model.config.max_position_embeddings, manifest, str(model_dir))
+    raise_if(model_reads_data(model.config.vocab_size, model.config.max_position_embeddings, manifest.vocab_size,
+                              manifest.seq_len, str(model_dir)))
     model.to(device).eval()
     log.info("evaluating %s", model_dir)
     return (lambda ids: model(input_ids=ids).logits), {"model_dir": str(model_dir)}
 
-
-def _check_fits(vocab_size: int, max_seq_len: int, manifest: Manifest, where: str) -> None:
-    if manifest.vocab_size > vocab_size or manifest.seq_len > max_seq_len:
-        raise ConfigError(f"{where}: {vocab_size} embeddings and {max_seq_len} positions cannot read the shards in "
-                          f"{manifest.data_dir} ({manifest.vocab_size} token ids, {manifest.seq_len}-token inputs)")

@@ -2,7 +2,8 @@
 Ray cluster, through Ray's Job Submission API.
 
 The working directory (this checkout: code and conf/) is uploaded with the job and the command runs there
-on the head node, as `python -m distlm.cli COMMAND overrides`. The config is composed and checked here
+on the head node, as `python -m distlm.cli COMMAND overrides` (an export asks for a worker node with the memory
+it needs instead, `job_resources`). The config is composed and checked here
 first, so a typo fails before anything is uploaded. Secrets (cluster.submit_env, e.g. WANDB_API_KEY) go
 from this shell into the job's environment only: their values are never printed, and distlm never writes
 them into configs, logs, checkpoints or wandb.
@@ -21,8 +22,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from distlm.config import (CONF_DIR, Config, ConfigError, load_config, raise_if, validate_cluster, validate_layout,
-                           validate_model)
+from distlm.config import (CONF_DIR, Config, ConfigError, ModelConfig, load_config, raise_if, validate_cluster,
+                           validate_export, validate_layout, validate_model)
 
 COMMANDS = ("preprocess", "train", "export", "generate", "eval")
 # Written by the commands or installed locally; never worth uploading (Ray also honours .gitignore).
@@ -75,6 +76,8 @@ def check_before_submit(command: str, overrides: list[str]) -> Config:
     problems = validate_cluster(c)
     if command == "train":
         problems += validate_model(c.model) + validate_layout(c)
+    if command == "export":
+        problems += validate_export(c)
     relative = relative_paths(raw, command)
     if relative:
         problems.append(f"relative paths {relative} would point into the job's temporary copy of the working "
@@ -82,6 +85,24 @@ def check_before_submit(command: str, overrides: list[str]) -> Config:
                         f"run_dir=/fsx/runs/{c.run_name} data.dir=/fsx/data/NAME (see docs/cluster.md)")
     raise_if(problems)
     return c
+
+
+def job_resources(command: str, c: Config) -> dict[str, Any]:
+    """What the job's driver asks Ray for. An export runs in the driver and needs memory for its largest
+    output file and a few tensors: asking for it (and a CPU, which the head does not offer) places it on a
+    worker node that has both. The model is the checkpoint's when this machine can read it, else `model.*`."""
+    if command != "export":
+        return {}
+    from distlm.export.hf import export_memory_bytes
+    from distlm.train.checkpoint import CheckpointError, read_state
+    from distlm.train.weights import find_checkpoint
+
+    model = c.model
+    try:
+        model = ModelConfig(**read_state(find_checkpoint(Path(c.export.checkpoint_dir), c.export.tag)).config["model"])
+    except (OSError, CheckpointError):
+        print(f"  {c.export.checkpoint_dir} is not readable here: sizing the export's memory by model.* instead")
+    return {"entrypoint_num_cpus": 1, "entrypoint_memory": export_memory_bytes(model, c.export.max_shard_mb)}
 
 
 def job_env(names: list[str]) -> dict[str, str]:
@@ -103,10 +124,14 @@ def submit(command: str, overrides: list[str], address: str, working_dir: Path, 
         env.setdefault("RAY_JOB_STOP_WAIT_TIME_S", str(int(c.trainer.stop_grace_seconds) + 60))
     entrypoint = shlex.join(["python", "-m", "distlm.cli", command, *overrides])
     runtime_env: dict[str, Any] = {"working_dir": str(working_dir), "excludes": UPLOAD_EXCLUDES, "env_vars": env}
+    resources = job_resources(command, c)
     client = JobSubmissionClient(address)
     job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=job_id,
-                               metadata={"distlm_command": command, "run_name": c.run_name})
+                               metadata={"distlm_command": command, "run_name": c.run_name}, **resources)
     print(f"submitted job {job_id} to {address}: distlm {command} {shlex.join(overrides)}")
+    if resources:
+        print(f"  runs on a node with {resources['entrypoint_num_cpus']} CPU and "
+              f"{resources['entrypoint_memory'] / 2**30:.1f} GiB free (not the head, which offers no CPU)")
     if env:
         print(f"  environment passed to the job: {', '.join(sorted(env))} (values not shown)")
     print(f"  follow its logs:  ray job logs --address {address} --follow {job_id}")

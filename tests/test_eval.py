@@ -16,7 +16,8 @@ from transformers import AutoTokenizer
 
 from distlm.config import ConfigError, ModelConfig, compose_config
 from distlm.eval import evaluate
-from distlm.export.hf import export, read_weights
+from distlm.export.hf import export
+from distlm.train.weights import read_weights
 from distlm.model.llama import Llama
 from distlm.train import checkpoint
 from distlm.train.launch import train

@@ -46,19 +46,20 @@ def load(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     of it would give (fp32)."""
     if (path / "config.json").is_file():
         return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
-    from distlm.export.hf import hf_config, locate_checkpoint, read_weights, to_hf_names
+    from distlm.export.hf import hf_config, to_hf_name
     from distlm.train import checkpoint
+    from distlm.train.weights import find_checkpoint, read_weights
 
     if not path.is_dir():
         raise FileNotFoundError(f"generate.model_dir {path} is not a Hugging Face model directory (no config.json) "
                                 f"nor a distlm checkpoint; run `distlm export` first or point generate.model_dir at one")
-    tag_dir = locate_checkpoint(path, None)
+    tag_dir = find_checkpoint(path)
     state = checkpoint.read_state(tag_dir)
     m = ModelConfig(**state.config["model"])
     eos = state.config["data"]["tokenizer"]["eos_token"]
     tok = PreTrainedTokenizerFast(tokenizer_file=str(tag_dir / checkpoint.TOKENIZER_FILE), eos_token=eos,
                                   bos_token=eos, pad_token=eos)
     model = LlamaForCausalLM(hf_config(m, tok.eos_token_id, torch.float32))
-    model.load_state_dict(to_hf_names(read_weights(tag_dir, state, m), tie_embeddings=False))
+    model.load_state_dict({to_hf_name(k): w for k, w in read_weights(tag_dir, state, m).items()})
     log.info("loaded checkpoint %s (step %d)", tag_dir, state.step)
     return model.eval(), tok

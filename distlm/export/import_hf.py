@@ -27,9 +27,9 @@ from tokenizers import Tokenizer
 
 from distlm.config import ModelConfig
 from distlm.data.tokenizer import file_sha256
-from distlm.export.hf import checked_weights
 from distlm.train import checkpoint
 from distlm.train.checkpoint import CheckpointError, RunState
+from distlm.train.weights import checked_weights
 
 log = logging.getLogger(__name__)
 

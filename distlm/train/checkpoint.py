@@ -32,7 +32,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file
 
 from distlm.train import universal
 
@@ -289,13 +288,15 @@ def _describe(failure: Failure, tag_dir: Path) -> str:
             f"Free space there (or set run_dir to a larger filesystem) and start the run again")
 
 
-def is_weights_only(tag_dir: Path) -> bool:
-    """An imported checkpoint (`distlm import-hf`): weights and run state, no optimizer or layout."""
-    return (Path(tag_dir) / WEIGHTS_FILE).is_file()
+def __getattr__(name: str):
+    # is_weights_only and load_weights moved to distlm.train.weights (every weight reader in one module);
+    # trainer.py, launch.py and checkpoint_cli.py still ask for them here. Imported when asked for: weights.py
+    # imports this module.
+    if name in ("is_weights_only", "load_weights"):
+        from distlm.train import weights
 
-
-def load_weights(tag_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(Path(tag_dir) / WEIGHTS_FILE)
+        return getattr(weights, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def load(engine, ckpt_dir: Path, tag: str, from_universal: bool = False) -> RunState:

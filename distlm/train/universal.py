@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-import torch
 
 log = logging.getLogger(__name__)
 
@@ -172,9 +171,3 @@ def link_names(universal_dir: Path, names: Iterable[str]) -> None:
         except FileExistsError:
             pass
 
-
-def read_weights(universal_dir: Path) -> dict[str, torch.Tensor]:
-    """The fp32 weights of a universal folder under one-process names (vocabulary padding already dropped)."""
-    zero = Path(universal_dir) / "zero"
-    return {p.name: torch.load(p / "fp32.pt", map_location="cpu", weights_only=False)["param"]
-            for p in sorted(zero.iterdir()) if p.is_dir() and not p.is_symlink()}
