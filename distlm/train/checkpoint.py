@@ -287,32 +287,3 @@ def _describe(failure: Failure, tag_dir: Path) -> str:
             f"{free} on the filesystem of {tag_dir.parent}; the partial checkpoint was removed and {kept}. "
             f"Free space there (or set run_dir to a larger filesystem) and start the run again")
 
-
-def __getattr__(name: str):
-    # is_weights_only and load_weights moved to distlm.train.weights (every weight reader in one module);
-    # trainer.py, launch.py and checkpoint_cli.py still ask for them here. Imported when asked for: weights.py
-    # imports this module.
-    if name in ("is_weights_only", "load_weights"):
-        from distlm.train import weights
-
-        return getattr(weights, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def load(engine, ckpt_dir: Path, tag: str, from_universal: bool = False) -> RunState:
-    """Restore model, optimizer, LR schedule and this rank's RNG; return the run state. `from_universal`:
-    read the checkpoint's universal form (it was written at another layout)."""
-    tag_dir = Path(ckpt_dir) / tag
-    state = read_state(tag_dir)
-    if from_universal:
-        universal.link_names(tag_dir / universal.UNIVERSAL_DIR, (n for n, _ in engine.module.named_parameters()))
-        dist.barrier()
-        ckpt_dir, tag = tag_dir, universal.UNIVERSAL_DIR
-    path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
-                                     load_lr_scheduler_states=True)
-    if path is None:
-        raise CheckpointError(f"DeepSpeed could not load checkpoint {tag_dir}")
-    rng_file = tag_dir / f"rng_rank{dist.get_rank():05d}.pt"
-    if rng_file.is_file() and not from_universal:  # another layout's ranks hold other RNG streams
-        _set_rng_state(torch.load(rng_file, weights_only=False))
-    return state

@@ -17,7 +17,7 @@ import logging
 import sys
 from pathlib import Path
 
-from distlm.train import checkpoint, universal
+from distlm.train import checkpoint, universal, weights
 from distlm.train.checkpoint import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ def info(path: Path) -> str:
     m = state.config["model"]
     files = [p for p in tag_dir.rglob("*") if p.is_file()]
     size = sum(p.stat().st_size for p in files)
-    if checkpoint.is_weights_only(tag_dir):
+    if weights.is_weights_only(tag_dir):
         layout = "none (weights only, imported: resumes at any layout with a fresh optimizer)"
     else:
         layout = universal.describe(universal.layout_of(state.config))
@@ -61,7 +61,7 @@ def reshape(path: Path) -> Path:
 
     ckpt_dir, tag = checkpoint.resolve(path)
     checkpoint.verify(ckpt_dir / tag)
-    if checkpoint.is_weights_only(ckpt_dir / tag):
+    if weights.is_weights_only(ckpt_dir / tag):
         raise CheckpointError(f"checkpoint {ckpt_dir / tag} holds imported weights only: it resumes at any layout "
                               f"as it is, and has no universal form")
     cluster.connect(compose_config().cluster)

@@ -18,7 +18,7 @@ from enum import Enum
 from pathlib import Path
 
 from distlm.config import Config, ConfigError, to_dict
-from distlm.train import checkpoint, universal
+from distlm.train import checkpoint, universal, weights
 from distlm.train.checkpoint import CheckpointError, RunState
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ def plan_resume(c: Config, tokenizer_sha256: str, source: Path | None = None) ->
         return ResumePlan(ResumeKind.fresh, now, existing=existing)
     saved = checkpoint.read_state(tag_dir)
     check_compatible(saved, c, tokenizer_sha256, tag_dir)
-    if checkpoint.is_weights_only(tag_dir):
+    if weights.is_weights_only(tag_dir):
         kind = ResumeKind.weights_only  # no optimizer, no layout: any layout
     elif universal.needs_universal(universal.layout_of(saved.config), now):
         check_layout_change(universal.layout_of(saved.config), now, tag_dir)
