@@ -145,6 +145,8 @@ class ClusterConfig:
     use_gpu: bool = MISSING
     cpus_per_worker: int = MISSING
     max_failures: int = MISSING
+    min_workers: Optional[int] = MISSING
+    elastic_check_seconds: float = MISSING
     workers_per_node: Optional[int] = MISSING
     submit_env: list[str] = MISSING
     forward_env: list[str] = MISSING
@@ -517,6 +519,7 @@ def validate_cluster(c: Config) -> list[str]:
            f"cluster.host_mem_gb={cl.host_mem_gb} must be positive, or null for this machine's memory")
     _check(p, cl.host_overhead_gb >= 0, f"cluster.host_overhead_gb={cl.host_overhead_gb} must be >= 0")
     _check(p, 0 < cl.plan_headroom <= 1, f"cluster.plan_headroom={cl.plan_headroom} must be in (0, 1]")
+    p += elastic_problems(c)
     _check(p, lg.samples >= 0, f"logger.samples={lg.samples} must be >= 0 (0 = no generated samples)")
     _check(p, lg.sample_tokens > 0, f"logger.sample_tokens={lg.sample_tokens} must be positive")
     _check(p, lg.sample_prompt_tokens > 0, f"logger.sample_prompt_tokens={lg.sample_prompt_tokens} must be positive")
@@ -554,6 +557,30 @@ def model_reads_data(vocab_size: int, max_seq_len: int, data_vocab_size: int, da
         return [f"{where}: {vocab_size} embeddings and {max_seq_len} positions cannot read the shards in data.dir "
                 f"({data_vocab_size} token ids, {data_seq_len}-token inputs)"]
     return []
+
+
+def data_parallel_for(c: Config, workers: int) -> Optional[int]:
+    """The largest data-parallel size that `workers` workers hold at the configured tp x pp while keeping the
+    global batch (more gradient accumulation makes up for fewer replicas; dp 1 always can); None if the
+    workers do not hold one model replica."""
+    model_parallel = c.parallel.tp * c.parallel.pp
+    for dp in range(workers // model_parallel, 0, -1):
+        if c.global_batch_size % (dp * c.trainer.micro_batch_size) == 0:
+            return dp
+    return None
+
+
+def elastic_problems(c: Config) -> list[str]:
+    """A worker range [cluster.min_workers, cluster.num_workers]: every count in it must hold a model replica."""
+    cl, mp = c.cluster, c.parallel.tp * c.parallel.pp
+    if cl.min_workers is None:
+        return []
+    p: list[str] = []
+    _check(p, cl.elastic_check_seconds > 0, f"cluster.elastic_check_seconds={cl.elastic_check_seconds} must be positive")
+    _check(p, mp <= cl.min_workers <= cl.num_workers,
+           f"cluster.min_workers={cl.min_workers} must be in [parallel.tp x parallel.pp = {mp}, cluster.num_workers="
+           f"{cl.num_workers}]: one model replica needs {mp} workers (or null for a fixed size)")
+    return p
 
 
 def raise_if(problems: list[str]) -> None:

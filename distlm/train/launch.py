@@ -16,7 +16,7 @@ import yaml
 from distlm import cluster
 from distlm.config import Config, ConfigError, raise_if, to_dict, validate_train
 from distlm.data.mixture import main_dir
-from distlm.train import checkpoint, resume
+from distlm.train import checkpoint, elastic, resume
 from distlm.train.progress import ProgressBar, summarize
 
 log = logging.getLogger(__name__)
@@ -38,13 +38,7 @@ def _worker_main(loop_config: dict[str, Any]) -> None:
     pids = Path(c.run_dir) / "pids"  # which process is which rank, for people and tests
     pids.mkdir(exist_ok=True)
     checkpoint.write_atomic(pids / f"rank{rank}.pid", str(os.getpid()))
-    plan: resume.ResumePlan = loop_config["resume"]  # made on the driver
-    # After a worker died, Ray Train restarts the whole group with this same config and plan.
-    restarted = resume.replan_after_restart(c, plan)
-    if restarted is not plan and rank == 0:
-        log.info("restarted: resuming from this run's newest checkpoint, %s, instead of the launch plan, %s",
-                 restarted.describe(), plan.describe())
-    Trainer(c, restarted).fit()
+    Trainer(c, loop_config["resume"], attempt=loop_config["attempt"]).fit()  # both made on the driver
 
 
 def check_mix(c: Config) -> None:
@@ -149,21 +143,39 @@ def train(c: Config) -> dict[str, Any]:
     plan = check_before_launch(c)
     run_dir = Path(c.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(c), sort_keys=False))
     cl = c.cluster
     cluster.connect(cl, cpus_needed=cl.num_workers * cl.cpus_per_worker)
-    resume.prepare(plan)  # a universal conversion, on Ray tasks, before any training rank exists
-    trainer = TorchTrainer(
-        _worker_main,
-        train_loop_config={"config": c, "resume": plan},
-        scaling_config=cluster.scaling_config(cl),  # one worker per GPU, packed node by node
-        run_config=RunConfig(name=c.run_name, storage_path=str(run_dir / "ray"),
-                             failure_config=FailureConfig(max_failures=cl.max_failures)),
-    )
     start = time.perf_counter()
-    with stop_on_signals(c) as signals, ProgressBar(run_dir, total_steps=c.trainer.stop_at_step or c.trainer.max_steps):
-        trainer.fit()
+    signals: list[str] = []
+
+    def fit(attempt: elastic.Attempt) -> None:
+        ac = attempt.config
+        # A restart or a resize: this run's newest checkpoint (or the launch's start) at the layout it has now.
+        attempt_plan = plan if attempt.number == 1 and ac is c else resume.replan(ac, plan)
+        if attempt.number > 1:
+            log.info("attempt %d starts from %s", attempt.number, attempt_plan.describe())
+        resume.prepare(attempt_plan)  # a universal conversion, on Ray tasks, before any training rank exists
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(ac), sort_keys=False))
+        trainer = TorchTrainer(
+            _worker_main,
+            train_loop_config={"config": ac, "resume": attempt_plan,
+                               "attempt": {"attempt": attempt.number, "workers": ac.cluster.num_workers,
+                                           "grad_accum": ac.trainer.grad_accum}},
+            scaling_config=cluster.scaling_config(ac.cluster),  # one worker per GPU, packed node by node
+            # Restarts are the driver's (elastic.supervise): one budget for every failure, the controller's too.
+            run_config=RunConfig(name=c.run_name, storage_path=str(run_dir / "ray"),
+                                 failure_config=FailureConfig(max_failures=0)),
+        )
+        with stop_on_signals(c) as received, ProgressBar(run_dir, total_steps=c.trainer.stop_at_step or c.trainer.max_steps):
+            trainer.fit()
+        signals.extend(received)
+
+    def request_stop(why: str) -> None:
+        checkpoint.write_atomic(run_dir / checkpoint.STOP_FILE, f"{why} at {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+
+    attempts = elastic.supervise(c, fit, request_stop)
     summary = summarize(run_dir)
+    summary["attempts"] = len(attempts)
     if signals:
         summary["stopped_by"] = signals[0]
         log.info("stopped by %s at step %d; resume with the same command", signals[0], summary["steps"])

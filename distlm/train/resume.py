@@ -2,7 +2,7 @@
 
     plan_resume(c, tokenizer_sha256)   -> ResumePlan: which checkpoint (if any), how it loads; refusals here
     prepare(plan)                      driver, after Ray is up: the universal form a plan needs, on Ray tasks
-    replan_after_restart(c, plan)      a restarted worker group: this run's newest checkpoint since the plan
+    replan(c, plan)                    driver, a later attempt (restart, resize): this run's newest checkpoint
     imported_weights(plan)             worker, building the engine: an imported checkpoint's weights file, read by slice
     restore(plan, engine)              worker, after the engine: DeepSpeed's state and the run state
 
@@ -13,7 +13,7 @@ layout it has then (a checkpoint of this run then resumes through its universal 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 
@@ -133,17 +133,17 @@ def prepare(plan: ResumePlan) -> None:
                               f"to a universal checkpoint: {type(e).__name__}: {e}") from e
 
 
-def replan_after_restart(c: Config, plan: ResumePlan) -> ResumePlan:
-    """After a worker died Ray Train restarts the group with the launch's config and plan: it continues from
-    this run's newest checkpoint written since the plan was made, if any, not from trainer.resume=PATH
-    again nor from step 0 (resume=never); otherwise the plan stands. `c` has the layout the group has now."""
+def replan(c: Config, launch: ResumePlan) -> ResumePlan:
+    """The plan of a later attempt (a restart, a resize; elastic.supervise): this run's newest checkpoint written
+    since the launch plan was made, else the launch's own starting point, at the layout `c` has now."""
+    from distlm.data.mixture import main_dir
     from distlm.data.shards import Manifest
 
-    own = checkpoint.newest_since(Path(c.run_dir) / "checkpoints", plan.existing)
-    if own is None:
-        return plan
-    restarted = plan_resume(c, Manifest.load(c.data.dir).tokenizer_sha256, source=own)
-    return ResumePlan(restarted.kind, restarted.layout, restarted.tag_dir, restarted.saved, plan.existing)
+    source = checkpoint.newest_since(Path(c.run_dir) / "checkpoints", launch.existing) or launch.tag_dir
+    if source is None:
+        return ResumePlan(ResumeKind.fresh, universal.layout_of(to_dict(c)), existing=launch.existing)
+    again = plan_resume(c, Manifest.load(main_dir(c.data)).tokenizer_sha256, source=source)
+    return replace(again, existing=launch.existing)
 
 
 def imported_weights(plan: ResumePlan) -> Path | None:

@@ -126,8 +126,10 @@ def _all_mean(value: torch.Tensor) -> float:
 
 
 class Trainer:
-    def __init__(self, c: Config, plan: ResumePlan | None = None):
+    def __init__(self, c: Config, plan: ResumePlan | None = None, attempt: dict | None = None):
         self.c = c
+        # Which attempt of the driver's this is (a start, a restart, a resize) and at which size: logged once.
+        self.attempt = attempt or {"attempt": 1, "workers": c.cluster.num_workers, "grad_accum": c.trainer.grad_accum}
         deepspeed.init_distributed(dist_backend="nccl" if c.cluster.use_gpu else "gloo")
         torch.set_float32_matmul_precision("high" if c.trainer.tf32 else "highest")  # "high": TF32 on CUDA
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
@@ -295,6 +297,9 @@ class Trainer:
         pairs = self._pairs(self.train_data.iter_batches(start_sample=self.state.samples_seen))
         if self.state.step >= end and self.rank == 0:
             log.info("already at step %d, nothing to train (stop at %d)", self.state.step, end)
+        if self.metrics:
+            self.metrics.log(self.state.step, **self.attempt, layout=f"tp {self.layout.tp} x pp {self.layout.pp} x dp "
+                                                                     f"{self.layout.dp}")
         if not self.resumed:
             self._log_eval()  # the starting point of the validation curve
         self.last_save = time.monotonic()
