@@ -11,7 +11,7 @@ import pytest
 from distlm.config import ConfigError, compose_config
 from distlm.data.pii import Redactor
 from distlm.data.preprocess import preprocess
-from distlm.data.report import summary_lines
+from distlm.data.stats import summary_lines
 from distlm.data.shards import STATS_FILE
 from test_preprocess import decoded_documents
 
