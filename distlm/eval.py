@@ -16,10 +16,11 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from distlm.config import Config, ConfigError, ModelConfig, model_reads_data, raise_if, validate_eval
+from distlm.config import Config, ConfigError, ModelConfig, raise_if
 from distlm.data.loader import ShardLoader
 from distlm.data.shards import Manifest
 from distlm.train import checkpoint
+from distlm.validation import model_reads_data, validate_eval
 
 log = logging.getLogger(__name__)
 

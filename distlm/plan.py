@@ -39,9 +39,9 @@ import math
 import os
 from dataclasses import dataclass
 
-from distlm.config import (Config, ModelConfig, Precision, node_placement_problems, raise_if, validate_cluster,
-                           validate_layout)
+from distlm.config import Config, ModelConfig, Precision, raise_if
 from distlm.parallel.tensor import padded_vocab_size
+from distlm.validation import node_placement_problems, validate_cluster, validate_layout
 
 GiB = 2**30
 FP32 = 4  # bytes: start-up builds every weight in fp32

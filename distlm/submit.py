@@ -22,8 +22,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from distlm.config import (CONF_DIR, Config, ConfigError, ModelConfig, load_config, raise_if, validate_cluster,
-                           validate_export, validate_layout, validate_model)
+from distlm.config import CONF_DIR, Config, ConfigError, ModelConfig, load_config, raise_if
+from distlm.validation import validate_cluster, validate_export, validate_layout, validate_model
 
 COMMANDS = ("preprocess", "train", "export", "generate", "eval")
 # Written by the commands or installed locally; never worth uploading (Ray also honours .gitignore).

@@ -22,10 +22,10 @@ import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 from distlm.cluster import forwarded_env, worker_node_problems
-from distlm.config import (ConfigError, compose_config, node_placement_problems, raise_if, to_dict,
-                           validate_cluster)
+from distlm.config import ConfigError, compose_config, raise_if, to_dict
 from distlm.train import checkpoint
 from distlm.train.metrics import read_metrics
+from distlm.validation import node_placement_problems, validate_cluster
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 import ray
-from distlm.config import ConfigError, compose_config, raise_if, validate_train
+from distlm.config import ConfigError, compose_config, raise_if
 from distlm.train.launch import train
+from distlm.validation import validate_train
 
 DISTLM = [sys.executable, "-m", "distlm.cli"]
 
@@ -58,3 +59,25 @@ def test_cli_prints_composed_config_and_rejects_bad_values(tmp_path):
     assert "model.n_kv_heads=3" in bad.stdout + bad.stderr
     usage = subprocess.run([*DISTLM, "--help"], capture_output=True, text=True, env=env, check=True)
     assert all(cmd in usage.stdout for cmd in ("preprocess", "train", "export", "generate", "report"))
+
+
+def test_the_models_vocabulary_is_the_datas_tokenizer(tmp_path):
+    """model.vocab_size follows the data: a given tokenizer.json before preprocessing, the manifest after it;
+    a value set on the command line still wins."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel()
+    tokenizer.train_from_iterator(["In the beginning God created the heaven and the earth."] * 20,
+                                  trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"]))
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    size = tokenizer.get_vocab_size(with_added_tokens=True)
+    assert size != compose_config().data.tokenizer.vocab_size
+    given = [f"data.tokenizer.path={tmp_path / 'tokenizer.json'}", f"data.dir={tmp_path / 'not-yet'}"]
+    assert compose_config("model=7b", *given).model.vocab_size == size
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "manifest.json").write_text('{"tokenizer": {"vocab_size": 50257}}')
+    assert compose_config("model=7b", f"data.dir={tmp_path / 'data'}").model.vocab_size == 50257
+    assert compose_config("model=7b", f"data.dir={tmp_path / 'data'}", "model.vocab_size=64000").model.vocab_size == 64000
+    trained = compose_config().data.tokenizer.vocab_size  # the size a tokenizer to be trained is asked for
+    assert compose_config("model=7b", f"data.dir={tmp_path / 'none'}").model.vocab_size == trained

@@ -7,16 +7,16 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import psutil
 import pytest
 
-from distlm.config import ConfigError, compose_config, data_parallel_for, raise_if, validate_train
+from distlm.config import ConfigError, compose_config, raise_if
 from distlm.train import checkpoint
 from distlm.train.metrics import last_per_step, read_metrics
+from distlm.validation import data_parallel_for, validate_train
 from ray_nodes import REPO, LocalRayCluster
 from test_train import train_overrides
 

@@ -17,9 +17,10 @@ import pytest
 import torch
 from fsspec.implementations.memory import MemoryFileSystem
 
-from distlm.config import compose_config, validate_train
+from distlm.config import compose_config
 from distlm.data.loader import ShardLoader
 from distlm.data.shards import Manifest, ShardError, SplitInfo, TokenizerInfo, shard_name, write_shard
+from distlm.validation import validate_train
 from distributed import run_ranks
 
 SHARD_SIZES = [7, 13, 5, 11, 9]   # 45 samples, uneven shards

@@ -20,12 +20,13 @@ import pytest
 import torch
 import wandb
 
-from distlm.config import WandbMode, compose_config, to_dict, validate_cluster
+from distlm.config import WandbMode, compose_config, to_dict
 from distlm.model.llama import Llama
 from distlm.train import checkpoint
 from distlm.train.launch import train
 from distlm.train.metrics import MetricsLogger, peak_tflops_of, read_metrics, wandb_mode
 from distlm.train.progress import ProgressBar
+from distlm.validation import validate_cluster
 
 STEPS = 6
 SECRET = f"wandb-key-{secrets.token_hex(24)}"  # long enough to pass wandb's own key check (40+ characters)

@@ -27,7 +27,7 @@ import ray
 from tokenizers import Tokenizer
 
 from distlm.cluster import connect
-from distlm.config import Config, raise_if, to_dict, validate_preprocess
+from distlm.config import Config, raise_if, to_dict
 from distlm.data import dedup, minhash, pii, stages
 from distlm.data.pack import plan_stream, samples_per_shard, token_dtype
 from distlm.data.stats import EXACT_DUPLICATE, NEAR_DUPLICATE, Progress, log_summary, removal_table
@@ -37,6 +37,7 @@ from distlm.data.sources import InputFile, list_inputs, read_tasks
 from distlm.data.tokenizer import (file_sha256, load_tokenizer, save_bytes, save_tokenizer, special_ids, special_tokens,
                                    train_tokenizer, vocab_size)
 from distlm.data.workdir import BlockResult, WorkDir
+from distlm.validation import validate_preprocess
 
 log = logging.getLogger(__name__)
 LOADER_KEYS = ("shuffle_window", "loader_workers", "shard_url", "verify_shards")  # do not change the shards

@@ -33,7 +33,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from distlm.train import universal
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,8 @@ from typing import Callable
 
 import ray
 
-from distlm.config import ClusterConfig, Config, data_parallel_for
+from distlm.config import ClusterConfig, Config
+from distlm.validation import data_parallel_for
 
 log = logging.getLogger(__name__)
 

@@ -14,10 +14,11 @@ from typing import Any
 import yaml
 
 from distlm import cluster
-from distlm.config import Config, ConfigError, raise_if, to_dict, validate_train
+from distlm.config import Config, ConfigError, raise_if, to_dict
 from distlm.data.mixture import main_dir
 from distlm.train import checkpoint, elastic, resume
 from distlm.train.progress import ProgressBar, summarize
+from distlm.validation import validate_train
 
 log = logging.getLogger(__name__)
 
