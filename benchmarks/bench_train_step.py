@@ -94,7 +94,7 @@ def deepspeed_step(c, device: str):
 
     from distlm.parallel.layout import make_layout
     from distlm.train.engine import build_engine
-    from distlm.train.trainer import accumulate_and_step
+    from distlm.train.step import accumulate_and_step
 
     if not dist.is_initialized():
         with socket.socket() as s:

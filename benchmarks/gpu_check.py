@@ -32,7 +32,8 @@ from distlm.parallel.layout import make_layout
 from distlm.plan import GiB, plan
 from distlm.train.engine import build_engine, compile_blocks
 from distlm.train.metrics import peak_tflops_of
-from distlm.train.trainer import accumulate_and_step, compile_seconds
+from distlm.train.engine import compile_seconds
+from distlm.train.step import accumulate_and_step
 
 
 def parse_args() -> argparse.Namespace:

@@ -22,7 +22,7 @@ from distlm.train import checkpoint, resume
 from distlm.train.checkpoint import CheckpointError
 from distlm.train.launch import train
 from distlm.train.metrics import last_per_step, read_metrics
-from distlm.train.trainer import why_skip
+from distlm.train.step import why_skip
 from distributed import run_ranks
 from test_train import train_config, train_overrides
 

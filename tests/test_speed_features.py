@@ -11,7 +11,7 @@ import pytest
 from distlm.config import Precision, compose_config
 from distlm.model.llama import Block
 from distlm.train.metrics import last_per_step, read_metrics
-from distlm.train.trainer import AfterStep, after_step
+from distlm.train.step import AfterStep, after_step
 from distributed import run_ranks
 from test_train import train_config
 

@@ -106,3 +106,10 @@ def compile_blocks(module: nn.Module) -> int:
     for block in blocks:
         block.compile()
     return len(blocks)
+
+
+def compile_seconds() -> float:
+    """Wall seconds this process has spent in torch.compile so far (tracing, graph passes, code generation)."""
+    from torch._dynamo.utils import calculate_time_spent
+
+    return calculate_time_spent().get("total_wall_time", 0.0)

@@ -7,14 +7,13 @@ import logging
 import math
 import statistics
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import deepspeed
 import torch
 import torch.distributed as dist
 
-from distlm.config import Config, TrainerConfig, to_dict
+from distlm.config import Config, to_dict
 from distlm.data.loader import ShardLoader
 from distlm.data.mixture import MixtureLoader, main_dir
 from distlm.data.shards import Manifest
@@ -22,101 +21,12 @@ from distlm.model.llama import Llama, document_positions
 from distlm.parallel.layout import make_layout
 from distlm.train import checkpoint, resume
 from distlm.train.checkpoint import STOP_FILE, RunState
-from distlm.train.engine import build_engine, compile_blocks
+from distlm.train.engine import build_engine, compile_blocks, compile_seconds
 from distlm.train.metrics import MetricsLogger, memory_metrics, mfu, peak_flops
 from distlm.train.resume import ResumePlan
+from distlm.train.step import accumulate_and_step, after_step, why_skip
 
 log = logging.getLogger(__name__)
-
-
-def why_skip(loss: float, recent: list[float], spike_factor: float | None, min_history: int) -> str | None:
-    """Why a step with this loss must not update the model, or None. Every rank passes the same all-reduced
-    loss and history, so every rank decides the same. A spike needs `min_history` recent losses to compare."""
-    if not math.isfinite(loss):
-        return f"loss is {loss}"
-    if spike_factor and len(recent) >= min_history and loss > spike_factor * statistics.fmean(recent):
-        return f"loss {loss:.4f} is above {spike_factor:g} x the recent mean {statistics.fmean(recent):.4f}"
-    return None
-
-
-@dataclass(frozen=True)
-class AfterStep:
-    """What the loop does once a step is done. Every rank derives it from the same inputs, so every rank
-    evaluates, saves and stops at the same step (each of these is collective)."""
-    evaluate: bool
-    save: bool
-    stop: bool
-
-
-def after_step(step: int, end: int, t: TrainerConfig, stop_requested: bool, save_due: bool) -> AfterStep:
-    """`stop_requested`: the driver asked to stop (SIGTERM); `save_due`: checkpoint_minutes have passed."""
-    last = step == end
-    return AfterStep(evaluate=step % t.eval_every == 0 or last,
-                     save=step % t.checkpoint_every == 0 or last or stop_requested or save_due,
-                     stop=stop_requested)
-
-
-@dataclass
-class StepResult:
-    micro_losses: list[float]  # each micro-batch's loss averaged over all ranks
-    control: list[float]  # rank 0's control flags, as every rank received them
-    why_skipped: str | None
-
-
-def accumulate_and_step(engine, forward, pairs, grad_accum: int, control, check) -> StepResult:
-    """One optimizer step of a (non-pipeline) DeepSpeed engine over grad_accum micro-batches, with one
-    collective and one host sync per step, not per micro-batch.
-
-    The micro-batches' losses stay on the device until the last forward; then they and `control()` (rank 0's
-    flags: stop requested, save due; zeros on the other ranks, so the sum is rank 0's value) travel in one
-    all-reduce, read before the last backward. `check(micro_losses)` (the same on every rank) says why the
-    step must be skipped, or None. A skipped step runs no last backward, no optimizer step and no LR-schedule
-    step (as DeepSpeed's own fp16-overflow skip), and the gradients the earlier micro-batches accumulated are
-    dropped; all its micro-batches were read, so the data position is the same as if it had run."""
-    micro_losses = []
-    for i in range(grad_accum):
-        inputs, labels = next(pairs)
-        micro_loss = forward(inputs, labels)  # the engine's forward, with document masks where asked
-        micro_losses.append(micro_loss.detach().float())
-        if i < grad_accum - 1:
-            engine.backward(micro_loss)
-            engine.step()  # not at the accumulation boundary: no update yet
-    shared = torch.cat([torch.stack(micro_losses), torch.tensor(control(), device=engine.device)])
-    dist.all_reduce(shared)
-    values = shared.tolist()
-    world = dist.get_world_size()
-    result = StepResult([v / world for v in values[:grad_accum]], values[grad_accum:], None)
-    result.why_skipped = check(result.micro_losses)
-    if result.why_skipped:
-        if grad_accum > 1:
-            drop_gradients(engine, grad_accum - 1)
-        return result
-    engine.backward(micro_loss)
-    engine.step()
-    return result
-
-
-def drop_gradients(engine, micro_steps: int) -> None:
-    """Forget the gradients accumulated by the first `micro_steps` micro-batches of this step: what
-    DeepSpeed's own overflow path clears (ZeRO-1/2: stage_1_and_2.py step(); ZeRO-3: reduced partitions)."""
-    optimizer, stage = engine.optimizer, engine.zero_optimization_stage()
-    optimizer.zero_grad(set_to_none=True)  # p.grad (and ZeRO's grad_accum)
-    if stage in (1, 2):
-        for buffers in (optimizer.averaged_gradients, optimizer.all_grad_tensors):
-            for group in buffers:
-                buffers[group] = None
-    elif stage == 3:
-        for grads in optimizer.averaged_gradients.values():
-            for grad in grads or []:
-                grad.zero_()
-    engine.micro_steps -= micro_steps  # the next micro-batch starts a fresh accumulation
-
-
-def compile_seconds() -> float:
-    """Wall seconds this process has spent in torch.compile so far (tracing, graph passes, code generation)."""
-    from torch._dynamo.utils import calculate_time_spent
-
-    return calculate_time_spent().get("total_wall_time", 0.0)
 
 
 def _all_mean(value: torch.Tensor) -> float:
