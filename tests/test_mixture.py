@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import ray
+import yaml
 
 from distlm.config import ConfigError, MixSource, compose_config
 from distlm.data.loader import ShardLoader
@@ -216,7 +217,8 @@ def two_sources(ray_local, kjv_chapters, tmp_path_factory) -> dict[str, Path]:
         corpus = root / f"{name}.jsonl"
         corpus.write_text("".join(json.dumps(d) + "\n" for d in docs), encoding="utf-8")
         distlm("preprocess", f"data.inputs=[{corpus}]", f"data.dir={root / name}", f"data.tokenizer.path={tokenizer}",
-               "data.seq_len=32", "data.samples_per_shard=64", "data.val_fraction=0.4", "data.near_dup_threshold=null")
+               "data.seq_len=32", "data.samples_per_shard=64", "data.val_fraction=0.4", "data.near_dup_threshold=null",
+               "data.keep_doc_boundaries=true")
         dirs[name] = root / name
     return dirs
 
@@ -229,11 +231,12 @@ def by_step(run_dir: Path, key: str) -> dict[int, float]:
     return {r["step"]: r[key] for r in read_metrics(run_dir) if key in r}
 
 
-def test_a_two_source_mixture_trains_through_the_cli(two_sources, tmp_path):
+def test_a_two_source_mixture_trains_through_the_cli_with_document_masking(two_sources, tmp_path):
     assert Manifest.load(two_sources["law"]).tokenizer_sha256 == Manifest.load(two_sources["gospels"]).tokenizer_sha256
     gospel_samples = Manifest.load(two_sources["gospels"]).num_samples("train")
     assert gospel_samples < 0.4 * STEPS * 8   # so it repeats within the run (global batch 2 ranks x 4)
-    done = distlm("train", *TRAIN, mix_override(two_sources), f"run_dir={tmp_path}")
+    done = distlm("train", *TRAIN, mix_override(two_sources), f"run_dir={tmp_path}", "trainer.doc_masking=true")
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["trainer"]["doc_masking"] is True
     assert "data source gospels was exhausted; it repeats" in done.stdout + done.stderr
     records = read_metrics(tmp_path)
     last = [r for r in records if "tokens_seen/law" in r][-1]
