@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
@@ -112,3 +113,14 @@ class LocalRayCluster:
                               f"class_name={class_name}", "--format", "json", "--limit", "1000"],
                              env=self.env, check=True, capture_output=True, text=True)
         return json.loads(out.stdout)
+
+
+@contextmanager
+def started(cluster: LocalRayCluster):
+    """The cluster, started; stopped afterwards, whatever happened, with none of its processes left behind."""
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+        assert not cluster.processes(), "Ray processes of the test cluster outlived it"

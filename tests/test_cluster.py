@@ -9,14 +9,11 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
@@ -26,6 +23,7 @@ from distlm.config import ConfigError, compose_config, raise_if, to_dict
 from distlm.train import checkpoint
 from distlm.train.metrics import read_metrics
 from distlm.validation import node_placement_problems, validate_cluster
+from ray_nodes import LocalRayCluster, started
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -174,82 +172,10 @@ def test_submit_without_an_address_says_where_to_get_one():
 
 # ---------------------------------------------------------------- two real Ray nodes on this machine
 
-def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
-class TwoNodeRayCluster:
-    """A head raylet and a second raylet on 127.0.0.2 (Ray sees two nodes), with their own ports, temp dir
-    and auth token, so they touch no other Ray on the machine; `stop` ends exactly the processes they started."""
-
-    def __init__(self):
-        self.temp_dir = Path(tempfile.mkdtemp(prefix="dlm", dir="/tmp"))  # short: Ray's socket paths have a limit
-        gcs_port, dashboard_port, client_port = free_ports(3)
-        self.gcs = f"127.0.0.1:{gcs_port}"
-        self.address = f"http://127.0.0.1:{dashboard_port}"
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "WANDB_"))}
-        # The raylets pass their environment on to jobs and workers: venv first on PATH (the job runs
-        # `python -m distlm.cli`), DeepSpeed's compiled-op cache, and a token of their own.
-        self.env.update(PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", RAY_USAGE_STATS_ENABLED="0",
-                        RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32),
-                        TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", f"{REPO}/build/torch_extensions"))
-        common = ["--num-cpus=1", "--object-store-memory=200000000", f"--temp-dir={self.temp_dir}",
-                  "--dashboard-agent-listen-port=0", "--metrics-export-port=0", "--disable-usage-stats"]
-        self.head = [str(BIN / "ray"), "start", "--head", f"--port={gcs_port}", f"--dashboard-port={dashboard_port}",
-                     "--dashboard-host=127.0.0.1", f"--ray-client-server-port={client_port}", *common]
-        self.worker = [str(BIN / "ray"), "start", f"--address={self.gcs}", "--node-ip-address=127.0.0.2", *common]
-
-    def start(self) -> None:
-        for command in (self.head, self.worker):
-            subprocess.run(command, env=self.env, check=True, capture_output=True, timeout=120)
-
-    def processes(self) -> list[psutil.Process]:
-        """Every process of this cluster: those naming its temp dir, and their children."""
-        found: dict[int, psutil.Process] = {}
-        for p in psutil.process_iter(["cmdline"]):
-            try:
-                if p.pid != os.getpid() and any(str(self.temp_dir) in a for a in p.info["cmdline"] or ()):
-                    found.update({q.pid: q for q in [p, *p.children(recursive=True)]})
-            except psutil.NoSuchProcess:
-                pass
-        return list(found.values())
-
-    def stop(self) -> None:
-        # Not `ray stop`: it would end every Ray on the machine, other users' and other tests' too.
-        procs = self.processes()
-        for p in procs:
-            try:
-                p.terminate()
-            except psutil.NoSuchProcess:
-                pass
-        _, alive = psutil.wait_procs(procs, timeout=5)
-        for p in alive:
-            p.kill()
-        psutil.wait_procs(alive, timeout=5)
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
-
-    def actors(self, class_name: str) -> list[dict]:
-        out = subprocess.run([str(BIN / "ray"), "list", "actors", "--address", self.address, "--filter",
-                              f"class_name={class_name}", "--format", "json", "--limit", "1000"],
-                             env=self.env, check=True, capture_output=True, text=True)
-        return json.loads(out.stdout)
-
-
 @pytest.fixture(scope="module")
 def two_nodes():
-    cluster = TwoNodeRayCluster()
-    try:
-        cluster.start()
+    with started(LocalRayCluster([1, 1])) as cluster:
         yield cluster
-    finally:
-        cluster.stop()
-        assert not cluster.processes(), "Ray processes of the test cluster outlived it"
 
 
 def test_submitted_jobs_preprocess_and_train_across_two_nodes(two_nodes, kjv_chapters, tmp_path):

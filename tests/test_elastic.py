@@ -17,7 +17,7 @@ from distlm.config import ConfigError, compose_config, raise_if
 from distlm.train import checkpoint
 from distlm.train.metrics import last_per_step, read_metrics
 from distlm.validation import data_parallel_for, validate_train
-from ray_nodes import REPO, LocalRayCluster
+from ray_nodes import REPO, LocalRayCluster, started
 from test_train import train_overrides
 
 STEPS = 60
@@ -67,13 +67,8 @@ def test_a_range_below_one_model_replica_is_refused_before_launch(bible_shards, 
 
 @pytest.fixture(scope="module")
 def two_nodes():
-    cluster = LocalRayCluster([2, 2], fast_health_checks=True)
-    try:
-        cluster.start()
+    with started(LocalRayCluster([2, 2], fast_health_checks=True)) as cluster:
         yield cluster
-    finally:
-        cluster.stop()
-        assert not cluster.processes(), "Ray processes of the test cluster outlived it"
 
 
 def run_train(cluster: LocalRayCluster, args: list[str]) -> subprocess.Popen:
