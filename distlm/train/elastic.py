@@ -111,7 +111,14 @@ def _what_died(e: BaseException) -> str:
 
     if isinstance(e, RayActorError):
         return f"Ray Train's controller died ({type(e).__name__})"
-    return f"the worker group failed ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})"
+    failures = getattr(e, "worker_failures", None) or {}  # a WorkerGroupError: rank -> what it raised
+    causes = "; ".join(f"rank {rank}: {type(err).__name__}: {_first_line(err)}" for rank, err in sorted(failures.items()))
+    return f"the worker group failed ({causes or f'{type(e).__name__}: {_first_line(e)}'})"
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[0][:300] if lines else ""
 
 
 def _wait_for_workers(c: Config) -> int:
