@@ -146,7 +146,8 @@ def run(args, root: Path, kind: str) -> None:
         results[f"{workers}/{task_mb:g}"] = {"raw": max(r["tokens_per_s"] for r in raw), "pipeline": best["tokens_per_s"],
                             "raw_cpu": max(r["tokens_per_cpu_s"] for r in raw),
                             "pipeline_cpu": max(r["tokens_per_cpu_s"] for r in pipe),
-                            "ray_start": ray_start, "seconds": best["stats"]["seconds"]}
+                            "ray_start": ray_start, "seconds": best["stats"]["seconds"],
+                            "paired": sorted(p["tokens_per_s"] / r["tokens_per_s"] for r, p in zip(raw, pipe))}
     report(results)
     if args.with_ray_start:
         command_runs(args, root, texts, tokenizer)
@@ -185,6 +186,8 @@ def report(results: dict) -> None:
         stages = ", ".join(f"{k}={v:.1f}" for k, v in r["seconds"].items())
         print(f"{workers:>15} | {r['raw']:>10,.0f} | {r['pipeline']:>14,.0f} | {r['pipeline'] / r['raw']:>5.2f} | "
               f"{r['raw_cpu']:>13,.0f} | {r['pipeline_cpu']:>18,.0f} | {r['pipeline_cpu'] / r['raw_cpu']:>9.2f} | {stages}")
+    print("median of the per-run ratios (each pipeline run over the raw run just before it): " + ", ".join(
+        f"{k} {r['paired'][len(r['paired']) // 2]:.2f}" for k, r in results.items()))
     print("(Ray start-up, not counted above: " + ", ".join(f"{w} workers {r['ray_start']:.1f}s"
                                                           for w, r in results.items()) + ")")
 
