@@ -19,7 +19,7 @@ the machine disturb much less than wall-clock time: the CPU ratio is what the wa
 an idle machine if the pipeline keeps every core busy.
 
 The corpus is synthetic but real text: `many` = documents of 40 random King James verses (≈4 KB, distinct,
-so deduplication keeps nearly all of them) in 4 JSONL files; `few-long` = documents of 2,000 verses (≈200 KB)
+so deduplication keeps nearly all of them) in 4 JSONL files; `few-long` = documents of 2,000 verses (≈250 KB)
 in one JSONL file (one read task: only the tokenize split can spread it over the cores).
 """
 
