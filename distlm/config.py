@@ -99,7 +99,7 @@ class DataConfig:
     seq_len: int = MISSING
     val_fraction: float = MISSING
     mix_seed: int = MISSING
-    docs_per_task: int = MISSING
+    tokenize_task_mb: float = MISSING
     unicode_form: Optional[str] = MISSING
     min_chars: int = MISSING
     max_chars: int = MISSING

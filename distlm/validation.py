@@ -61,7 +61,7 @@ def validate_preprocess(c: Config) -> list[str]:
     _check(p, d.samples_per_shard is None or d.samples_per_shard > 0,
            f"data.samples_per_shard={d.samples_per_shard} must be positive, or null to size shards by data.shard_mb")
     _check(p, d.shard_mb > 0, f"data.shard_mb={d.shard_mb} must be positive")
-    _check(p, d.docs_per_task > 0, f"data.docs_per_task={d.docs_per_task} must be positive")
+    _check(p, d.tokenize_task_mb > 0, f"data.tokenize_task_mb={d.tokenize_task_mb} must be positive")
     if t.path:
         _check(p, Path(t.path).is_file(), f"data.tokenizer.path: no file '{t.path}'")
     else:

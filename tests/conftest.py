@@ -48,7 +48,7 @@ def data_config():
             "data.tokenizer.vocab_size=300",
             "data.seq_len=32",
             "data.samples_per_shard=64",
-            "data.docs_per_task=20",
+            "data.tokenize_task_mb=0.05",
             "data.val_fraction=0.1",
             *overrides,
         )

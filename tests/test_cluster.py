@@ -187,7 +187,7 @@ def test_submitted_jobs_preprocess_and_train_across_two_nodes(two_nodes, kjv_cha
     env = {**two_nodes.env, "WANDB_API_KEY": secret}
     data = ["data.seq_len=64", "data.tokenizer.vocab_size=512", f"data.dir={data_dir}"]
     pre = run_distlm("submit", "--address", two_nodes.address, "--wait", "--job-id", "test-preprocess", "preprocess",
-                     f"data.inputs=[{corpus}]", "data.samples_per_shard=256", "data.docs_per_task=40", *data, env=env)
+                     f"data.inputs=[{corpus}]", "data.samples_per_shard=256", "data.tokenize_task_mb=0.02", *data, env=env)
     assert pre.returncode == 0, pre.stdout[-3000:] + pre.stderr[-3000:]
     assert (data_dir / "manifest.json").is_file()
 

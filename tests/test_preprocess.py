@@ -24,6 +24,7 @@ from distlm.data.preprocess import preprocess
 from distlm.data.shards import STATS_FILE, Manifest
 from distlm.data.sources import InputFile, ReadTask, read_documents
 from distlm.data.tokenizer import TokenizerError, file_sha256
+from distlm.data.workdir import part_bounds
 
 MAX_CHARS = 20_000
 NUMBERS_7 = 123   # chapter index of Numbers 7: twelve tribes bring the same offering, line for line
@@ -184,7 +185,7 @@ def shard_hashes(manifest: Manifest) -> list[str]:
 
 def test_two_runs_give_byte_identical_shards_however_the_work_is_split(processed, corpus, data_config, tmp_path):
     _, manifest = processed
-    other = preprocess(data_config(corpus, tmp_path, f"data.max_chars={MAX_CHARS}", "data.docs_per_task=7"))
+    other = preprocess(data_config(corpus, tmp_path, f"data.max_chars={MAX_CHARS}", "data.tokenize_task_mb=0.01"))
     assert shard_hashes(other) == shard_hashes(manifest) and other.tokenizer_sha256 == manifest.tokenizer_sha256
     bigger = preprocess(data_config(corpus, tmp_path, f"data.max_chars={MAX_CHARS}", "data.samples_per_shard=256"))
     names = {s.name for split in ("train", "val") for s in bigger.shards(split)}
@@ -279,6 +280,23 @@ def test_byte_ranges_split_a_file_without_losing_or_repeating_lines(corpus):
     for cuts in ([size // 2], [1, 2, 3, 777, size - 1], list(range(0, size, size // 7))[1:]):
         bounds = [0, *cuts, size]
         assert [t for lo, hi in zip(bounds, bounds[1:]) for t in texts(lo, hi)] == whole
+
+
+def test_tokenize_work_is_split_by_text_bytes_not_document_count():
+    few_long = np.array([300_000] * 10 + [5] * 3)   # 10 long documents, then 3 tiny ones
+    bounds = part_bounds(few_long, 1 << 20)
+    assert bounds[0] == 0 and bounds[-1] == len(few_long) and (np.diff(bounds) > 0).all()
+    assert len(bounds) - 1 == 3   # 3 MB of text -> 3 tasks, although 13 documents would have made one
+    part_bytes = np.add.reduceat(few_long, bounds[:-1])
+    assert (part_bytes <= (1 << 20) + few_long.max()).all()
+    assert part_bounds(np.array([5 << 20]), 1 << 20).tolist() == [0, 1]   # a longer document is one task
+    assert part_bounds(np.zeros(0, np.int64), 1 << 20).tolist() == [0]
+
+
+def test_preprocess_runs_one_tokenize_task_per_share_of_text(processed):
+    cfg, manifest = processed
+    text_mb = manifest.stats["text_bytes"]["train"] / 2**20
+    assert manifest.stats["tokenize_tasks"] >= text_mb / cfg.data.tokenize_task_mb
 
 
 def test_clean_text_normalizes_unicode_controls_and_spaces():

@@ -162,7 +162,7 @@ head -n 120 "$WORK/kjv.jsonl" > "$WORK/shared/kjv120.jsonl" && chown "$USER_NAME
 cd "$REPO"
 DATA_KEYS=(data.seq_len=64 data.tokenizer.vocab_size=512 "data.dir=$DATA")
 "$VENV/bin/python" -m distlm.cli submit --wait --job-id "$USER_NAME-preprocess" preprocess \
-    "data.inputs=[$WORK/shared/kjv120.jsonl]" data.samples_per_shard=256 data.docs_per_task=40 "${DATA_KEYS[@]}" \
+    "data.inputs=[$WORK/shared/kjv120.jsonl]" data.samples_per_shard=256 data.tokenize_task_mb=0.02 "${DATA_KEYS[@]}" \
     2>&1 | tail -8
 
 step "distlm submit --wait train: model=test, 2 workers (1 per node), 6 steps"

@@ -1,7 +1,7 @@
 """Raw text -> cleaned, deduplicated, tokenized, mixed, packed shards + manifest, on Ray.
 
   1. read + tokenize  per input file / 64 MB range: read, clean, filter, hash (stages.read_block); then per
-                      data.docs_per_task documents: tokens + MinHash band keys (stages.tokenize_part). A trained
+                      data.tokenize_task_mb of text: tokens + MinHash band keys (stages.tokenize_part). A trained
                       tokenizer is trained on the driver in between, on a content-chosen sample.
   2. deduplicate      exact (digest) on the driver; near (LSH bands, one task per band) -> clusters
   3. plan             train/val by content hash; each split's documents in a seeded content-hash order;
@@ -60,9 +60,9 @@ def preprocess(cfg: Config) -> Manifest:
 
     data_dir.mkdir(parents=True, exist_ok=True)
     (data_dir / MANIFEST_FILE).unlink(missing_ok=True)  # from here on the old manifest is no longer true
-    work = WorkDir.open(data_dir, fingerprint, d.docs_per_task)
+    work = WorkDir.open(data_dir, fingerprint, max(1, round(d.tokenize_task_mb * 2**20)))
     started_ray = not ray.is_initialized()
-    connect(cfg.cluster)
+    connect(cfg.cluster, dashboard=False)  # a local cluster without a dashboard starts faster (Ray Train needs it)
     try:
         manifest = _run(cfg, files, fingerprint, given, work)
     finally:
@@ -158,12 +158,12 @@ class _Tokenization:
         self.progress.close()
 
     def _start(self, b: int, texts, meta: dict) -> None:
-        """A block is read: save its metadata, start tokenizing it in parts of data.docs_per_task documents."""
+        """A block is read: save its metadata, start tokenizing it in parts of data.tokenize_task_mb of text."""
         self.work.save_meta(b, meta)
         self.results[b] = BlockResult(index=b, meta=meta)
         count = len(meta["digests"])
-        for k, lo in enumerate(range(0, count, self.d.docs_per_task)):
-            hi = min(lo + self.d.docs_per_task, count)
+        bounds = self.work.part_bounds(meta)
+        for k, (lo, hi) in enumerate(zip(bounds[:-1].tolist(), bounds[1:].tolist())):
             tokens, keys, lengths = stages.tokenize_part.remote(texts, lo, hi, self.tokenizer_json, self.dtype, self.lsh,
                                                                 str(self.work.part_path(b, k)), b)
             self.results[b].parts.append((tokens, keys))

@@ -1,7 +1,7 @@
 """The Ray tasks of preprocessing; preprocess.py wires them together.
 
   read_block      one input file or byte range: read, clean, filter, hash           -> texts, meta
-  tokenize_part   data.docs_per_task documents of a block: tokens + LSH band keys   -> cached on disk
+  tokenize_part   data.tokenize_task_mb of a block's text: tokens + LSH band keys   -> cached on disk
   band_edges      one LSH band over every document: pairs of likely near-duplicates
   partition_block one block's kept documents cut into pieces, one per write group
   write_group     one group of consecutive shards of a split

@@ -22,6 +22,15 @@ from distlm.data.tokenizer import save_tokenizer
 WORK_PREFIX = ".work-"
 
 
+def part_bounds(text_bytes: np.ndarray, bytes_per_part: int) -> np.ndarray:
+    """Document boundaries [0, ..., n] of a block's tokenize parts: a document belongs to the part of
+    bytes_per_part that holds its first byte, so parts split by text size, not document count (a few long
+    documents still spread over every core); a part holds at most bytes_per_part + its last document."""
+    first_byte = np.cumsum(text_bytes) - text_bytes
+    part = first_byte // bytes_per_part
+    return np.concatenate([[0], np.flatnonzero(np.diff(part)) + 1, [len(text_bytes)]]) if len(part) else np.zeros(1, np.int64)
+
+
 @dataclass
 class BlockResult:
     """One read block on the driver: its metadata, and per tokenize part the refs of its tokens and band
@@ -58,15 +67,15 @@ class BlockResult:
 @dataclass
 class WorkDir:
     root: Path
-    docs_per_task: int
+    bytes_per_part: int   # data.tokenize_task_mb; part of the fingerprint, so a work dir's parts always match it
 
     @classmethod
-    def open(cls, data_dir: Path, fingerprint: str, docs_per_task: int) -> "WorkDir":
+    def open(cls, data_dir: Path, fingerprint: str, bytes_per_part: int) -> "WorkDir":
         root = data_dir / f"{WORK_PREFIX}{fingerprint[:16]}"
         for stale in data_dir.glob(WORK_PREFIX + "*"):
             if stale != root:
                 shutil.rmtree(stale, ignore_errors=True)
-        work = cls(root, docs_per_task)
+        work = cls(root, bytes_per_part)
         for sub in (work.blocks_dir, work.shards_dir):
             sub.mkdir(parents=True, exist_ok=True)
         return work
@@ -98,8 +107,12 @@ class WorkDir:
         with np.load(path) as saved:
             meta = {"digests": saved["digests"], "text_bytes": saved["text_bytes"], "pii": saved["pii"],
                     **json.loads(str(saved["info"]))}
-        parts = [self.part_path(block, k) for k in range(-(-len(meta["digests"]) // self.docs_per_task))]
+        parts = [self.part_path(block, k) for k in range(len(self.part_bounds(meta)) - 1)]
         return (meta, parts) if all(p.is_file() for p in parts) else None
+
+    def part_bounds(self, meta: dict) -> np.ndarray:
+        """Document boundaries of a read block's tokenize parts."""
+        return part_bounds(meta["text_bytes"], self.bytes_per_part)
 
     def save_tokenizer(self, tokenizer: Tokenizer) -> None:
         save_tokenizer(tokenizer, self.root / "tokenizer.json")
