@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from distlm.train import universal
 
 log = logging.getLogger(__name__)
 
@@ -286,3 +287,21 @@ def _describe(failure: Failure, tag_dir: Path) -> str:
             f"{free} on the filesystem of {tag_dir.parent}; the partial checkpoint was removed and {kept}. "
             f"Free space there (or set run_dir to a larger filesystem) and start the run again")
 
+
+def load(engine, ckpt_dir: Path, tag: str, from_universal: bool = False) -> RunState:
+    """Restore model, optimizer, LR schedule and this rank's RNG; return the run state. `from_universal`:
+    read the checkpoint's universal form (it was written at another layout)."""
+    tag_dir = Path(ckpt_dir) / tag
+    state = read_state(tag_dir)
+    if from_universal:
+        universal.link_names(tag_dir / universal.UNIVERSAL_DIR, (n for n, _ in engine.module.named_parameters()))
+        dist.barrier()
+        ckpt_dir, tag = tag_dir, universal.UNIVERSAL_DIR
+    path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
+                                     load_lr_scheduler_states=True)
+    if path is None:
+        raise CheckpointError(f"DeepSpeed could not load checkpoint {tag_dir}")
+    rng_file = tag_dir / f"rng_rank{dist.get_rank():05d}.pt"
+    if rng_file.is_file() and not from_universal:  # another layout's ranks hold other RNG streams
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+    return state
