@@ -59,7 +59,7 @@ def test_a_range_below_one_model_replica_is_refused_before_launch(bible_shards, 
         raise_if(validate_train(fewer_than_a_replica))
     out = subprocess.run([sys.executable, "-m", "distlm.cli", "train", *overrides(bible_shards, tmp_path / "r",
                           "parallel.tp=2", "cluster.min_workers=1")], capture_output=True, text=True, cwd=REPO, timeout=120)
-    assert out.returncode == 2 and "cluster.min_workers=1 must be in" in out.stderr
+    assert out.returncode == 2 and "cluster.min_workers=1 must be in" in out.stdout + out.stderr
     assert "starting a local Ray cluster" not in out.stdout + out.stderr, "refused before any Ray started"
 
 
