@@ -15,8 +15,6 @@ and only this rank's partition is filled, so the peak is one module's full param
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import hashlib
 import re
 from pathlib import Path
@@ -28,22 +26,12 @@ import torch.nn as nn
 from safetensors import safe_open
 
 from distlm.config import ModelConfig
+from distlm.memory import return_freed_memory
 from distlm.model.llama import Llama, initial_std, rope_cache
 from distlm.parallel.layout import Layout
 
 BLOCK_ELEMENTS = 1 << 20  # rows are drawn in blocks of about this many elements, each from its own stream
 _STAGE_PREFIX = re.compile(r"^(\d+\.|tied_modules\.\w+\.)")
-_LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if ctypes.util.find_library("c") else None
-if _LIBC is not None and not hasattr(_LIBC, "malloc_trim"):  # not glibc
-    _LIBC = None
-
-
-def _release_freed_heap() -> None:
-    """Give the heap's free pages back to the OS. glibc serves tensors of up to 32 MB from its heap and keeps
-    their pages when they are freed: without this, the full tensors that ZeRO-3 partitioning frees (and the
-    drawn rows) stay in the rank's memory as holes, up to several times its partition (benchmarks/bench_startup.py)."""
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
 
 
 def canonical_name(name: str) -> str:
@@ -183,6 +171,6 @@ def materialize(module: nn.Module, cfg: ModelConfig, layout: Layout, source, zer
                 else:
                     p.view(-1).copy_(_values(source, name, shapes[name], p, layout, 0, p.numel()))
         if zero3_config is not None:  # the module's full tensors were freed: the rank keeps only its partitions
-            _release_freed_heap()
+            return_freed_memory()  # what partitioning freed stays in the heap otherwise (distlm/memory.py)
     if isinstance(module, Llama):  # its RoPE tables were built on the meta device too
         module.rope_cos, module.rope_sin = rope_cache(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)

@@ -21,8 +21,6 @@ few tensors, so its memory is those tensors, not the model.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import math
 import re
 from pathlib import Path
@@ -33,6 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from distlm.config import ModelConfig
+from distlm.memory import return_freed_memory
 from distlm.train import checkpoint, universal
 from distlm.train.checkpoint import CheckpointError, RunState
 
@@ -150,19 +149,6 @@ class CheckpointWeights:
 
     def source_name(self) -> str:
         return getattr(self, "source", "layout files")
-
-
-def return_freed_memory() -> None:
-    """Hand freed heap memory back to the system. glibc keeps freed blocks below its adaptive mmap threshold
-    (up to 32 MB: most tensors of a model below a few billion parameters) in its heap, so a process that reads
-    a model tensor by tensor would otherwise grow towards the model's size."""
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-_LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if ctypes.util.find_library("c") else None
-if _LIBC is not None and not hasattr(_LIBC, "malloc_trim"):  # not glibc
-    _LIBC = None
 
 
 def read_weights(tag_dir: Path, state: RunState, m: ModelConfig) -> dict[str, torch.Tensor]:
