@@ -81,7 +81,7 @@ def model_config(a: argparse.Namespace, run_dir: Path, tiny: bool):
 
 def _save(rank: int, c, tokenizer_file: Path) -> None:
     torch.manual_seed(c.seed)
-    engine = build_engine(Llama(c.model), c, make_layout(tp=c.parallel.tp, pp=c.parallel.pp))
+    engine = build_engine(c, make_layout(tp=c.parallel.tp, pp=c.parallel.pp))
     # One step, so that the optimizer files hold Adam's moments (the earlier export's universal conversion needs them).
     ids = torch.randint(0, c.model.vocab_size, (c.trainer.grad_accum, 65), generator=torch.Generator().manual_seed(0))
     engine.train_batch(data_iter=iter([(x[None, :-1], x[None, 1:]) for x in ids]))

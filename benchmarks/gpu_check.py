@@ -77,9 +77,10 @@ def main() -> None:
 
     build_start = time.perf_counter()
     torch.manual_seed(0)
-    model = Llama(c.model)
+    with torch.device("meta"):  # shapes only, for the counts: the engine builds the real one
+        model = Llama(c.model)
     flops_per_token = model.flops_per_token(a.seq)
-    engine = build_engine(model, c, make_layout(tp=1, pp=1))
+    engine = build_engine(c, make_layout(tp=1, pp=1))
     print(f"{device_name}: model={a.model} {model.num_params() / 1e6:,.1f} M parameters, {c.trainer.precision.value},"
           f" ZeRO-{a.zero_stage}, micro-batch {a.micro_batch} x {a.seq} tokens, {flops_per_token / 1e9:.3f} GFLOP/token;"
           f" built in {time.perf_counter() - build_start:.0f}s")

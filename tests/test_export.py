@@ -394,7 +394,7 @@ MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 def _save_untrained(rank: int, cfg: Config, tokenizer_file: Path) -> None:
     torch.manual_seed(cfg.seed)
-    engine = build_engine(Llama(cfg.model), cfg, make_layout(tp=1, pp=1))
+    engine = build_engine(cfg, make_layout(tp=1, pp=1))
     sha = hashlib.sha256(tokenizer_file.read_bytes()).hexdigest()
     checkpoint.save(engine, Path(cfg.run_dir) / "checkpoints", RunState(config=to_dict(cfg), tokenizer_sha256=sha),
                     tokenizer_file, keep=1)
