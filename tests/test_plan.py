@@ -18,13 +18,13 @@ from distlm.plan import (GiB, SEARCHED_KEYS, largest_layer_params, plan, rank_pa
 
 
 def config(*overrides: str):
-    return compose_config("data.tokenizer.vocab_size=32000", "data.seq_len=2048", "trainer.precision=bf16",
+    return compose_config("model.vocab_size=32000", "data.seq_len=2048", "trainer.precision=bf16",
                           "cluster.gpu_mem_gb=80", "cluster.host_mem_gb=2048", *overrides)
 
 
 def gpu_cluster(*overrides: str):
     """conf/cluster/gpu.yaml (8 x 80 GiB per node, 2 TiB host) with Llama-2's vocabulary and context."""
-    return compose_config("cluster=gpu", "data.tokenizer.vocab_size=32000", "data.seq_len=4096",
+    return compose_config("cluster=gpu", "model.vocab_size=32000", "data.seq_len=4096",
                           "trainer.precision=bf16", "trainer.micro_batch_size=1", "trainer.grad_accum=16", *overrides)
 
 
@@ -107,15 +107,16 @@ def test_impossible_layout_is_refused_with_what_to_change():
 
 def test_plan_command_prints_the_verdict(tmp_path):
     out = subprocess.run([sys.executable, "-m", "distlm.cli", "plan", "model=7b", "parallel=3d", "cluster=gpu",
-                          "cluster.num_workers=64", "cluster.gpu_mem_gb=80", "data.tokenizer.vocab_size=32000",
+                          "cluster.num_workers=64", "cluster.gpu_mem_gb=80", "model.vocab_size=32000",
                           "data.seq_len=4096", "trainer.precision=bf16"],
                          capture_output=True, text=True, cwd=tmp_path, check=True).stdout
     assert "6.738 B parameters" in out and "64 GPUs = tp 2 x pp 2 x dp 16" in out and "verdict      fits" in out
 
 
 def test_startup_host_memory_at_3d_is_the_ranks_stage_slice_plus_one_tensor(tmp_path):
-    # the command of the issue: fp32 and conf/data/bible.yaml's 4,096-token vocabulary
-    out = distlm_plan(tmp_path, "model=70b", "parallel=3d", "cluster=gpu", "cluster.num_workers=64")
+    # the command of the issue, in fp32 as it ran then (bf16 is now the GPU default), with a 4,096-token vocabulary
+    out = distlm_plan(tmp_path, "model=70b", "parallel=3d", "cluster=gpu", "cluster.num_workers=64",
+                      "trainer.precision=fp32")
     stage = 40 * BLOCK_70B // 2 + 4096 // 2 * 8192 + 8192  # tp 2 x pp 2: half of the last stage's 40 blocks + head
     per_rank = 4 * stage + 4 * MLP_MATRIX_70B + 8 * GiB  # fp32 weights built, one whole tensor, host_overhead_gb
     assert printed_gib(out, "per rank") == pytest.approx(per_rank / GiB, abs=0.01)
