@@ -150,7 +150,7 @@ def test_a_corrupt_newest_checkpoint_is_skipped_and_named(straight_run, bible_sh
             with pytest.raises(CheckpointError, match=f"checkpoint {newest} is .*{shard.name}"):
                 checkpoint.resolve(newest)  # resume=PATH naming it
         c = ray_config(bible_shards, ckpt_dir.parent)
-        assert resume.find_checkpoint(c) == ckpt_dir / "step00000090"
+        assert resume.checkpoint_to_resume(c) == ckpt_dir / "step00000090"
     # A file whose size is right but whose end was overwritten (no zip directory) is caught as well.
     ckpt_dir = tmp_path / "overwritten" / "checkpoints"
     shutil.copytree(source, ckpt_dir)

@@ -57,7 +57,7 @@ class ResumePlan:
         return f"{what} at {universal.describe(self.layout)}"
 
 
-def find_checkpoint(c: Config) -> Path | None:
+def checkpoint_to_resume(c: Config) -> Path | None:
     """The checkpoint (tag dir) `trainer.resume` asks for, or None to start fresh."""
     if c.trainer.resume == "never":
         return None
@@ -74,7 +74,7 @@ def plan_resume(c: Config, tokenizer_sha256: str, source: Path | None = None) ->
     layout change universal checkpoints cannot do, a global batch that does not divide the position."""
     now = universal.layout_of(to_dict(c))
     existing = checkpoint.snapshot(Path(c.run_dir) / "checkpoints")
-    tag_dir = find_checkpoint(c) if source is None else Path(*checkpoint.resolve(source))
+    tag_dir = checkpoint_to_resume(c) if source is None else Path(*checkpoint.resolve(source))
     if tag_dir is None:
         return ResumePlan(ResumeKind.fresh, now, existing=existing)
     saved = checkpoint.read_state(tag_dir)
