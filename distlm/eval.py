@@ -37,20 +37,22 @@ def evaluate(c: Config) -> dict[str, Any]:
     if e.split not in manifest.splits:
         raise ConfigError(f"eval.split={e.split!r}: {c.data.dir} has the splits {sorted(manifest.splits)}")
 
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    logits_fn, source = _load_hf(Path(e.model_dir), manifest, device) if e.model_dir else \
+        _load_checkpoint(Path(e.checkpoint), manifest, device)
+    masked = source.get("doc_masking", False)
     loader = ShardLoader(c.data, split=e.split, micro_batch_size=e.batch_size, dp_rank=0, dp_size=1, seed=0,
-                         shuffle=False)
+                         shuffle=False, doc_boundaries=masked)
     if loader.batches_per_epoch == 0:
         raise ConfigError(f"eval.batch_size={e.batch_size} is more than the {loader.num_samples} samples of split "
                           f"'{e.split}' in {c.data.dir}")
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    logits_fn, source = _load_hf(Path(e.model_dir), manifest, device) if e.model_dir else \
-        _load_checkpoint(Path(e.checkpoint), manifest, device)
     nll, tokens, batches = 0.0, 0, 0
     with torch.no_grad():
         for batch in loader.iter_batches(max_batches=e.batches):
+            batch, segments = batch if masked else (batch, None)
             batch = batch.to(device)
-            logits = logits_fn(batch[:, :-1]).float()
+            logits = logits_fn(batch[:, :-1], segments).float()
             # Summed, not averaged per batch: the mean is over tokens, whatever the batch count.
             nll += F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum").item()
             tokens += batch[:, 1:].numel()
@@ -68,7 +70,7 @@ def evaluate(c: Config) -> dict[str, Any]:
 
 
 def _load_checkpoint(path: Path, manifest: Manifest, device: torch.device) -> tuple[Callable, dict[str, Any]]:
-    from distlm.model.llama import Llama
+    from distlm.model.llama import Llama, document_positions
     from distlm.train.weights import find_checkpoint, read_weights
 
     tag_dir = find_checkpoint(path)
@@ -81,8 +83,23 @@ def _load_checkpoint(path: Path, manifest: Manifest, device: torch.device) -> tu
     model = Llama(m)
     model.load_state_dict(read_weights(tag_dir, state, m))
     model.to(device).eval()
-    log.info("evaluating checkpoint %s (step %d)", tag_dir, state.step)
-    return model, {"checkpoint": str(tag_dir), "step": state.step}
+    # A model trained with document masking is evaluated as the trainer evaluated it: attention inside each
+    # document, positions restarting per document when it trained so.
+    trained = state.config["trainer"]
+    masked, restart = trained.get("doc_masking", False), trained.get("doc_positions", True)
+    if masked and not manifest.doc_boundaries:
+        raise ConfigError(f"checkpoint {tag_dir} was trained with trainer.doc_masking=true, but data.dir="
+                          f"{manifest.data_dir} stores no document boundaries (preprocess with "
+                          f"data.keep_doc_boundaries=true)")
+
+    def logits(ids: torch.Tensor, segments: torch.Tensor | None) -> torch.Tensor:
+        if segments is None:
+            return model(ids)
+        doc_ids = segments[:, :-1].to(device, torch.long)
+        return model(ids, doc_ids=doc_ids, position_ids=document_positions(doc_ids) if restart else None)
+
+    log.info("evaluating checkpoint %s (step %d)%s", tag_dir, state.step, " with document masking" * masked)
+    return logits, {"checkpoint": str(tag_dir), "step": state.step, "doc_masking": masked}
 
 
 def _load_hf(model_dir: Path, manifest: Manifest, device: torch.device) -> tuple[Callable, dict[str, Any]]:
@@ -105,5 +122,6 @@ def _load_hf(model_dir: Path, manifest: Manifest, device: torch.device) -> tuple
                               manifest.seq_len, str(model_dir)))
     model.to(device).eval()
     log.info("evaluating %s", model_dir)
-    return (lambda ids: model(input_ids=ids).logits), {"model_dir": str(model_dir)}
+    # A Hugging Face Llama has no document mask: it reads every packed sample as one text.
+    return (lambda ids, _segments: model(input_ids=ids).logits), {"model_dir": str(model_dir)}
 

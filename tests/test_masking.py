@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from distlm.config import compose_config
+from distlm.eval import evaluate
 from distlm.model.llama import Attention, Llama, document_mask, document_positions, flex_document_mask
 from distlm.train.metrics import read_metrics
 
@@ -114,3 +115,8 @@ def test_preprocess_then_train_with_document_masking_through_the_cli(kjv_chapter
     assert len(val) == 2 and all(0 < v < 7 for v in val), val   # evaluated (masked) at steps 0 and 4
     assert json.loads((run_dir / "checkpoints" / "step00000004" / "distlm_state.json").read_text()) \
         ["config"]["trainer"]["doc_masking"] is True
+    # `distlm eval` reads the checkpoint as the trainer evaluated it: masked, so the same loss.
+    result = evaluate(compose_config(f"run_dir={run_dir}", f"data.dir={data_dir}", "eval.batch_size=8",
+                                     "eval.batches=1", f"eval.out={tmp_path / 'eval.json'}"))
+    assert result["doc_masking"] is True
+    assert result["loss"] == pytest.approx(val[-1], rel=1e-5)

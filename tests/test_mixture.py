@@ -256,6 +256,9 @@ def test_a_mixture_run_stopped_and_resumed_gives_the_losses_of_an_uninterrupted_
     train(compose_config(*TRAIN, mix_override(two_sources), f"run_dir={straight}"))
     stopped = train(compose_config(*TRAIN, mix_override(two_sources), f"run_dir={split}", "trainer.stop_at_step=3"))
     assert stopped["steps"] == 3
+    reweighted = mix_override(two_sources).replace("0.6", "0.5").replace("0.4", "0.5")
+    with pytest.raises(ConfigError, match=r"another sample stream: data.mix: checkpoint \[\('law', 0.6\)"):
+        check_before_launch(compose_config(*TRAIN, reweighted, f"run_dir={split}"))   # would resume elsewhere
     train(compose_config(*TRAIN, mix_override(two_sources), f"run_dir={split}"))   # resume=auto: from step 3
     after = range(4, STEPS + 1)
     for key in ("loss", "tokens_seen/gospels", "epoch/gospels"):

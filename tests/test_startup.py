@@ -94,3 +94,21 @@ def test_imported_weights_of_another_shape_are_refused_naming_the_file(one_proce
     save_file(imported, tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match=r"model.safetensors.*wrong shape \['norm.weight \(7,\)"):
         SafetensorsWeights(tmp_path / "model.safetensors", model_config(1).model)
+
+
+def _zero3_partitions(rank: int, c, out: Path) -> None:
+    opt = build_engine(c, make_layout(1, 1)).optimizer
+    weights, master = opt.fp16_partitioned_groups_flat, opt.fp32_partitioned_groups_flat
+    shared = all(m.data_ptr() == w.data_ptr() for m, w in zip(master, weights))
+    out.write_text(f"{weights[0].dtype} {master[0].dtype} shared={shared}")
+
+
+@pytest.mark.parametrize("precision, expected", [("fp32", "torch.float32 torch.float32 shared=True"),
+                                                 ("bf16", "torch.bfloat16 torch.float32 shared=False")])
+def test_zero3_holds_weights_in_the_training_dtype_and_fp32_master_weights_once(precision, expected, tmp_path):
+    # DeepSpeed's ZeRO-3 optimizer reuses fp32 weights as its master weights (distlm/train/engine.py); bf16
+    # weights (built as bf16 partitions: distlm/model/materialize.py) need their fp32 master copy.
+    out = tmp_path / "partitions.txt"
+    run_ranks(_zero3_partitions, 1, model_config(1, "parallel=zero3", "trainer.micro_batch_size=2",
+                                                 f"trainer.precision={precision}"), out)
+    assert out.read_text() == expected

@@ -117,15 +117,16 @@ def _values(source, name: str, full: torch.Size, p: nn.Parameter, layout: Layout
     return rows.view(-1)[first - row_start * row_numel:last - row_start * row_numel]
 
 
-def _allocate_own(mod: nn.Module, replaced: dict[int, tuple[nn.Parameter, nn.Parameter]]) -> list[tuple]:
-    """Uninitialized CPU storage for `mod`'s own meta parameters, keeping their attributes (the TP marks);
-    returns the new (meta, real) pairs. `replaced` (meta id -> (meta, real)) gives a parameter that two
-    modules share (tied) one storage."""
+def _allocate_own(mod: nn.Module, replaced: dict[int, tuple[nn.Parameter, nn.Parameter]],
+                  dtype: torch.dtype | None = None) -> list[tuple]:
+    """Uninitialized CPU storage (of `dtype`, else the meta parameter's) for `mod`'s own meta parameters, keeping
+    their attributes (the TP marks); returns the new (meta, real) pairs. `replaced` (meta id -> (meta, real))
+    gives a parameter that two modules share (tied) one storage."""
     new = []
     for attr, p in list(mod._parameters.items()):
         if p is not None and p.is_meta:
             if id(p) not in replaced:
-                real = nn.Parameter(torch.empty(p.shape, dtype=p.dtype), requires_grad=p.requires_grad)
+                real = nn.Parameter(torch.empty(p.shape, dtype=dtype or p.dtype), requires_grad=p.requires_grad)
                 real.__dict__.update(p.__dict__)
                 replaced[id(p)] = (p, real)
                 new.append((p, real))
@@ -149,8 +150,11 @@ def materialize(module: nn.Module, cfg: ModelConfig, layout: Layout, source, zer
     names = {id(p): canonical_name(n) for n, p in module.named_parameters()}
     replaced: dict[int, tuple[nn.Parameter, nn.Parameter]] = {}
     filled: set[int] = set()
+    # DeepSpeed casts a module to bf16 itself, except a ZeRO-3 one (zero.Init(module=) keeps the dtype it is
+    # given): its partitions are made in the training dtype here, as DeepSpeed's own zero.Init context would.
+    dtype = torch.bfloat16 if zero3_config is not None and zero3_config["bf16"]["enabled"] else None
     for mod in reversed(list(module.modules())):  # children first: zero.Init(module=) also walks the children
-        for meta, real in _allocate_own(mod, replaced):
+        for meta, real in _allocate_own(mod, replaced, dtype):
             names[id(real)] = names[id(meta)]
         fresh = [p for p in mod._parameters.values() if p is not None and id(p) not in filled]
         if not fresh:

@@ -103,10 +103,26 @@ def check_compatible(saved: RunState, c: Config, tokenizer_sha256: str, where: P
     if changed:
         raise ConfigError(f"checkpoint {where} was trained with a different model: {', '.join(changed)}; "
                           f"use the checkpoint's model settings, or trainer.resume=never to start over")
+    if saved.samples_seen:  # the position is in one sample stream: the seed's order of the checkpoint's mix
+        stream_was = {"seed": saved.config.get("seed"), "data.mix": _mix(saved.config.get("data", {}).get("mix"))}
+        stream_now = {"seed": c.seed, "data.mix": _mix(to_dict(c)["data"]["mix"])}
+        changed = [f"{k}: checkpoint {stream_was[k]} vs config {v}" for k, v in stream_now.items() if stream_was[k] != v]
+        if changed:
+            raise ConfigError(f"checkpoint {where} stopped {saved.samples_seen} samples into another sample stream: "
+                              f"{', '.join(changed)}; resume with the checkpoint's settings, or trainer.resume=never "
+                              f"to start over")
     if saved.tokenizer_sha256 != tokenizer_sha256:
         raise ConfigError(f"checkpoint {where} used tokenizer {saved.tokenizer_sha256[:12]} but data.dir={c.data.dir} "
                           f"has tokenizer {tokenizer_sha256[:12]}; train on the same tokenization, or "
                           f"trainer.resume=never to start over")
+
+
+def _mix(mix: list[dict] | None) -> list[tuple[str, float]] | None:
+    """A mixture as its sources' names and normalized weights: what decides which source each sample is from."""
+    if not mix:
+        return None
+    total = sum(s["weight"] for s in mix)
+    return [(s["name"], round(s["weight"] / total, 9)) for s in mix]
 
 
 def check_layout_change(was: dict[str, int], now: dict[str, int], where: Path) -> None:
