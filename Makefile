@@ -26,7 +26,7 @@ demo: install
 	PATH=$(CURDIR)/$(BIN):$$PATH bash tools/demo.sh
 
 test: install
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=30 tests
 
 clean:
 	rm -rf runs data outputs wandb build .pytest_cache
