@@ -3,6 +3,7 @@ they continue with the losses of an uninterrupted run, and every layout exports 
 that computes what the trained weights compute (fp32, real gloo ranks)."""
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -195,3 +196,14 @@ def test_an_interrupted_conversion_is_cleaned_up_and_redone(written, straight, b
     train(layout_config(bible_shards, run_dir, "single"))  # resumes from the redone form
     got = losses(run_dir)
     assert [got[s] for s in (4, 5)] == pytest.approx([straight[4], straight[5]], rel=1e-5)
+
+
+def test_conversion_tasks_ask_ray_for_memory_and_none_too_large_for_every_node_is_started(ray_local, tmp_path):
+    shard = tmp_path / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    shard.write_bytes(b"")
+    os.truncate(shard, 2**20)
+    assert universal.task_memory(tmp_path) == 2 * 2**20 + 2**28  # twice the largest shard, + the interpreter
+    os.truncate(shard, 2**42)  # a 4 TiB shard (sparse): no node of this cluster has 8 TiB
+    with pytest.raises(MemoryError, match=r"needs a node with 8192.2 GiB .* the largest node of the Ray cluster "
+                                          r"offers \d+\.\d GiB"):
+        universal.task_memory(tmp_path)

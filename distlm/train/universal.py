@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -73,9 +74,10 @@ def convert(tag_dir: Path, on_ray: bool = False) -> Path:
     import ray
     import ray.exceptions
 
-    task = ray.remote(num_cpus=1, max_calls=1)(_convert_locked)
+    memory = task_memory(tag_dir)
+    task = ray.remote(num_cpus=1, max_calls=1, memory=memory)(_convert_locked)
     try:
-        return ray.get(task.remote(tag_dir, run_tasks=_ray_tasks))
+        return ray.get(task.remote(tag_dir, run_tasks=functools.partial(_ray_tasks, memory=memory)))
     except ray.exceptions.RayTaskError as e:
         cause: BaseException = e
         while isinstance(cause, ray.exceptions.RayTaskError) and cause.cause is not None:
@@ -125,16 +127,33 @@ def _convert_locked(tag_dir: Path, run_tasks: Callable | None) -> Path:
     return out
 
 
-def _ray_tasks(work: Callable, items: list, record: list) -> list:
-    """DeepSpeed's parallel phase as Ray tasks: at most one per CPU of the cluster, each a fresh process
-    (its memory is returned when it ends) doing every n-th item; the results in the items' order."""
+def task_memory(tag_dir: Path) -> int:
+    """Bytes of memory a conversion task asks Ray for, so that Ray places it on a node that has them: the
+    extract phase loads one rank's optimizer shard whole (torch.load), twice its file size at most; the merge
+    phase holds one parameter's slices, less. Refused at once when no node of the cluster has that much."""
+    import ray
+
+    largest = max(p.stat().st_size for p in Path(tag_dir).glob("*optim_states.pt"))
+    need = 2 * largest + 2**28  # + the interpreter, torch and DeepSpeed
+    most = max((n["Resources"].get("memory", 0) for n in ray.nodes() if n["Alive"]), default=0)
+    if need > most:
+        raise MemoryError(f"converting {tag_dir} needs a node with {need / 2**30:.1f} GiB of memory for one task "
+                          f"(twice its largest optimizer shard), and the largest node of the Ray cluster offers "
+                          f"{most / 2**30:.1f} GiB")
+    return need
+
+
+def _ray_tasks(work: Callable, items: list, record: list, memory: int) -> list:
+    """DeepSpeed's parallel phase as Ray tasks, each asking for `memory`: at most one per CPU of the cluster,
+    each a fresh process (its memory is returned when it ends) doing every n-th item; the results in the
+    items' order."""
     import ray
 
     items = list(items)  # DeepSpeed passes a list, or a set of names (ZeRO-3 merge)
     if not items:
         return []
     parts = max(1, min(len(items), int(ray.cluster_resources().get("CPU", 1))))
-    run = ray.remote(num_cpus=1, max_calls=1)(_run_items)
+    run = ray.remote(num_cpus=1, max_calls=1, memory=memory)(_run_items)
     work_ref = ray.put(work)
     done = ray.get([run.remote(work_ref, items[i::parts]) for i in range(parts)])
     record.append({"items": len(items), "tasks": parts, "peak_rss_mib": [rss for _, rss in done]})
