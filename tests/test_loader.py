@@ -222,6 +222,17 @@ def test_a_shard_is_a_plain_tar_holding_its_records(data_dir):
     assert tokens[:, 0].tolist() == list(range(7, 20))
 
 
+def test_a_shard_is_a_webdataset_sample_of_records_with_their_checksums(data_dir):
+    import webdataset as wds
+
+    (sample,) = wds.WebDataset(str(data_dir / shard_name("train", 1)), shardshuffle=False)
+    assert sample["__key__"] == "train-00001"
+    fmt = Manifest.load(data_dir).record
+    records = np.frombuffer(sample["records"], np.uint8).reshape(-1, fmt.size)
+    tokens, _ = fmt.decode("train-00001.tar", "train-00001", records, np.arange(len(records)), verify=True)
+    assert tokens[:, 0].tolist() == list(range(7, 20))
+
+
 def test_pipe_commands_are_refused_naming_the_key(data_dir):
     with pytest.raises(ShardError, match="pipe:"):
         run(data_dir, 1, 5, shard_url="pipe:cat {dir}/{name}")
