@@ -1,7 +1,8 @@
 """Preprocessing throughput against its practical limit, measured in one run.
 
     python benchmarks/bench_preprocess.py [--mb 40] [--workers 1 2] [--repeats 3] [--seq-len 1024]
-        [--corpus many few-long] [--task-mb 1 1000] [--with-ray-start]
+        [--corpus many few-long] [--task-mb 1 1000] [--with-ray-start] [--megatron PATH [--megatron-pythonpath DIR ...]]
+        [--skip-in-process]
 
 (a) raw: `tokenizers` encode_batch_fast over the same texts, already in memory, on all cores: what
     tokenization alone costs, the bound for any pipeline that tokenizes;
@@ -10,8 +11,13 @@
     (training one is timed apart, once).
     Each data.tokenize_task_mb in --task-mb is run (1000 = one task per read block, as the old split by
     document count gave for a file of few documents);
-(c) with --with-ray-start: the whole command as a user runs it, Ray start-up included (preprocess starts a
-    local cluster of all cores itself and stops it), against (a) in the same run.
+(c) with --with-ray-start: the whole `distlm preprocess` command as a user runs it (a new process: Python
+    start-up, imports, Hydra, Ray start-up and shutdown included; its CPU time is that of its whole process
+    tree), and the same command joining a running cluster (cluster.address), against (a), interleaved;
+(d) with --megatron PATH: Megatron-LM's tools/preprocess_data.py from a checkout at PATH (--workers 2, the
+    same texts in one JSONL, the same tokenizer.json as an HF tokenizer directory, --append-eod), against (c)
+    in the same run. --megatron-pythonpath adds what its imports need (e.g. `pip install --target DIR
+    triton`, and on Python 3.11 a sitecustomize.py that sets typing.override from typing_extensions).
 Prints tokens/s of both, their ratio, and how the pipeline scales with workers. (a) and (b) alternate and
 repeat: on a shared machine the best of several runs is the least disturbed measurement. Both are also
 measured in tokens per CPU-second (this process and every Ray process it started), which other jobs on
@@ -28,15 +34,23 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import random
+import secrets
 import shutil
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import psutil
-import ray
+
+# Ray reads these when imported: a token of this run's own, known to the cluster that (c') starts and to the
+# command that joins it (and to nothing else on the machine).
+os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
+import ray  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
@@ -76,6 +90,37 @@ def cpu_seconds() -> float:
     return total
 
 
+def process_tree_run(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of a command; CPU: all this process's descendants during the run (the command,
+    its own children, and the running cluster's processes that work for it), polled every 50 ms."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    cpu: dict = {}
+    errors: list[bytes] = []
+    reader = threading.Thread(target=lambda: errors.append(proc.stderr.read()))
+    reader.start()
+    before = _descendant_cpu()   # this process's descendants: the command's tree, and a running cluster's processes
+    while proc.poll() is None:
+        cpu.update(_descendant_cpu())
+        time.sleep(0.05)
+    wall = time.perf_counter() - start
+    reader.join()
+    if proc.returncode:
+        raise RuntimeError(f"{cmd[:3]} failed ({proc.returncode}): {errors[0][-3000:].decode(errors='replace')}")
+    return wall, sum(cpu.values()) - sum(before.get(k, 0.0) for k in cpu)
+
+
+def _descendant_cpu() -> dict:
+    found = {}
+    for p in psutil.Process().children(recursive=True):
+        try:
+            t = p.cpu_times()
+            found[(p.pid, p.create_time())] = t.user + t.system + t.children_user + t.children_system
+        except psutil.Error:
+            pass
+    return found
+
+
 def raw_run(tokenizer, texts: list[str]) -> dict:
     cpu, start = cpu_seconds(), time.perf_counter()
     encodings = tokenizer.encode_batch_fast(texts, add_special_tokens=False)
@@ -107,14 +152,16 @@ def main() -> None:
     parser.add_argument("--corpus", nargs="+", default=["many", "few-long"], choices=list(CORPORA))
     parser.add_argument("--task-mb", type=float, nargs="+", default=[1.0], help="data.tokenize_task_mb values to try")
     parser.add_argument("--with-ray-start", action="store_true", help="also time the command with Ray start-up")
+    parser.add_argument("--megatron", type=Path, help="a Megatron-LM checkout: also run its tools/preprocess_data.py")
+    parser.add_argument("--megatron-pythonpath", nargs="*", default=[], help="extra PYTHONPATH entries for Megatron")
+    parser.add_argument("--megatron-workers", type=int, default=2)
+    parser.add_argument("--skip-in-process", action="store_true", help="only (c) and (d), not the in-process (b)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     root = Path(tempfile.mkdtemp(prefix="bench_preprocess_"))
     try:
         for kind in args.corpus:
             run(args, root / kind, kind)
-        if args.with_ray_start:
-            ray_start_runs(args.repeats)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -130,7 +177,7 @@ def run(args, root: Path, kind: str) -> None:
     tokenizer.save(str(root / "tokenizer.json"))
 
     results = {}
-    for workers, task_mb in [(w, t) for w in args.workers for t in args.task_mb]:
+    for workers, task_mb in [] if args.skip_in_process else [(w, t) for w in args.workers for t in args.task_mb]:
         start = time.perf_counter()
         ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
         ray_start = time.perf_counter() - start
@@ -148,35 +195,86 @@ def run(args, root: Path, kind: str) -> None:
                             "pipeline_cpu": max(r["tokens_per_cpu_s"] for r in pipe),
                             "ray_start": ray_start, "seconds": best["stats"]["seconds"],
                             "paired": sorted(p["tokens_per_s"] / r["tokens_per_s"] for r, p in zip(raw, pipe))}
-    report(results)
-    if args.with_ray_start:
+    if results:
+        report(results)
+    if args.with_ray_start or args.megatron:
         command_runs(args, root, texts, tokenizer)
 
 
-def ray_start_runs(repeats: int) -> None:
-    """Seconds a local Ray start + stop takes with and without its dashboard (the command starts it without)."""
-    times = {True: [], False: []}
-    for _ in range(repeats):
-        for dashboard in times:
-            start = time.perf_counter()
-            ray.init(address="local", num_cpus=psutil.cpu_count(), include_dashboard=dashboard, log_to_driver=False)
-            ray.shutdown()
-            times[dashboard].append(time.perf_counter() - start)
-    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
-    print(f"Ray start + stop, median of {repeats}: with dashboard {med[True]:.1f}s, without {med[False]:.1f}s")
-
-
 def command_runs(args, root: Path, texts: list[str], tokenizer) -> None:
-    """(c): preprocess with no Ray running, as `distlm preprocess` runs it: it starts and stops its cluster."""
-    ratios = []
-    for repeat in range(args.repeats):
-        raw = raw_run(tokenizer, texts)
-        pipe = pipeline_run(root / "in", root / "out", root / "tokenizer.json", args.seq_len, args.task_mb[0])
-        ratios.append(pipe["tokens_per_s"] / raw["tokens_per_s"])
-        print(f"  command incl. Ray start run {repeat + 1}: raw {raw['tokens_per_s']:,.0f} tok/s, command "
-              f"{pipe['tokens_per_s']:,.0f} tok/s ({pipe['seconds']:.1f}s, of which preprocessing "
-              f"{pipe['stats']['seconds']['total']:.1f}s), ratio {ratios[-1]:.2f}", flush=True)
-    print(f"command incl. Ray start / raw, median of {len(ratios)}: {sorted(ratios)[len(ratios) // 2]:.2f}")
+    """(c) and (d), interleaved: raw, the command starting its own Ray, the command joining a running cluster,
+    Megatron; medians of the per-repeat ratios."""
+    command = [sys.executable, "-m", "distlm.cli", "preprocess", f"data.inputs=[{root / 'in'}/*.jsonl]",
+               f"data.dir={root / 'out'}", f"data.tokenizer.path={root / 'tokenizer.json'}", f"data.seq_len={args.seq_len}",
+               "data.shard_mb=64", "data.val_fraction=0.01", f"data.tokenize_task_mb={args.task_mb[0]}",
+               f"hydra.run.dir={root / 'hydra'}"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env.pop("RAY_ADDRESS", None)
+    cluster = ray.init(address="local", num_cpus=psutil.cpu_count(), include_dashboard=False, log_to_driver=False)
+    address = cluster.address_info["gcs_address"]   # (c'): the same command joining this running cluster
+    runs: dict[str, list] = {"raw": [], "command": [], "command, cluster running": [], "megatron": []}
+    try:
+        for repeat in range(args.repeats):
+            runs["raw"].append(raw_run(tokenizer, texts))
+            if args.with_ray_start:
+                runs["command"].append(_command_run(command, env, root))
+                runs["command, cluster running"].append(_command_run(command + [f"cluster.address={address}"], env, root))
+            if args.megatron:
+                runs["megatron"].append(megatron_run(args, root, texts))
+            print(f"  repeat {repeat + 1}: " + "; ".join(
+                f"{name} {r[-1]['tokens_per_s']:,.0f} tok/s, {r[-1]['tokens_per_cpu_s']:,.0f} tok/CPU-s"
+                + (f" ({r[-1]['seconds']:.1f}s, preprocessing {r[-1]['pipeline_s']:.1f}s)" if "pipeline_s" in r[-1] else "")
+                for name, r in runs.items() if r), flush=True)
+    finally:
+        ray.shutdown()
+    med = lambda xs: sorted(xs)[len(xs) // 2]   # noqa: E731
+    print(f"\nmedians of {args.repeats} interleaved repeats (each ratio is taken within a repeat):")
+    for name, r in runs.items():
+        if r and name != "raw":
+            print(f"  {name:>26}: {med([x['tokens_per_s'] for x in r]):>10,.0f} tok/s = "
+                  f"{med([x['tokens_per_s'] / y['tokens_per_s'] for x, y in zip(r, runs['raw'])]):.2f}x raw; "
+                  f"{med([x['tokens_per_cpu_s'] for x in r]):>10,.0f} tok/CPU-s = "
+                  f"{med([x['tokens_per_cpu_s'] / y['tokens_per_cpu_s'] for x, y in zip(r, runs['raw'])]):.2f}x raw"
+                  + (f"; fixed cost (wall - preprocessing) {med([x['seconds'] - x['pipeline_s'] for x in r]):.1f}s"
+                     if "pipeline_s" in r[0] else ""))
+    print(f"  {'raw':>26}: {med([x['tokens_per_s'] for x in runs['raw']]):>10,.0f} tok/s, "
+          f"{med([x['tokens_per_cpu_s'] for x in runs['raw']]):,.0f} tok/CPU-s")
+    for name in ("command", "command, cluster running"):
+        if runs[name] and runs["megatron"]:
+            ratio = med([x["tokens_per_s"] / m["tokens_per_s"] for x, m in zip(runs[name], runs["megatron"])])
+            cpu = med([x["tokens_per_cpu_s"] / m["tokens_per_cpu_s"] for x, m in zip(runs[name], runs["megatron"])])
+            print(f"  {name} / megatron ({args.megatron_workers} workers): {ratio:.2f}x tok/s, {cpu:.2f}x tok/CPU-s")
+
+
+def _command_run(command: list[str], env: dict, root: Path) -> dict:
+    shutil.rmtree(root / "out", ignore_errors=True)
+    seconds, cpu = process_tree_run(command, env)
+    stats = json.loads((root / "out" / "stats.json").read_text())
+    tokens = sum(stats["tokens"].values())
+    return {"seconds": seconds, "tokens_per_s": tokens / seconds, "tokens_per_cpu_s": tokens / cpu,
+            "pipeline_s": stats["seconds"]["total"]}
+
+
+def megatron_run(args, root: Path, texts: list[str]) -> dict:
+    """Megatron-LM's preprocess_data.py on the same texts (one JSONL) with the same tokenizer, EOD appended."""
+    source, tok_dir, out = root / "megatron_in.jsonl", root / "megatron_tokenizer", root / "megatron_out"
+    if not source.exists():
+        with open(source, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps({"text": t}) + "\n" for t in texts)
+        tok_dir.mkdir()
+        shutil.copy(root / "tokenizer.json", tok_dir / "tokenizer.json")   # its HF tokenizer needs the EOS named:
+        (tok_dir / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
+                                                                   "eos_token": "<|endoftext|>"}))
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([*map(str, args.megatron_pythonpath), str(args.megatron)])}
+    cmd = [sys.executable, str(args.megatron / "tools" / "preprocess_data.py"), "--input", str(source),
+           "--output-prefix", str(out / "corpus"), "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model",
+           str(tok_dir), "--workers", str(args.megatron_workers), "--append-eod", "--log-interval", "1000000"]
+    seconds, cpu = process_tree_run(cmd, env)
+    (bin_file,) = out.glob("*.bin")
+    tokens = bin_file.stat().st_size // (2 if args.vocab < 65500 else 4)   # its dtype: uint16 below 65,500 tokens
+    return {"seconds": seconds, "tokens_per_s": tokens / seconds, "tokens_per_cpu_s": tokens / cpu}
 
 
 def report(results: dict) -> None:

@@ -6,10 +6,15 @@ import dataclasses
 import gzip
 import json
 import logging
+import os
 import random
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -330,3 +335,64 @@ def test_content_hash_orders_do_not_depend_on_input_order():
     shuffled = np.random.default_rng(1).permutation(50)
     assert np.array_equal(shuffled[dedup.mix_order(digests[shuffled], seed=3)], order)
     assert not np.array_equal(dedup.mix_order(digests, seed=4), order)
+
+
+# ---------------------------------------------------------------- the command as a user runs it
+
+@pytest.fixture(scope="module")
+def command_run(kjv_chapters, tmp_path_factory):
+    """`distlm preprocess` in a new process with no Ray running: it starts its own local cluster and stops it.
+    Returns (process, [(process, command line)] of its tree seen while it ran, its `-X importtime` report)."""
+    tmp = tmp_path_factory.mktemp("command")
+    corpus = tmp / "kjv.jsonl"
+    corpus.write_bytes(jsonl(kjv_chapters[:40]))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    with open(tmp / "stderr.txt", "w") as err:   # a file, not a pipe nobody reads while it runs (it would block)
+        proc = subprocess.Popen([sys.executable, "-X", "importtime", "-m", "distlm.cli", "preprocess",
+                                 f"data.inputs=[{corpus}]", f"data.dir={tmp / 'out'}", "data.tokenizer.vocab_size=512",
+                                 f"hydra.run.dir={tmp / 'hydra'}"], env=env, cwd=tmp, stdout=subprocess.DEVNULL,
+                                stderr=err)
+        seen: dict[int, tuple[psutil.Process, str]] = {}   # pid -> (process, its command line when seen)
+        root = psutil.Process(proc.pid)
+        while proc.poll() is None:
+            try:
+                for p in root.children(recursive=True):
+                    seen.setdefault(p.pid, (p, " ".join(_cmdline(p))))
+            except psutil.Error:
+                pass
+            time.sleep(0.05)
+    stderr = (tmp / "stderr.txt").read_text()
+    assert proc.returncode == 0, stderr[-3000:]
+    assert (tmp / "out" / "manifest.json").is_file()
+    return proc, list(seen.values()), stderr
+
+
+def test_the_command_leaves_no_ray_process_behind(command_run):
+    _, seen, _ = command_run
+    assert any("raylet" in cmdline for _, cmdline in seen)   # it did start a cluster of its own
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(_alive(p) for p, _ in seen):
+        time.sleep(0.1)
+    assert not [cmdline for p, cmdline in seen if _alive(p)]
+
+
+def test_the_command_does_not_import_torch(command_run):
+    """torch is for training: importing it would add ≈1.7 s (measured) to every preprocess start."""
+    _, _, importtime = command_run
+    imported = {line.rsplit("|", 1)[-1].strip() for line in importtime.splitlines() if line.startswith("import time:")}
+    assert "distlm.data.preprocess" in imported   # the report is there
+    assert "torch" not in imported
+
+
+def _alive(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _cmdline(p: psutil.Process) -> list[str]:
+    try:
+        return p.cmdline()
+    except psutil.Error:
+        return []

@@ -26,7 +26,7 @@ import numpy as np
 import ray
 from tokenizers import Tokenizer
 
-from distlm.cluster import connect
+from distlm.cluster import connect, stop_local_cluster
 from distlm.config import Config, raise_if, to_dict
 from distlm.data import dedup, minhash, pii, stages
 from distlm.data.pack import plan_stream, samples_per_shard, token_dtype
@@ -67,7 +67,7 @@ def preprocess(cfg: Config) -> Manifest:
         manifest = _run(cfg, files, fingerprint, given, work)
     finally:
         if started_ray:
-            ray.shutdown()
+            stop_local_cluster()
     _remove_stale_shards(data_dir, manifest)
     work.remove()
     log_summary(manifest.stats, str(data_dir / STATS_FILE))
