@@ -106,3 +106,14 @@ def test_a_stop_request_saves_and_stops_and_a_due_time_only_saves():
     t = compose_config("trainer.eval_every=4", "trainer.checkpoint_every=6").trainer
     assert after_step(3, 10, t, True, False) == AfterStep(evaluate=False, save=True, stop=True)
     assert after_step(3, 10, t, False, True) == AfterStep(evaluate=False, save=True, stop=False)
+
+
+def test_the_gpu_check_runs_end_to_end_on_cpu():
+    # benchmarks/gpu_check.sh is the one GPU measurement; this keeps it runnable where no GPU is lent.
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--tiny"], cwd=root, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "DeepSpeed engine, compile off" in done.stdout and "speed-up from compile" in done.stdout
