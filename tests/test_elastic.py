@@ -20,7 +20,9 @@ from distlm.validation import data_parallel_for, validate_train
 from ray_nodes import REPO, LocalRayCluster, started
 from test_train import train_overrides
 
-STEPS = 60
+# Long enough that, on an idle machine, the run on 2 workers is still going when the lost node is back
+# (a restarted raylet, a capacity check, a save): at 60 steps it once finished first and never grew.
+STEPS = 100
 GLOBAL = ["trainer.micro_batch_size=2", "cluster.num_workers=4", "cluster.cpus_per_worker=1"]  # global batch 8
 
 
