@@ -86,29 +86,18 @@ def _run_with_hydra(command: str, args: list[str]) -> None:
     import hydra
     from omegaconf import DictConfig
 
-    from distlm.config import CONF_DIR, load_config
+    from distlm.config import CONF_DIR, CheckpointError, ConfigError, load_config
 
     def task(cfg: DictConfig) -> None:
         try:
             HYDRA_COMMANDS[command](load_config(cfg))
-        except Exception as e:
-            if not _is_user_error(e):
-                raise
+        except (ConfigError, CheckpointError) as e:
             log.error("%s", e)
             sys.exit(2)
 
     # Hydra reads sys.argv; the job name names the log file in the run dir (train.log, export.log, ...).
     sys.argv = [f"distlm {command}", *args, f"hydra.job.name={command}"]
     hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="config")(task)()
-
-
-def _is_user_error(e: Exception) -> bool:
-    """A bad config or checkpoint: one line for the user, no traceback. CheckpointError is looked up only if its
-    module was imported (it imports torch: ≈1.7 s that `distlm preprocess` does not need)."""
-    from distlm.config import ConfigError
-
-    checkpoint = sys.modules.get("distlm.train.checkpoint")
-    return isinstance(e, ConfigError) or (checkpoint is not None and isinstance(e, checkpoint.CheckpointError))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -24,6 +24,11 @@ class ConfigError(ValueError):
     """A config value that cannot work; the message names the key and what would be valid."""
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names it and says why. (Here, not in distlm/train, so
+    that the CLI can catch it without importing torch.)"""
+
+
 class Precision(str, Enum):
     fp32 = "fp32"
     bf16 = "bf16"

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from distlm.config import CheckpointError  # noqa: F401  (checkpoint.CheckpointError: where its callers find it)
 from distlm.train import universal
 
 log = logging.getLogger(__name__)
@@ -42,10 +43,6 @@ LATEST_FILE = "latest"
 TOKENIZER_FILE = "tokenizer.json"
 STOP_FILE = "stop_requested"  # in run_dir: the driver asks the workers to save and stop (SIGTERM, SIGINT)
 WEIGHTS_FILE = "model.safetensors"  # only in imported checkpoints: their whole model, one-process names
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used; the message names it and says why."""
 
 
 @dataclass
