@@ -70,7 +70,7 @@ def evaluate(c: Config) -> dict[str, Any]:
 
 
 def _load_checkpoint(path: Path, manifest: Manifest, device: torch.device) -> tuple[Callable, dict[str, Any]]:
-    from distlm.model.llama import Llama, document_positions
+    from distlm.model.llama import Llama, document_inputs
     from distlm.train.weights import find_checkpoint, read_weights
 
     tag_dir = find_checkpoint(path)
@@ -95,8 +95,8 @@ def _load_checkpoint(path: Path, manifest: Manifest, device: torch.device) -> tu
     def logits(ids: torch.Tensor, segments: torch.Tensor | None) -> torch.Tensor:
         if segments is None:
             return model(ids)
-        doc_ids = segments[:, :-1].to(device, torch.long)
-        return model(ids, doc_ids=doc_ids, position_ids=document_positions(doc_ids) if restart else None)
+        doc_ids, positions = document_inputs(segments.to(device), restart)
+        return model(ids, doc_ids=doc_ids, position_ids=positions)
 
     log.info("evaluating checkpoint %s (step %d)%s", tag_dir, state.step, " with document masking" * masked)
     return logits, {"checkpoint": str(tag_dir), "step": state.step, "doc_masking": masked}

@@ -54,6 +54,15 @@ def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
     return index - torch.where(starts, index, 0).cummax(dim=1).values
 
 
+def document_inputs(segments: torch.Tensor, restart_positions: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(doc_ids, position_ids) [batch, seq] for the inputs of packed samples, from segments [batch, seq + 1] (the
+    loader's document number of every token): positions restart at 0 in every document, or run 0..seq-1."""
+    doc_ids = segments[:, :-1].long()
+    if restart_positions:
+        return doc_ids, document_positions(doc_ids)
+    return doc_ids, torch.arange(doc_ids.shape[1], device=doc_ids.device).expand_as(doc_ids)
+
+
 def document_mask(doc_ids: torch.Tensor) -> torch.Tensor | BlockMask:
     """Causal attention that never crosses a document boundary. On CUDA a flex-attention BlockMask (its
     kernel skips whole blocks of other documents); elsewhere a boolean [batch, 1, seq, seq] mask for SDPA."""

@@ -95,9 +95,9 @@ def plan_resume(c: Config, tokenizer_sha256: str, source: Path | None = None) ->
 
 
 def check_compatible(saved: RunState, c: Config, tokenizer_sha256: str, where: Path) -> None:
-    """Never silently continue a different model or tokenizer."""
-    now = to_dict(c)["model"]
-    was = saved.config.get("model", {})
+    """Never silently continue a different model, sample stream or tokenizer."""
+    config = to_dict(c)
+    now, was = config["model"], saved.config.get("model", {})
     changed = [f"model.{k}: checkpoint {was.get(k)!r} vs config {v!r}"
                for k, v in now.items() if k not in ("init_std", "max_seq_len") and was.get(k) != v]
     if changed:
@@ -105,7 +105,7 @@ def check_compatible(saved: RunState, c: Config, tokenizer_sha256: str, where: P
                           f"use the checkpoint's model settings, or trainer.resume=never to start over")
     if saved.samples_seen:  # the position is in one sample stream: the seed's order of the checkpoint's mix
         stream_was = {"seed": saved.config.get("seed"), "data.mix": _mix(saved.config.get("data", {}).get("mix"))}
-        stream_now = {"seed": c.seed, "data.mix": _mix(to_dict(c)["data"]["mix"])}
+        stream_now = {"seed": c.seed, "data.mix": _mix(config["data"]["mix"])}
         changed = [f"{k}: checkpoint {stream_was[k]} vs config {v}" for k, v in stream_now.items() if stream_was[k] != v]
         if changed:
             raise ConfigError(f"checkpoint {where} stopped {saved.samples_seen} samples into another sample stream: "

@@ -17,7 +17,7 @@ from distlm.config import Config, to_dict
 from distlm.data.loader import ShardLoader
 from distlm.data.mixture import MixtureLoader, main_dir
 from distlm.data.shards import Manifest
-from distlm.model.llama import Llama, document_positions
+from distlm.model.llama import Llama, document_inputs
 from distlm.parallel.layout import make_layout
 from distlm.train import checkpoint, resume
 from distlm.train.checkpoint import STOP_FILE, RunState
@@ -95,9 +95,8 @@ class Trainer:
         return (self._with_documents(tokens, segments) for tokens, segments in batches)
 
     def _with_documents(self, tokens: torch.Tensor, segments: torch.Tensor) -> tuple[tuple, torch.Tensor]:
-        tokens, doc_ids = tokens.to(self.device), segments[:, :-1].to(self.device, torch.long)
-        positions = document_positions(doc_ids) if self.c.trainer.doc_positions else \
-            torch.arange(doc_ids.shape[1], device=self.device).expand_as(doc_ids)
+        tokens = tokens.to(self.device)
+        doc_ids, positions = document_inputs(segments.to(self.device), self.c.trainer.doc_positions)
         return (tokens[:, :-1], doc_ids, positions), tokens[:, 1:]
 
     def _loss(self, inputs, labels) -> torch.Tensor:
