@@ -68,8 +68,8 @@ def hf_llama(c):
         rope_parameters={"rope_type": "default", "rope_theta": m.rope_theta}, attn_implementation="sdpa"))
 
 
-def plain_step(model, bf16: bool, device: str, hf: bool):
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
+def plain_step(model, bf16: bool, device: str, hf: bool, fused: bool):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)  # the trainer's AdamW kernel
 
     def step(batch):
         inputs, labels = batch[:, :-1], batch[:, 1:]
@@ -152,7 +152,8 @@ def main() -> None:
                 if compiled:
                     compile_blocks(model) if kind == "distlm" else [layer.compile() for layer in model.model.layers]
                 name = f"{kind} {precision}{' compiled' if compiled else ''}"
-                variants[name] = plain_step(model, precision == "bf16", device, hf=kind == "transformers")
+                variants[name] = plain_step(model, precision == "bf16", device, hf=kind == "transformers",
+                                            fused=c32.optimizer.fused)
     variants["distlm fp32 DeepSpeed"] = deepspeed_step(c32, device)
     variants["fp32 matmul 2048"] = matmul_step(2048, device)
 

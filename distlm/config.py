@@ -174,7 +174,7 @@ class WarmupType(str, Enum):
 @dataclass
 class OptimizerConfig:
     type: OptimizerType = MISSING
-    fused: Optional[bool] = MISSING
+    fused: bool = MISSING
     lr: float = MISSING
     min_lr: float = MISSING
     warmup_steps: int = MISSING

@@ -79,15 +79,15 @@ def test_precision_auto_is_bf16_on_gpus_and_fp32_on_cpus():
     assert compose_config("cluster.use_gpu=true", "trainer.precision=fp32").trainer.precision == Precision.fp32
 
 
-def test_fused_adamw_on_cuda_only_unless_set():
+def test_fused_adamw_on_cpu_and_cuda_unless_turned_off():
     from distlm.train.engine import deepspeed_config
 
     def optimizer(*overrides: str, use_cuda: bool) -> dict:
         return deepspeed_config(compose_config(*overrides), use_cuda)["optimizer"]
 
     assert optimizer(use_cuda=True)["params"]["fused"] is True
-    assert optimizer(use_cuda=False)["params"]["fused"] is False
-    assert optimizer("optimizer.fused=true", use_cuda=False)["params"]["fused"] is True
+    assert optimizer(use_cuda=False)["params"]["fused"] is True
+    assert optimizer("optimizer.fused=false", use_cuda=False)["params"]["fused"] is False
     assert optimizer(use_cuda=True) == {"type": "AdamW", "params": optimizer(use_cuda=True)["params"]}
     assert optimizer("optimizer.type=Adam", use_cuda=True)["params"]["adam_w_mode"] is False
 

@@ -32,10 +32,10 @@ def deepspeed_config(c: Config, use_cuda: bool, load_universal: bool = False) ->
             "params": {
                 "lr": o.lr, "betas": [o.beta1, o.beta2], "eps": o.eps, "weight_decay": o.weight_decay,
                 "adam_w_mode": o.type == OptimizerType.AdamW,
-                # torch's AdamW, passed these params: its fused kernel needs no JIT build (DeepSpeed's FusedAdam
-                # compiles with nvcc at start-up, and on CPU for minutes).
+                # torch's AdamW, passed these params: its fused kernel (CPU and CUDA) needs no JIT build
+                # (DeepSpeed's FusedAdam compiles with nvcc at start-up, and on CPU for minutes).
                 "torch_adam": True,
-                "fused": use_cuda if o.fused is None else o.fused,
+                "fused": o.fused,
             },
         },
         "scheduler": {
