@@ -51,7 +51,7 @@ def parse_args() -> argparse.Namespace:
 def config(a: argparse.Namespace, device: str, bf16: bool):
     return compose_config(
         f"model.dim={a.dim}", f"model.n_layers={a.layers}", f"model.n_heads={a.heads}",
-        f"model.n_kv_heads={a.kv_heads}", f"model.ffn_dim={a.ffn}", f"data.tokenizer.vocab_size={a.vocab}",
+        f"model.n_kv_heads={a.kv_heads}", f"model.ffn_dim={a.ffn}", f"model.vocab_size={a.vocab}",
         f"data.seq_len={a.seq}", f"trainer.micro_batch_size={a.batch}", "cluster.num_workers=1",
         f"cluster.use_gpu={device == 'cuda'}", f"trainer.precision={'bf16' if bf16 else 'fp32'}",
         "trainer.max_steps=100000", "optimizer.warmup_steps=1")
