@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import zstandard
@@ -23,6 +24,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from distlm.config import ConfigError, compose_config
 from distlm.data import dedup, minhash
+from distlm.data.clean import alpha_fraction
 from distlm.data.clean import clean_text as clean_with
 from distlm.data.loader import ShardLoader, read_samples
 from distlm.data.preprocess import preprocess
@@ -310,6 +312,21 @@ def test_clean_text_normalizes_unicode_controls_and_spaces():
     assert clean_text("tab\tinside  a line\u3000x") == "tab\tinside a line x"
     assert clean_text("\ufb01ne", "NFKC") == "fine" and clean_text("\ufb01ne", None) == "\ufb01ne"
 
+
+
+def test_alpha_fraction_counts_each_text_of_any_slice_of_an_arrow_array():
+    """Letters / non-space characters per text, as Python's str.isalpha counts them, including empty texts and
+    slices whose data buffer runs past their last text."""
+    def expected(text: str) -> float:
+        visible = [c for c in text if c not in " \t\n"]
+        return 1.0 - sum(not c.isalpha() for c in visible) / len(visible) if visible else 1.0
+
+    rng = random.Random(0)
+    texts = pa.array(["".join(rng.choice("ab Z9!\n\t\u00e9\u4e2d,") for _ in range(rng.randint(0, 30)))
+                      for _ in range(300)], pa.string())
+    for part in (texts, texts.slice(7, 200), texts.slice(0, 1), pa.array(["", "x1", ""], pa.string())):
+        chars = pc.utf8_length(part).to_numpy(zero_copy_only=False)
+        assert np.allclose(alpha_fraction(part, chars), [expected(t) for t in part.to_pylist()])
 
 def shingle_jaccard(a: np.ndarray, b: np.ndarray, n: int = 5) -> float:
     sa, sb = ({tuple(x[i: i + n]) for i in range(len(x) - n + 1)} for x in (a, b))

@@ -65,23 +65,27 @@ def utf8_buffer(texts: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     return data, offsets.astype(np.int64)
 
 
-_ASCII_CLASS = np.zeros(256, dtype=np.uint8)            # 0: letter or non-ASCII, 1: whitespace, 2: other ASCII
-_ASCII_CLASS[[9, 10, 32]] = 1                          # the only whitespace left after cleaning
-_ASCII_CLASS[[b for b in range(128) if not chr(b).isalpha() and b not in (9, 10, 32)]] = 2
+_WHITESPACE = np.zeros(256, dtype=np.uint8)            # per byte: 1 for the only whitespace left after cleaning
+_WHITESPACE[[9, 10, 32]] = 1
+_OTHER_ASCII = np.zeros(256, dtype=np.uint8)           # per byte: 1 for ASCII that is neither a letter nor whitespace
+_OTHER_ASCII[[b for b in range(128) if not chr(b).isalpha() and b not in (9, 10, 32)]] = 1
 
 
-def _per_text_counts(hits: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    cumulative = np.concatenate([[0], np.cumsum(hits, dtype=np.int32)])   # a string array holds < 2 GB
-    return (cumulative[offsets[1:]] - cumulative[offsets[:-1]]).astype(np.int64)
+def _per_text_sums(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """values summed over each text's [start, end) (values: one per byte of the array's data buffer)."""
+    sums = np.zeros(len(offsets) - 1, dtype=np.int64)
+    nonempty = offsets[1:] > offsets[:-1]       # reduceat gives an empty slice its first element, not 0
+    if nonempty.any():                          # the last slice runs to the end: cut the buffer at the last text
+        sums[nonempty] = np.add.reduceat(values[:offsets[-1]], offsets[:-1][nonempty], dtype=np.int64)
+    return sums
 
 
 def alpha_fraction(texts: pa.Array, chars: np.ndarray) -> np.ndarray:
     """Letters / non-whitespace characters (1.0 for a text of whitespace only). ASCII is classified by a
     byte table in numpy; non-ASCII characters by RE2's Unicode classes, only in texts that have any."""
     data, offsets = utf8_buffer(texts)
-    byte_class = _ASCII_CLASS[data]
-    spaces = _per_text_counts(byte_class == 1, offsets)
-    other = _per_text_counts(byte_class == 2, offsets)
+    spaces = _per_text_sums(_WHITESPACE[data], offsets)
+    other = _per_text_sums(_OTHER_ASCII[data], offsets)
     non_ascii = ~pc.string_is_ascii(texts).to_numpy(zero_copy_only=False)
     if non_ascii.any():
         found = pc.count_substring_regex(texts.filter(pa.array(non_ascii)), r"[^\pL\s\x00-\x7f]")
