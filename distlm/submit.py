@@ -22,7 +22,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from distlm.config import CONF_DIR, Config, ConfigError, ModelConfig, load_config, raise_if
+from distlm.config import CONF_DIR, CheckpointError, Config, ConfigError, ModelConfig, load_config, raise_if
 from distlm.validation import validate_cluster, validate_export, validate_layout, validate_model
 
 COMMANDS = ("preprocess", "train", "export", "generate", "eval")
@@ -94,7 +94,7 @@ def job_resources(command: str, c: Config) -> dict[str, Any]:
     if command != "export":
         return {}
     from distlm.export.hf import export_memory_bytes
-    from distlm.train.checkpoint import CheckpointError, read_state
+    from distlm.train.checkpoint import read_state
     from distlm.train.weights import find_checkpoint
 
     model = c.model

@@ -19,13 +19,13 @@ from safetensors import safe_open
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from distlm.config import Config, ConfigError, ExportDtype, compose_config, to_dict
+from distlm.config import CheckpointError, Config, ConfigError, ExportDtype, compose_config, to_dict
 from distlm.export.generate import generate
 from distlm.export.hf import SHARD_INDEX_FILE, export, plan_shards
 from distlm.export.verify import LOGIT_TOLERANCE, verify
 from distlm.model.llama import Llama
 from distlm.train import checkpoint
-from distlm.train.checkpoint import CheckpointError, RunState
+from distlm.train.checkpoint import RunState
 from distlm.parallel.layout import make_layout
 from distlm.train.engine import build_engine
 from distributed import run_ranks

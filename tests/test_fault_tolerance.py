@@ -17,9 +17,8 @@ from pathlib import Path
 import pytest
 import ray
 
-from distlm.config import compose_config
+from distlm.config import CheckpointError, compose_config
 from distlm.train import checkpoint, resume
-from distlm.train.checkpoint import CheckpointError
 from distlm.train.launch import train
 from distlm.train.metrics import last_per_step, read_metrics
 from distlm.train.step import why_skip

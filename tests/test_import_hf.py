@@ -14,13 +14,12 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from distlm.config import compose_config
+from distlm.config import CheckpointError, compose_config
 from distlm.data.loader import ShardLoader
 from distlm.export.generate import generate
 from distlm.export.hf import export
 from distlm.export.import_hf import import_hf
 from distlm.train import checkpoint
-from distlm.train.checkpoint import CheckpointError
 from distlm.train.launch import train
 from distlm.train.metrics import read_metrics
 

@@ -313,7 +313,6 @@ def test_clean_text_normalizes_unicode_controls_and_spaces():
     assert clean_text("\ufb01ne", "NFKC") == "fine" and clean_text("\ufb01ne", None) == "\ufb01ne"
 
 
-
 def test_alpha_fraction_counts_each_text_of_any_slice_of_an_arrow_array():
     """Letters / non-space characters per text, as Python's str.isalpha counts them, including empty texts and
     slices whose data buffer runs past their last text."""
@@ -327,6 +326,7 @@ def test_alpha_fraction_counts_each_text_of_any_slice_of_an_arrow_array():
     for part in (texts, texts.slice(7, 200), texts.slice(0, 1), pa.array(["", "x1", ""], pa.string())):
         chars = pc.utf8_length(part).to_numpy(zero_copy_only=False)
         assert np.allclose(alpha_fraction(part, chars), [expected(t) for t in part.to_pylist()])
+
 
 def shingle_jaccard(a: np.ndarray, b: np.ndarray, n: int = 5) -> float:
     sa, sb = ({tuple(x[i: i + n]) for i in range(len(x) - n + 1)} for x in (a, b))

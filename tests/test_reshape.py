@@ -12,13 +12,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from distlm.config import ConfigError, ModelConfig, compose_config, to_dict
+from distlm.config import CheckpointError, ConfigError, ModelConfig, compose_config, to_dict
 from distlm.export.hf import export
 from distlm.model.llama import Llama
 from distlm.model.parallelize import full_state_dict
 from distlm.data.shards import Manifest
 from distlm.train import checkpoint, launch, resume, universal
-from distlm.train.checkpoint import CheckpointError
 from distlm.train.checkpoint_cli import info, reshape
 from distlm.train.resume import ResumeKind, check_layout_change
 from distlm.train.metrics import read_metrics

@@ -10,9 +10,8 @@ import logging
 import sys
 from pathlib import Path
 
-from distlm.config import ConfigError, compose_config
+from distlm.config import CheckpointError, ConfigError, compose_config
 from distlm.export.hf import export
-from distlm.train.checkpoint import CheckpointError
 
 
 def main(argv: list[str]) -> None:

@@ -22,10 +22,10 @@ import torch
 from tokenizers import Tokenizer
 from transformers import GenerationConfig, LlamaConfig, PreTrainedTokenizerFast
 
-from distlm.config import Config, ExportDtype, ModelConfig, raise_if
+from distlm.config import CheckpointError, Config, ExportDtype, ModelConfig, raise_if
 from distlm.export.verify import TORCH_DTYPE, verify
 from distlm.train import checkpoint
-from distlm.train.checkpoint import CheckpointError, RunState
+from distlm.train.checkpoint import RunState
 from distlm.train.weights import CheckpointWeights, find_checkpoint
 from distlm.validation import validate_export
 

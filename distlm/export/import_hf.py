@@ -25,10 +25,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
-from distlm.config import ModelConfig
+from distlm.config import CheckpointError, ModelConfig
 from distlm.data.tokenizer import file_sha256
 from distlm.train import checkpoint
-from distlm.train.checkpoint import CheckpointError, RunState
+from distlm.train.checkpoint import RunState
 from distlm.train.weights import checked_weights
 
 log = logging.getLogger(__name__)

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from distlm.config import CheckpointError  # noqa: F401  (checkpoint.CheckpointError: where its callers find it)
+from distlm.config import CheckpointError
 from distlm.train import universal
 
 log = logging.getLogger(__name__)

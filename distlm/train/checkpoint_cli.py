@@ -17,8 +17,8 @@ import logging
 import sys
 from pathlib import Path
 
+from distlm.config import CheckpointError
 from distlm.train import checkpoint, universal, weights
-from distlm.train.checkpoint import CheckpointError
 
 log = logging.getLogger(__name__)
 

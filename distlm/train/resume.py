@@ -17,9 +17,9 @@ from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 
-from distlm.config import Config, ConfigError, to_dict
+from distlm.config import CheckpointError, Config, ConfigError, to_dict
 from distlm.train import checkpoint, universal, weights
-from distlm.train.checkpoint import CheckpointError, RunState
+from distlm.train.checkpoint import RunState
 
 log = logging.getLogger(__name__)
 

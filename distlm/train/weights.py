@@ -30,10 +30,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from distlm.config import ModelConfig
+from distlm.config import CheckpointError, ModelConfig
 from distlm.memory import return_freed_memory
 from distlm.train import checkpoint, universal
-from distlm.train.checkpoint import CheckpointError, RunState
+from distlm.train.checkpoint import RunState
 
 Loader = Callable[[Path], Any]  # a checkpoint file, loaded (memory-mapped) once until release()
 Reader = Callable[[str, Loader], torch.Tensor]  # one tensor by its one-process name
