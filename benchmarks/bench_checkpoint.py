@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
+from distlm.checkpoint import store
 from distlm.config import compose_config, to_dict
 from distlm.parallel.layout import make_layout
-from distlm.train import checkpoint
-from distlm.train.engine import build_engine
+from distlm.train.worker.engine import build_engine
 
 CHUNK = 16 * 2**20
 
@@ -118,15 +118,15 @@ def main() -> None:
         step_seconds = min(steps)
         saves, loads, writes, reads = [], [], [], []
         for i in range(a.repeats):
-            state = checkpoint.RunState(step=i + 1, config=to_dict(c))
+            state = store.RunState(step=i + 1, config=to_dict(c))
             start = time.perf_counter()
-            checkpoint.save(engine, ckpt_dir, state, tokenizer, keep=1)
+            store.save(engine, ckpt_dir, state, tokenizer, keep=1)
             os.sync()
             saves.append(time.perf_counter() - start)
-            nbytes = size_of(ckpt_dir / checkpoint.tag_for_step(i + 1))
-            evict(ckpt_dir / checkpoint.tag_for_step(i + 1))
+            nbytes = size_of(ckpt_dir / store.tag_for_step(i + 1))
+            evict(ckpt_dir / store.tag_for_step(i + 1))
             start = time.perf_counter()
-            checkpoint.load(engine, ckpt_dir, checkpoint.tag_for_step(i + 1))
+            store.load(engine, ckpt_dir, store.tag_for_step(i + 1))
             loads.append(time.perf_counter() - start)
             writes.append(plain_write(work / "plain.bin", nbytes))
             reads.append(plain_read(work / "plain.bin"))
@@ -134,7 +134,7 @@ def main() -> None:
         best = {name: min(v) for name, v in (("save", saves), ("load", loads), ("write", writes), ("read", reads))}
         mb = nbytes / 1e6
         print(f"model {sum(p.numel() for p in engine.module.parameters()) / 1e6:.1f}M parameters, ZeRO-1, fp32, "
-              f"1 rank; checkpoint {mb:,.0f} MB in {len(list((ckpt_dir / checkpoint.tag_for_step(a.repeats)).iterdir()))} "
+              f"1 rank; checkpoint {mb:,.0f} MB in {len(list((ckpt_dir / store.tag_for_step(a.repeats)).iterdir()))} "
               f"files on {root} (best of {a.repeats})")
         print(f"save  {mb / best['save']:8,.0f} MB/s   plain write {mb / best['write']:8,.0f} MB/s   "
               f"ratio {best['write'] / best['save']:.2f}")

@@ -31,16 +31,16 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # run_ranks: real gloo ranks, as the tests start them
 from distributed import run_ranks  # noqa: E402
 
+from distlm.checkpoint import store  # noqa: E402
 from distlm.config import compose_config, to_dict  # noqa: E402
 from distlm.model.llama import Llama  # noqa: E402
 from distlm.parallel.layout import make_layout  # noqa: E402
-from distlm.train import checkpoint  # noqa: E402
-from distlm.train.engine import build_engine  # noqa: E402
+from distlm.train.worker.engine import build_engine  # noqa: E402
 
 MEASURE = """\
 import json, sys
 from distlm.config import compose_config
-from distlm.export.hf import export
+from distlm.hf.export import export
 
 def status(field):
     return int(next(line for line in open("/proc/self/status") if line.startswith(field)).split()[1]) * 1024
@@ -85,8 +85,8 @@ def _save(rank: int, c, tokenizer_file: Path) -> None:
     # One step, so that the optimizer files hold Adam's moments (the earlier export's universal conversion needs them).
     ids = torch.randint(0, c.model.vocab_size, (c.trainer.grad_accum, 65), generator=torch.Generator().manual_seed(0))
     engine.train_batch(data_iter=iter([(x[None, :-1], x[None, 1:]) for x in ids]))
-    state = checkpoint.RunState(config=to_dict(c), tokenizer_sha256=hashlib.sha256(tokenizer_file.read_bytes()).hexdigest())
-    checkpoint.save(engine, Path(c.run_dir) / "checkpoints", state, tokenizer_file, keep=1)
+    state = store.RunState(config=to_dict(c), tokenizer_sha256=hashlib.sha256(tokenizer_file.read_bytes()).hexdigest())
+    store.save(engine, Path(c.run_dir) / "checkpoints", state, tokenizer_file, keep=1)
 
 
 def tokenizer(vocab: int, path: Path) -> Path:
@@ -120,7 +120,7 @@ def main() -> None:
     tok = tokenizer(a.vocab, root / "tokenizer.json")
     big, tiny = model_config(a, root / "big", tiny=False), model_config(a, root / "tiny", tiny=True)
     for c in (tiny, big):
-        if not (Path(c.run_dir) / "checkpoints" / checkpoint.LATEST_FILE).is_file():
+        if not (Path(c.run_dir) / "checkpoints" / store.LATEST_FILE).is_file():
             run_ranks(_save, a.tp * a.pp, c, tok)
     with torch.device("meta"):
         n_params = Llama(big.model).num_params()

@@ -21,11 +21,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import io
-import math
-import tarfile
 import logging
+import math
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -35,8 +35,8 @@ import ray
 import torch
 
 from distlm.config import compose_config
-from distlm.data.loader import ShardLoader, read_samples
-from distlm.data.preprocess import preprocess
+from distlm.data.loading.loader import ShardLoader, read_samples
+from distlm.data.preprocess.pipeline import preprocess
 from distlm.data.shards import write_shard
 from distlm.model.llama import Llama
 

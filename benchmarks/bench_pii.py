@@ -25,9 +25,9 @@ sys.path.insert(0, str(REPO / "tools"))
 from make_demo_corpus import chapters, kjv_verses_file  # noqa: E402
 
 from distlm.config import compose_config  # noqa: E402
-from distlm.data.clean import clean_texts  # noqa: E402
-from distlm.data.pii import Redactor  # noqa: E402
-from distlm.data.tokenizer import special_tokens, train_tokenizer  # noqa: E402
+from distlm.data.preprocess.clean import clean_texts  # noqa: E402
+from distlm.data.preprocess.pii import Redactor  # noqa: E402
+from distlm.data.preprocess.tokenizer import special_tokens, train_tokenizer  # noqa: E402
 
 
 def corpus(megabytes: float, pii_share: float) -> list[str]:

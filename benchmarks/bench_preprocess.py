@@ -58,9 +58,8 @@ sys.path.insert(0, str(REPO / "tools"))
 from make_demo_corpus import chapters, kjv_verses_file  # noqa: E402
 
 from distlm.config import compose_config  # noqa: E402
-from distlm.data.preprocess import preprocess  # noqa: E402
-from distlm.data.tokenizer import train_tokenizer  # noqa: E402
-
+from distlm.data.preprocess.pipeline import preprocess  # noqa: E402
+from distlm.data.preprocess.tokenizer import train_tokenizer  # noqa: E402
 
 CORPORA = {"many": (40, 4), "few-long": (2000, 1)}   # verses per document, JSONL files
 

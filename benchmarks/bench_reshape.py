@@ -30,10 +30,11 @@ import ray
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # distributed.run_ranks: N gloo ranks as local processes
 
+from distlm.checkpoint import store, universal  # noqa: E402
 from distlm.config import compose_config  # noqa: E402
 from distlm.data.shards import Manifest  # noqa: E402
-from distlm.train import checkpoint, resume, universal  # noqa: E402
-from distlm.train.metrics import read_metrics  # noqa: E402
+from distlm.train import resume
+from distlm.train.worker.metrics import read_metrics  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -54,7 +55,7 @@ def config(a: argparse.Namespace, data_dir: Path, layout: list[str], steps: int)
 
 
 def make_shards(root: Path) -> Path:
-    from distlm.data.preprocess import preprocess
+    from distlm.data.preprocess.pipeline import preprocess
 
     corpus = root / "kjv.jsonl"
     subprocess.run([sys.executable, str(REPO / "tools" / "make_demo_corpus.py"), str(corpus)], check=True,
@@ -67,7 +68,7 @@ def make_shards(root: Path) -> Path:
 
 
 def _fit(rank: int, c, plan, started: Path) -> None:
-    from distlm.train.trainer import Trainer
+    from distlm.train.worker.trainer import Trainer
 
     (started / f"rank{rank}").write_text(repr(time.time()))  # the process group exists from here on
     trainer = Trainer(c, plan)
@@ -110,11 +111,12 @@ def main() -> None:
                                    "trainer.grad_accum=2"], steps=1)
     start = time.perf_counter()
     train(written, root / "started_tp2_pp2")
-    tag_dir = Path(written.run_dir) / "checkpoints" / checkpoint.tag_for_step(1)
-    state = checkpoint.read_state(tag_dir)
+    tag_dir = Path(written.run_dir) / "checkpoints" / store.tag_for_step(1)
+    state = store.read_state(tag_dir)
     size = sum(p.stat().st_size for p in tag_dir.iterdir() if p.is_file())
-    from distlm.model.llama import Llama
     import torch
+
+    from distlm.model.llama import Llama
 
     with torch.device("meta"):
         params = Llama(written.model).num_params()

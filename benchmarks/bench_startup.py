@@ -23,11 +23,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import deepspeed  # noqa: E402
 import torch  # noqa: E402
+from distributed import run_ranks  # noqa: E402
 
 from distlm.config import compose_config  # noqa: E402
 from distlm.parallel.layout import make_layout  # noqa: E402
-from distlm.train.engine import build_engine  # noqa: E402  (imported by the bare process too)
-from distributed import run_ranks  # noqa: E402
+from distlm.train.worker.engine import build_engine  # noqa: E402  (imported by the bare process too)
 
 STATE_BYTES = 16  # per parameter element in fp32 training: weight, gradient, Adam m and v
 # name: (world size, overrides)

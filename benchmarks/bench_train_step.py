@@ -26,7 +26,7 @@ import torch
 
 from distlm.config import compose_config
 from distlm.model.llama import Llama
-from distlm.train.engine import compile_blocks
+from distlm.train.worker.engine import compile_blocks
 
 
 def parse_args() -> argparse.Namespace:
@@ -93,8 +93,8 @@ def deepspeed_step(c, device: str):
     import torch.distributed as dist
 
     from distlm.parallel.layout import make_layout
-    from distlm.train.engine import build_engine
-    from distlm.train.step import accumulate_and_step
+    from distlm.train.worker.engine import build_engine
+    from distlm.train.worker.step import accumulate_and_step
 
     if not dist.is_initialized():
         with socket.socket() as s:

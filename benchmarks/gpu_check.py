@@ -7,7 +7,7 @@ For each it prints tokens/s per GPU, MFU and the peak GPU memory next to `distlm
     MFU = flops_per_token x tokens/s / dense bf16 peak of the GPU
     flops_per_token = 6 N + 12 L d T    (N non-embedding parameters, L layers, d width, T sequence length:
                                          forward + backward matmuls with attention, PaLM appendix B)
-    dense bf16 peak: H100 SXM / H200 989 TFLOP/s (not the 1979 "with sparsity" figure); distlm.train.metrics
+    dense bf16 peak: H100 SXM / H200 989 TFLOP/s (not the 1979 "with sparsity" figure); distlm.train.worker.metrics
 On CUDA the timed steps run inside `sdpa_kernel(FLASH_ATTENTION)`, so the flash path is proven taken; where it
 is not available the variant runs again with SDPA's own choice and says so. A variant that fails (compilation,
 memory) prints its error and the others still run: one GPU session is enough for every number it can give.
@@ -31,9 +31,9 @@ from distlm.config import compose_config
 from distlm.model.llama import Llama
 from distlm.parallel.layout import make_layout
 from distlm.plan import GiB, plan
-from distlm.train.engine import build_engine, compile_blocks, compile_seconds
-from distlm.train.metrics import peak_tflops_of
-from distlm.train.step import accumulate_and_step
+from distlm.train.worker.engine import build_engine, compile_blocks, compile_seconds
+from distlm.train.worker.metrics import peak_tflops_of
+from distlm.train.worker.step import accumulate_and_step
 
 
 def parse_args() -> argparse.Namespace:

@@ -29,25 +29,25 @@ log = logging.getLogger("distlm")
 
 
 def _preprocess(c) -> None:
-    from distlm.data.preprocess import preprocess
+    from distlm.data.preprocess.pipeline import preprocess
 
     preprocess(c)
 
 
 def _train(c) -> None:
-    from distlm.train.launch import train
+    from distlm.train.driver.launch import train
 
     train(c)
 
 
 def _export(c) -> None:
-    from distlm.export.hf import export
+    from distlm.hf.export import export
 
     export(c)
 
 
 def _generate(c) -> None:
-    from distlm.export.generate import generate
+    from distlm.hf.generate import generate
 
     generate(c)
 
@@ -77,8 +77,8 @@ HYDRA_COMMANDS: dict[str, Callable] = {
 ARGPARSE_COMMANDS = {
     "report": "distlm.run_report",
     "submit": "distlm.submit",
-    "checkpoint": "distlm.train.checkpoint_cli",
-    "import-hf": "distlm.export.import_hf",
+    "checkpoint": "distlm.checkpoint.cli",
+    "import-hf": "distlm.hf.importer",
 }
 
 

@@ -16,10 +16,10 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from distlm.checkpoint import store
 from distlm.config import Config, ConfigError, ModelConfig, raise_if
-from distlm.data.loader import ShardLoader
+from distlm.data.loading.loader import ShardLoader
 from distlm.data.shards import Manifest
-from distlm.train import checkpoint
 from distlm.validation import model_reads_data, validate_eval
 
 log = logging.getLogger(__name__)
@@ -70,11 +70,11 @@ def evaluate(c: Config) -> dict[str, Any]:
 
 
 def _load_checkpoint(path: Path, manifest: Manifest, device: torch.device) -> tuple[Callable, dict[str, Any]]:
+    from distlm.checkpoint.weights import find_checkpoint, read_weights
     from distlm.model.llama import Llama, document_inputs
-    from distlm.train.weights import find_checkpoint, read_weights
 
     tag_dir = find_checkpoint(path)
-    state = checkpoint.read_state(tag_dir)
+    state = store.read_state(tag_dir)
     if state.tokenizer_sha256 != manifest.tokenizer_sha256:
         raise ConfigError(f"checkpoint {tag_dir} was trained with another tokenizer than the shards in data.dir="
                           f"{manifest.data_dir}: its perplexity there would mean nothing")

@@ -6,8 +6,8 @@ import argparse
 import math
 from pathlib import Path
 
-from distlm.train.metrics import last_per_step, read_metrics
-from distlm.train.progress import summarize
+from distlm.train.driver.progress import summarize
+from distlm.train.worker.metrics import last_per_step, read_metrics
 
 
 def plot(run_dir: Path, out: Path) -> Path:

@@ -93,9 +93,9 @@ def job_resources(command: str, c: Config) -> dict[str, Any]:
     worker node that has both. The model is the checkpoint's when this machine can read it, else `model.*`."""
     if command != "export":
         return {}
-    from distlm.export.hf import export_memory_bytes
-    from distlm.train.checkpoint import read_state
-    from distlm.train.weights import find_checkpoint
+    from distlm.checkpoint.store import read_state
+    from distlm.checkpoint.weights import find_checkpoint
+    from distlm.hf.export import export_memory_bytes
 
     model = c.model
     try:

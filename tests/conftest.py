@@ -60,7 +60,7 @@ def data_config():
 @pytest.fixture(scope="module")
 def bible_shards(ray_local, kjv_chapters, tmp_path_factory) -> Path:
     """The first 200 Bible chapters preprocessed into shards (vocab 512, 64-token samples)."""
-    from distlm.data.preprocess import preprocess
+    from distlm.data.preprocess.pipeline import preprocess
 
     root = tmp_path_factory.mktemp("bible")
     corpus = root / "kjv200.jsonl"

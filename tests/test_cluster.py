@@ -17,13 +17,13 @@ from pathlib import Path
 import pytest
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
+from ray_nodes import LocalRayCluster, started
 
+from distlm.checkpoint import store
 from distlm.cluster import forwarded_env, worker_node_problems
 from distlm.config import ConfigError, compose_config, raise_if, to_dict
-from distlm.train import checkpoint
-from distlm.train.metrics import read_metrics
+from distlm.train.worker.metrics import read_metrics
 from distlm.validation import node_placement_problems, validate_cluster
-from ray_nodes import LocalRayCluster, started
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -203,7 +203,7 @@ def test_submitted_jobs_preprocess_and_train_across_two_nodes(two_nodes, kjv_cha
     workers = two_nodes.actors("RayTrainWorker")
     assert len({w["node_id"] for w in workers}) == 2, "the two training workers should sit on different nodes"
     ckpt_dir = run_dir / "checkpoints"
-    assert checkpoint.complete_tags(ckpt_dir) == ["step00000002", "step00000004"]
+    assert store.complete_tags(ckpt_dir) == ["step00000002", "step00000004"]
     rng_files = {p.name for p in (ckpt_dir / "step00000004").glob("rng_rank*.pt")}
     assert rng_files == {"rng_rank00000.pt", "rng_rank00001.pt"}, "both ranks, one per node, saved their state"
     assert max(r["step"] for r in read_metrics(run_dir)) == 4

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 import ray
+
 from distlm.config import ConfigError, compose_config, raise_if
-from distlm.train.launch import train
+from distlm.train.driver.launch import train
 from distlm.validation import validate_train
 
 DISTLM = [sys.executable, "-m", "distlm.cli"]

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import psutil
 import pytest
-
-from distlm.config import ConfigError, compose_config, raise_if
-from distlm.train import checkpoint
-from distlm.train.metrics import last_per_step, read_metrics
-from distlm.validation import data_parallel_for, validate_train
 from ray_nodes import REPO, LocalRayCluster, started
 from test_train import train_overrides
+
+from distlm.checkpoint import store
+from distlm.config import ConfigError, compose_config, raise_if
+from distlm.train.worker.metrics import last_per_step, read_metrics
+from distlm.validation import data_parallel_for, validate_train
 
 # Long enough that, on an idle machine, the run on 2 workers is still going when the lost node is back
 # (a restarted raylet, a capacity check, a save): at 60 steps it once finished first and never grew.
@@ -127,7 +127,7 @@ def test_a_lost_node_shrinks_the_run_and_its_return_grows_it_back(two_nodes, str
     got = losses(run_dir)
     assert sorted(got) == list(range(1, STEPS + 1))
     assert close(got, straight, range(1, STEPS + 1)) == [], "per-step losses differ from the uninterrupted run"
-    assert checkpoint.find_latest(run_dir / "checkpoints") == checkpoint.tag_for_step(STEPS)
+    assert store.find_latest(run_dir / "checkpoints") == store.tag_for_step(STEPS)
 
 
 def test_a_killed_train_controller_is_restarted_by_the_driver(two_nodes, straight, bible_shards, tmp_path):

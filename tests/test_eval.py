@@ -14,14 +14,14 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from distlm.checkpoint import store
+from distlm.checkpoint.weights import read_weights
 from distlm.config import ConfigError, ModelConfig, compose_config
 from distlm.eval import evaluate
-from distlm.export.hf import export
-from distlm.train.weights import read_weights
+from distlm.hf.export import export
 from distlm.model.llama import Llama
-from distlm.train import checkpoint
-from distlm.train.launch import train
-from distlm.train.metrics import read_metrics
+from distlm.train.driver.launch import train
+from distlm.train.worker.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS, MICRO, WORKERS, EVAL_BATCHES = 4, 4, 2, 2
@@ -52,7 +52,7 @@ def test_checkpoint_perplexity_is_the_trainers_validation_loss(run_dir, bible_sh
     logged = [r for r in read_metrics(run_dir) if r["step"] == STEPS and "val_loss" in r][-1]
     assert result["loss"] == pytest.approx(logged["val_loss"], rel=1e-5)
     assert result["perplexity"] == pytest.approx(logged["val_ppl"], rel=1e-4)
-    assert result["step"] == STEPS and result["checkpoint"] == str(run_dir / "checkpoints" / checkpoint.tag_for_step(STEPS))
+    assert result["step"] == STEPS and result["checkpoint"] == str(run_dir / "checkpoints" / store.tag_for_step(STEPS))
     assert result["tokens"] == EVAL_BATCHES * MICRO * WORKERS * 64
     assert json.loads(out.read_text()) == result
 
@@ -93,7 +93,7 @@ def test_eval_says_what_is_wrong(overrides, message, run_dir, bible_shards, tmp_
 
 
 def test_eval_refuses_shards_of_another_tokenizer(run_dir, tmp_path, data_config, kjv_chapters, ray_local):
-    from distlm.data.preprocess import preprocess
+    from distlm.data.preprocess.pipeline import preprocess
 
     corpus = tmp_path / "other.jsonl"
     corpus.write_text("".join(json.dumps(doc) + "\n" for doc in kjv_chapters[200:260]), encoding="utf-8")
@@ -148,8 +148,8 @@ def test_lm_eval_scores_the_export_offline_as_distlm_does(run_dir, kjv_chapters,
     scores = results["results"]["distlm_local_ppl"]
     assert all(math.isfinite(scores[k]) for k in ("word_perplexity,none", "byte_perplexity,none", "bits_per_byte,none"))
 
-    tag_dir = run_dir / "checkpoints" / checkpoint.tag_for_step(STEPS)
-    state = checkpoint.read_state(tag_dir)
+    tag_dir = run_dir / "checkpoints" / store.tag_for_step(STEPS)
+    state = store.read_state(tag_dir)
     m = ModelConfig(**state.config["model"])
     model = Llama(m).eval()
     model.load_state_dict(read_weights(tag_dir, state, m))

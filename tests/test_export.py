@@ -15,20 +15,20 @@ import deepspeed
 import pytest
 import torch
 import torch.distributed as dist
+from distributed import run_ranks
 from safetensors import safe_open
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from distlm.checkpoint import store
+from distlm.checkpoint.store import RunState
 from distlm.config import CheckpointError, Config, ConfigError, ExportDtype, compose_config, to_dict
-from distlm.export.generate import generate
-from distlm.export.hf import SHARD_INDEX_FILE, export, plan_shards
-from distlm.export.verify import LOGIT_TOLERANCE, verify
+from distlm.hf.export import SHARD_INDEX_FILE, export, plan_shards
+from distlm.hf.generate import generate
+from distlm.hf.verify import LOGIT_TOLERANCE, verify
 from distlm.model.llama import Llama
-from distlm.train import checkpoint
-from distlm.train.checkpoint import RunState
 from distlm.parallel.layout import make_layout
-from distlm.train.engine import build_engine
-from distributed import run_ranks
+from distlm.train.worker.engine import build_engine
 
 REPO = Path(__file__).resolve().parents[1]
 EOS = "<|endoftext|>"
@@ -67,7 +67,7 @@ class Run:
 
     def reference_model(self, step: int = SAVE_AT[-1]) -> Llama:
         model = Llama(self.cfg.model).eval()
-        model.load_state_dict(torch.load(self.root / "reference" / f"{checkpoint.tag_for_step(step)}.pt"))
+        model.load_state_dict(torch.load(self.root / "reference" / f"{store.tag_for_step(step)}.pt"))
         return model
 
 
@@ -86,13 +86,13 @@ def _train_and_save(rank: int, runs: list[Run], tokenizer_file: Path) -> None:
                 continue
             state = RunState(step=step, samples_seen=step * c.global_batch_size,
                              tokens_seen=step * c.global_batch_size * SEQ, config=to_dict(c), tokenizer_sha256=sha)
-            checkpoint.save(engine, run.ckpt_dir, state, tokenizer_file, keep=2)
+            store.save(engine, run.ckpt_dir, state, tokenizer_file, keep=2)
             # The live weights, gathered by ZeRO-3 (a no-op otherwise): what the export must reproduce.
             with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
                 if rank == 0:
                     (run.root / "reference").mkdir(exist_ok=True)
                     weights = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
-                    torch.save(weights, run.root / "reference" / f"{checkpoint.tag_for_step(step)}.pt")
+                    torch.save(weights, run.root / "reference" / f"{store.tag_for_step(step)}.pt")
             dist.barrier()
 
 
@@ -226,7 +226,7 @@ def test_bf16_training_exports_the_fp32_master_weights(runs, tmp_path):
 
 def test_export_of_an_older_tag(runs, tmp_path):
     run = runs["zero3"]
-    out = export(export_config(run.ckpt_dir, tmp_path / "hf", f"export.tag={checkpoint.tag_for_step(2)}"))
+    out = export(export_config(run.ckpt_dir, tmp_path / "hf", f"export.tag={store.tag_for_step(2)}"))
     with torch.no_grad():
         ref, got = run.reference_model(step=2)(fixed_ids()), hf_model(out)(input_ids=fixed_ids()).logits
         newer = run.reference_model(step=3)(fixed_ids())
@@ -320,7 +320,7 @@ def test_generate_from_a_missing_directory_says_so(tmp_path):
 ])
 def test_damaged_checkpoint_is_named_and_leaves_no_export(run_name, damage, message, runs, tmp_path):
     ckpt_dir = shutil.copytree(runs[run_name].ckpt_dir, tmp_path / "checkpoints")
-    tag_dir = ckpt_dir / checkpoint.find_latest(ckpt_dir)
+    tag_dir = ckpt_dir / store.find_latest(ckpt_dir)
     action, file = damage.split()
     if action == "truncate":
         data = (tag_dir / file).read_bytes()
@@ -328,9 +328,9 @@ def test_damaged_checkpoint_is_named_and_leaves_no_export(run_name, damage, mess
     else:
         (tag_dir / file).unlink()
     if action == "forget":
-        state = json.loads((tag_dir / checkpoint.STATE_FILE).read_text())
+        state = json.loads((tag_dir / store.STATE_FILE).read_text())
         del state["files"][file]
-        (tag_dir / checkpoint.STATE_FILE).write_text(json.dumps(state))
+        (tag_dir / store.STATE_FILE).write_text(json.dumps(state))
     out = tmp_path / "hf"
     with pytest.raises(CheckpointError, match=message) as err:
         export(export_config(tag_dir, out))
@@ -348,7 +348,7 @@ def test_export_refuses_to_replace_a_foreign_directory(runs, tmp_path):
 
 def test_export_replaces_an_earlier_export(runs, tmp_path):
     run = runs["zero1"]
-    export(export_config(run.ckpt_dir, tmp_path / "hf", f"export.tag={checkpoint.tag_for_step(2)}"))
+    export(export_config(run.ckpt_dir, tmp_path / "hf", f"export.tag={store.tag_for_step(2)}"))
     out = export(export_config(run.ckpt_dir, tmp_path / "hf"))
     with torch.no_grad():
         ref, got = run.reference_model()(fixed_ids()), hf_model(out)(input_ids=fixed_ids()).logits
@@ -357,7 +357,7 @@ def test_export_replaces_an_earlier_export(runs, tmp_path):
 
 
 def test_convert_tool_runs_as_a_script(runs, tmp_path):
-    tag_dir = runs["zero3_tied"].ckpt_dir / checkpoint.tag_for_step(3)
+    tag_dir = runs["zero3_tied"].ckpt_dir / store.tag_for_step(3)
     out = tmp_path / "hf"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, str(REPO / "tools" / "convert_to_hf.py"), str(tag_dir), str(out)],
@@ -375,7 +375,7 @@ DEEP = ["model.dim=256", "model.n_layers=32", "model.n_heads=4", "model.n_kv_hea
 MEASURE_EXPORT = """\
 import json, sys
 from distlm.config import compose_config
-from distlm.export.hf import export
+from distlm.hf.export import export
 
 def status(field):
     return int(next(line for line in open("/proc/self/status") if line.startswith(field)).split()[1]) * 1024
@@ -396,7 +396,7 @@ def _save_untrained(rank: int, cfg: Config, tokenizer_file: Path) -> None:
     torch.manual_seed(cfg.seed)
     engine = build_engine(cfg, make_layout(tp=1, pp=1))
     sha = hashlib.sha256(tokenizer_file.read_bytes()).hexdigest()
-    checkpoint.save(engine, Path(cfg.run_dir) / "checkpoints", RunState(config=to_dict(cfg), tokenizer_sha256=sha),
+    store.save(engine, Path(cfg.run_dir) / "checkpoints", RunState(config=to_dict(cfg), tokenizer_sha256=sha),
                     tokenizer_file, keep=1)
 
 
@@ -434,7 +434,7 @@ def test_verification_catches_one_wrong_weight_deep_in_the_model(runs, zero1_exp
 
 
 def test_submitted_export_asks_for_a_worker_with_the_memory_of_the_checkpoints_model(runs, tmp_path):
-    from distlm.export.hf import export_memory_bytes
+    from distlm.hf.export import export_memory_bytes
     from distlm.submit import job_resources
 
     run = runs["zero1"]

@@ -16,14 +16,15 @@ from pathlib import Path
 
 import pytest
 import ray
-
-from distlm.config import CheckpointError, compose_config
-from distlm.train import checkpoint, resume
-from distlm.train.launch import train
-from distlm.train.metrics import last_per_step, read_metrics
-from distlm.train.step import why_skip
 from distributed import run_ranks
 from test_train import train_config, train_overrides
+
+from distlm.checkpoint import store
+from distlm.config import CheckpointError, compose_config
+from distlm.train import resume
+from distlm.train.driver.launch import train
+from distlm.train.worker.metrics import last_per_step, read_metrics
+from distlm.train.worker.step import why_skip
 
 STEPS = 100  # the Ray runs (50 ms a step here): long enough that a kill lands mid-run
 
@@ -70,7 +71,7 @@ def test_a_killed_worker_restarts_the_group_from_the_newest_checkpoint(straight_
                                                                      tmp_path):
     """kill -9 of rank 1 mid-run: Ray Train restarts both workers; they continue from this run's newest
     checkpoint (not from trainer.resume=PATH) and the losses are those of the uninterrupted run."""
-    assert checkpoint.complete_tags(straight_run / "checkpoints") == [checkpoint.tag_for_step(s) for s in range(10, 101, 10)]
+    assert store.complete_tags(straight_run / "checkpoints") == [store.tag_for_step(s) for s in range(10, 101, 10)]
     run_dir = tmp_path / "run"
     killed = {}
 
@@ -118,9 +119,9 @@ def test_sigterm_saves_at_the_next_step_and_exits_cleanly(straight, bible_shards
     assert "SIGTERM: the workers save a checkpoint at the next step and stop" in output
     stopped_at = max(losses(run_dir))
     assert stopped_at < STEPS
-    assert checkpoint.find_latest(run_dir / "checkpoints") == checkpoint.tag_for_step(stopped_at)
-    checkpoint.verify(run_dir / "checkpoints" / checkpoint.tag_for_step(stopped_at))
-    assert not (run_dir / checkpoint.STOP_FILE).exists()
+    assert store.find_latest(run_dir / "checkpoints") == store.tag_for_step(stopped_at)
+    store.verify(run_dir / "checkpoints" / store.tag_for_step(stopped_at))
+    assert not (run_dir / store.STOP_FILE).exists()
     train(ray_config(bible_shards, run_dir))  # resume=auto
     got = losses(run_dir)
     assert [got[s] for s in range(1, STEPS + 1)] == [straight[s] for s in range(1, STEPS + 1)]
@@ -141,13 +142,13 @@ def test_a_corrupt_newest_checkpoint_is_skipped_and_named(straight_run, bible_sh
         elif damage == "delete":
             shard.unlink()
         else:
-            (newest / checkpoint.STATE_FILE).unlink()  # died before publishing
+            (newest / store.STATE_FILE).unlink()  # died before publishing
         caplog.clear()
-        assert checkpoint.find_latest(ckpt_dir) == "step00000090", damage
+        assert store.find_latest(ckpt_dir) == "step00000090", damage
         if damage != "no_state":
             assert f"checkpoint {newest} is" in caplog.text and shard.name in caplog.text
             with pytest.raises(CheckpointError, match=f"checkpoint {newest} is .*{shard.name}"):
-                checkpoint.resolve(newest)  # resume=PATH naming it
+                store.resolve(newest)  # resume=PATH naming it
         c = ray_config(bible_shards, ckpt_dir.parent)
         assert resume.checkpoint_to_resume(c) == ckpt_dir / "step00000090"
     # A file whose size is right but whose end was overwritten (no zip directory) is caught as well.
@@ -158,7 +159,7 @@ def test_a_corrupt_newest_checkpoint_is_skipped_and_named(straight_run, bible_sh
         f.seek(-64, os.SEEK_END)
         f.write(b"\0" * 64)
     with pytest.raises(CheckpointError, match="mp_rank_00_model_states.pt is not a whole torch file"):
-        checkpoint.verify(ckpt_dir / "step00000100")
+        store.verify(ckpt_dir / "step00000100")
 
 
 # ---------------------------------------------------------------- real gloo ranks without Ray
@@ -190,7 +191,7 @@ class NanLossOnRank0:
 
 def _scenarios(rank: int, data_dir: Path, root: Path) -> None:
     """Every scenario on the same two gloo ranks (one spawn): each writes its run dir under root."""
-    from distlm.train.trainer import Trainer
+    from distlm.train.worker.trainer import Trainer
 
     def config(name, *overrides):
         return train_config(data_dir, root / name, *SMALL, *overrides)
@@ -265,8 +266,8 @@ def test_too_many_skipped_steps_in_a_row_stop_with_a_clear_error(scenarios):
     error = (run / "error.txt").read_text()
     assert "step 5: 3 steps in a row were skipped (loss is nan), more than trainer.max_skipped_in_a_row=2" in error
     ckpt_dir = run / "checkpoints"
-    assert checkpoint.find_latest(ckpt_dir) == "step00000004" and "latest: step00000004" in error
-    assert checkpoint.verify(ckpt_dir / "step00000004").skipped_steps == 2
+    assert store.find_latest(ckpt_dir) == "step00000004" and "latest: step00000004" in error
+    assert store.verify(ckpt_dir / "step00000004").skipped_steps == 2
 
 
 @pytest.mark.parametrize("name", ["zero3", "pp2"])
@@ -279,7 +280,7 @@ def test_resume_is_exact_under_zero3_and_a_pipeline(scenarios, name):
 
 def test_time_based_and_permanent_checkpoints(scenarios):
     ckpt_dir = scenarios / "timed" / "checkpoints"
-    assert checkpoint.complete_tags(ckpt_dir) == ["step00000002", "step00000004", "step00000006"]
+    assert store.complete_tags(ckpt_dir) == ["step00000002", "step00000004", "step00000006"]
     assert by_step(scenarios / "timed", "checkpoint_seconds").keys() == {1, 2, 3, 4, 5, 6}  # saved every step
 
 
@@ -293,7 +294,7 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_says_what_happened(scenar
     assert "writing " in message and "MB free on the filesystem of" in message
     assert f"the previous checkpoint {run / 'checkpoints' / 'step00000001'} is intact" in message
     # The run went on from step 1 afterwards (the same run dir, resume=auto) and saved step 3.
-    assert checkpoint.complete_tags(run / "checkpoints") == ["step00000001", "step00000003"]
+    assert store.complete_tags(run / "checkpoints") == ["step00000001", "step00000003"]
     assert sorted(by_step(run, "loss")) == [1, 2, 3]
 
 

@@ -14,14 +14,14 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from distlm.checkpoint import store
 from distlm.config import CheckpointError, compose_config
-from distlm.data.loader import ShardLoader
-from distlm.export.generate import generate
-from distlm.export.hf import export
-from distlm.export.import_hf import import_hf
-from distlm.train import checkpoint
-from distlm.train.launch import train
-from distlm.train.metrics import read_metrics
+from distlm.data.loading.loader import ShardLoader
+from distlm.hf.export import export
+from distlm.hf.generate import generate
+from distlm.hf.importer import import_hf
+from distlm.train.driver.launch import train
+from distlm.train.worker.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 EOS = "<|endoftext|>"
@@ -57,8 +57,8 @@ def test_round_trip_hf_distlm_hf_is_bit_identical(hf_model, imported, tmp_path):
                                     "export.max_shard_mb=0.05"))
     assert len(list(sharded.glob("model-*.safetensors"))) > 2
     reimported = import_hf(sharded, tmp_path / "reimported")
-    assert load_file(reimported / checkpoint.WEIGHTS_FILE).keys() == load_file(imported / "step00000000" / checkpoint.WEIGHTS_FILE).keys()
-    for name, w in load_file(reimported / checkpoint.WEIGHTS_FILE).items():
+    assert load_file(reimported / store.WEIGHTS_FILE).keys() == load_file(imported / "step00000000" / store.WEIGHTS_FILE).keys()
+    for name, w in load_file(reimported / store.WEIGHTS_FILE).items():
         assert torch.equal(w, original["model." + name if name != "lm_head.weight" else name]), name
     before, after = (Tokenizer.from_file(str(d / "tokenizer.json")) for d in (hf_model, out))
     text = "In the beginning God created the heaven and the earth."
@@ -83,7 +83,7 @@ def test_training_from_an_import_starts_from_its_weights_at_another_layout(hf_mo
         logits = hf(input_ids=batch[:, :-1]).logits
     expected = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)).item()
     assert first_loss == pytest.approx(expected, rel=1e-5)
-    assert checkpoint.find_latest(tmp_path / "checkpoints") == "step00000002"  # a run of its own from there
+    assert store.find_latest(tmp_path / "checkpoints") == "step00000002"  # a run of its own from there
 
 
 def distlm(*args: str) -> subprocess.CompletedProcess:
@@ -96,10 +96,10 @@ def test_checkpoint_info_describes_and_validates(imported, tmp_path):
     assert "step        0" in result.stdout and "weights only" in result.stdout and "vocab 512" in result.stdout
     damaged = tmp_path / "checkpoints"
     shutil.copytree(imported, damaged)
-    weights = damaged / "step00000000" / checkpoint.WEIGHTS_FILE
-    state = json.loads((weights.parent / checkpoint.STATE_FILE).read_text())
-    state["files"] = {checkpoint.WEIGHTS_FILE: weights.stat().st_size}
-    (weights.parent / checkpoint.STATE_FILE).write_text(json.dumps(state))
+    weights = damaged / "step00000000" / store.WEIGHTS_FILE
+    state = json.loads((weights.parent / store.STATE_FILE).read_text())
+    state["files"] = {store.WEIGHTS_FILE: weights.stat().st_size}
+    (weights.parent / store.STATE_FILE).write_text(json.dumps(state))
     weights.write_bytes(weights.read_bytes()[:1000])  # cut short, as by a crash mid-copy
     result = distlm("checkpoint", "info", str(damaged / "step00000000"))
     assert result.returncode == 1

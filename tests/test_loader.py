@@ -1,4 +1,4 @@
-"""distlm.data.loader.ShardLoader on real shards of uneven sizes whose samples say who they are; object
+"""distlm.data.loading.loader.ShardLoader on real shards of uneven sizes whose samples say who they are; object
 storage is fsspec's in-memory file system, with a log of the range requests it serves."""
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ import fsspec
 import numpy as np
 import pytest
 import torch
+from distributed import run_ranks
 from fsspec.implementations.memory import MemoryFileSystem
 
 from distlm.config import compose_config
-from distlm.data.loader import ShardLoader
+from distlm.data.loading.loader import ShardLoader
 from distlm.data.shards import Manifest, ShardError, SplitInfo, TokenizerInfo, shard_name, write_shard
 from distlm.validation import validate_train
-from distributed import run_ranks
 
 SHARD_SIZES = [7, 13, 5, 11, 9]   # 45 samples, uneven shards
 SAMPLE_LEN = 4

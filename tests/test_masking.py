@@ -15,7 +15,7 @@ import torch
 from distlm.config import compose_config
 from distlm.eval import evaluate
 from distlm.model.llama import Attention, Llama, document_mask, document_positions, flex_document_mask
-from distlm.train.metrics import read_metrics
+from distlm.train.worker.metrics import read_metrics
 
 LEN_A, LEN_B = 23, 41
 

@@ -16,12 +16,12 @@ import ray
 import yaml
 
 from distlm.config import ConfigError, MixSource, compose_config
-from distlm.data.loader import ShardLoader
-from distlm.data.mixture import MixSchedule, MixtureLoader
+from distlm.data.loading.loader import ShardLoader
+from distlm.data.loading.mixture import MixSchedule, MixtureLoader
+from distlm.data.preprocess.tokenizer import save_tokenizer, train_tokenizer
 from distlm.data.shards import Manifest, SplitInfo, TokenizerInfo, shard_name, write_shard
-from distlm.data.tokenizer import save_tokenizer, train_tokenizer
-from distlm.train.launch import check_before_launch, train
-from distlm.train.metrics import read_metrics
+from distlm.train.driver.launch import check_before_launch, train
+from distlm.train.worker.metrics import read_metrics
 from distlm.validation import validate_train
 
 REPO = Path(__file__).resolve().parents[1]

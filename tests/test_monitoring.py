@@ -20,12 +20,12 @@ import pytest
 import torch
 import wandb
 
+from distlm.checkpoint import store
 from distlm.config import WandbMode, compose_config, to_dict
 from distlm.model.llama import Llama
-from distlm.train import checkpoint
-from distlm.train.launch import train
-from distlm.train.metrics import MetricsLogger, peak_tflops_of, read_metrics, wandb_mode
-from distlm.train.progress import ProgressBar
+from distlm.train.driver.launch import train
+from distlm.train.driver.progress import ProgressBar
+from distlm.train.worker.metrics import MetricsLogger, peak_tflops_of, read_metrics, wandb_mode
 from distlm.validation import validate_cluster
 
 STEPS = 6
@@ -115,7 +115,7 @@ def wandb_runs(run_dir: Path) -> list[Path]:
 def test_resumed_run_continues_the_same_wandb_run(monitored_run):
     runs = wandb_runs(monitored_run)
     assert len(runs) == 2, "one wandb run per launch (rank 0 only)"
-    run_id = checkpoint.read_state(monitored_run / "checkpoints" / "step00000006").wandb_run_id
+    run_id = store.read_state(monitored_run / "checkpoints" / "step00000006").wandb_run_id
     assert all(r.name.endswith(f"-{run_id}") for r in runs), (runs, run_id)
 
 
@@ -205,7 +205,7 @@ def test_unknown_wandb_mode_in_the_environment_is_refused_before_launch(monkeypa
 def test_unreachable_wandb_server_at_start_turns_the_run_offline_with_a_warning(tmp_path, caplog):
     c = compose_config("model=test", f"run_dir={tmp_path}", "logger.mode=auto", "logger.init_timeout=5")
     started = time.perf_counter()
-    with caplog.at_level(logging.WARNING, logger="distlm.train.metrics"):
+    with caplog.at_level(logging.WARNING, logger="distlm.train.worker.metrics"):
         logger = MetricsLogger(c, wandb_run_id="unreachable-1")
     assert time.perf_counter() - started < 60, "logger.init_timeout bounds the wait for the server"
     logger.log(1, loss=2.5)
@@ -228,7 +228,7 @@ def test_wandb_process_dying_mid_run_stops_only_the_mirroring(tmp_path, caplog):
     for p in services:
         p.kill()
     psutil.wait_procs(services, timeout=10)
-    with caplog.at_level(logging.WARNING, logger="distlm.train.metrics"):
+    with caplog.at_level(logging.WARNING, logger="distlm.train.worker.metrics"):
         for step in (2, 3):
             logger.log(step, loss=3.0 - step / 10)
         logger.close()
@@ -241,7 +241,7 @@ def test_training_runs_to_the_end_when_the_wandb_server_is_unreachable(bible_sha
     c = monitored_config(bible_shards, tmp_path, "logger.mode=auto", "logger.init_timeout=5", "logger.samples=0")
     train(c)
     assert [r["step"] for r in records_with(tmp_path, "loss")] == list(range(1, STEPS + 1))
-    run_id = checkpoint.read_state(tmp_path / "checkpoints" / "step00000006").wandb_run_id
+    run_id = store.read_state(tmp_path / "checkpoints" / "step00000006").wandb_run_id
     assert [r.name.split("-", 3)[-1] for r in wandb_runs(tmp_path)] == [run_id], "metrics landed in W&B offline"
     time.sleep(2)  # the workers' last log lines reach the driver's output
     out = capfd.readouterr()

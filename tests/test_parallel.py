@@ -8,13 +8,13 @@ from pathlib import Path
 import deepspeed
 import pytest
 import torch
+from distributed import run_ranks
 
 from distlm.config import compose_config
-from distlm.data.preprocess import preprocess
+from distlm.data.preprocess.pipeline import preprocess
 from distlm.model.parallelize import full_state_dict
-from distlm.train.metrics import read_metrics
-from distlm.train.trainer import Trainer
-from distributed import run_ranks
+from distlm.train.worker.metrics import read_metrics
+from distlm.train.worker.trainer import Trainer
 
 STEPS = 4
 GLOBAL_BATCH = 8

@@ -1,4 +1,4 @@
-"""PII redaction (distlm/data/pii.py): what is replaced, what is left alone, and the counts a real
+"""PII redaction (distlm/data/preprocess/pii.py): what is replaced, what is left alone, and the counts a real
 `preprocess` run writes into stats.json and its summary."""
 
 from __future__ import annotations
@@ -7,13 +7,13 @@ import json
 
 import pyarrow as pa
 import pytest
+from test_preprocess import decoded_documents
 
 from distlm.config import ConfigError, compose_config
-from distlm.data.pii import Redactor
-from distlm.data.preprocess import preprocess
-from distlm.data.stats import summary_lines
+from distlm.data.preprocess.pii import Redactor
+from distlm.data.preprocess.pipeline import preprocess
+from distlm.data.preprocess.stats import summary_lines
 from distlm.data.shards import STATS_FILE
-from test_preprocess import decoded_documents
 
 PLANTED = {   # kind -> addresses and numbers that must be replaced
     "email": ["john.doe@example.com", "j.o-hn+news@mail.example.co.uk", "ANNA_42@Sub-Domain.Example.ORG"],

@@ -1,4 +1,4 @@
-"""distlm.data.preprocess on a real local Ray cluster, with real input formats, real shards and a real tokenizer."""
+"""distlm.data.preprocess.pipeline on a real local Ray cluster, with real input formats, real shards and a real tokenizer."""
 
 from __future__ import annotations
 
@@ -23,15 +23,15 @@ import zstandard
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from distlm.config import ConfigError, compose_config
-from distlm.data import dedup, minhash
-from distlm.data.clean import alpha_fraction
-from distlm.data.clean import clean_text as clean_with
-from distlm.data.loader import ShardLoader, read_samples
-from distlm.data.preprocess import preprocess
+from distlm.data.loading.loader import ShardLoader, read_samples
+from distlm.data.preprocess.clean import alpha_fraction
+from distlm.data.preprocess.clean import clean_text as clean_with
+from distlm.data.preprocess import dedup, minhash
+from distlm.data.preprocess.pipeline import preprocess
+from distlm.data.preprocess.sources import InputFile, ReadTask, read_documents
+from distlm.data.preprocess.tokenizer import TokenizerError, file_sha256
+from distlm.data.preprocess.workdir import part_bounds
 from distlm.data.shards import STATS_FILE, Manifest
-from distlm.data.sources import InputFile, ReadTask, read_documents
-from distlm.data.tokenizer import TokenizerError, file_sha256
-from distlm.data.workdir import part_bounds
 
 MAX_CHARS = 20_000
 NUMBERS_7 = 123   # chapter index of Numbers 7: twelve tribes bring the same offering, line for line
@@ -179,7 +179,7 @@ def test_manifest_matches_the_tars_on_disk(processed):
 def test_rerun_with_same_inputs_skips_the_work(processed, caplog):
     cfg, manifest = processed
     before = {p.name: p.stat().st_mtime_ns for p in manifest.data_dir.iterdir()}
-    with caplog.at_level(logging.INFO, logger="distlm.data.preprocess"):
+    with caplog.at_level(logging.INFO, logger="distlm.data.preprocess.pipeline"):
         again = preprocess(cfg)
     assert "up to date" in caplog.text
     assert again == manifest
@@ -397,7 +397,7 @@ def test_the_command_does_not_import_torch(command_run):
     """torch is for training: importing it would add ≈1.7 s (measured) to every preprocess start."""
     _, _, importtime = command_run
     imported = {line.rsplit("|", 1)[-1].strip() for line in importtime.splitlines() if line.startswith("import time:")}
-    assert "distlm.data.preprocess" in imported   # the report is there
+    assert "distlm.data.preprocess.pipeline" in imported   # the report is there
     assert "torch" not in imported
 
 

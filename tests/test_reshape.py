@@ -10,19 +10,21 @@ from pathlib import Path
 import deepspeed
 import pytest
 import torch
+from distributed import run_ranks
 from transformers import AutoModelForCausalLM
 
+from distlm.checkpoint import store, universal
+from distlm.checkpoint.cli import info, reshape
 from distlm.config import CheckpointError, ConfigError, ModelConfig, compose_config, to_dict
-from distlm.export.hf import export
+from distlm.data.shards import Manifest
+from distlm.hf.export import export
 from distlm.model.llama import Llama
 from distlm.model.parallelize import full_state_dict
-from distlm.data.shards import Manifest
-from distlm.train import checkpoint, launch, resume, universal
-from distlm.train.checkpoint_cli import info, reshape
+from distlm.train import resume
+from distlm.train.driver import launch
 from distlm.train.resume import ResumeKind, check_layout_change
-from distlm.train.metrics import read_metrics
-from distlm.train.trainer import Trainer
-from distributed import run_ranks
+from distlm.train.worker.metrics import read_metrics
+from distlm.train.worker.trainer import Trainer
 
 STEPS, STOP = 5, 3
 # name: (world size, overrides); every layout sees the same 8 samples per step. The test model has GQA
@@ -95,7 +97,7 @@ def written(bible_shards, tmp_path_factory):
 @pytest.mark.parametrize("was, now", [("dp2", "single"), ("tp2_pp2", "single"), ("single", "tp2_pp2"), ("zero3_dp2", "zero3_single")])
 def test_resume_at_another_layout_continues_the_run(was, now, written, straight, bible_shards, tmp_path):
     run_dir = tmp_path / "run"
-    tag_dir = run_dir / "checkpoints" / checkpoint.tag_for_step(STOP)
+    tag_dir = run_dir / "checkpoints" / store.tag_for_step(STOP)
     shutil.copytree(written(was) / "checkpoints" / tag_dir.name, tag_dir)
     train(layout_config(bible_shards, run_dir, now))  # resume=auto
     assert universal.is_complete(tag_dir)  # converted on the way, before the ranks started
@@ -112,9 +114,9 @@ def test_resume_at_another_layout_continues_the_run(was, now, written, straight,
 @pytest.mark.parametrize("layout", ["tp2_pp2", "tp2_tied", "pp2_tied"])
 def test_export_from_tensor_and_pipeline_layouts(layout, written, tmp_path):
     run_dir = written(layout)
-    tag_dir = run_dir / "checkpoints" / checkpoint.tag_for_step(STOP)
+    tag_dir = run_dir / "checkpoints" / store.tag_for_step(STOP)
     out = export(compose_config(f"export.checkpoint_dir={tag_dir}", f"export.out_dir={tmp_path / 'hf'}"))
-    state = checkpoint.read_state(tag_dir)
+    state = store.read_state(tag_dir)
     m = ModelConfig(**state.config["model"])
     reference = Llama(m).eval()
     trained = torch.load(run_dir / f"weights_step{STOP}.pt")
@@ -145,7 +147,7 @@ def test_layout_changes_universal_checkpoints_cannot_do_fail_before_launch(tmp_p
 
 def test_the_plan_says_how_the_checkpoint_resumes(written, bible_shards):
     run_dir = written("dp2")
-    tag_dir = run_dir / "checkpoints" / checkpoint.tag_for_step(STOP)
+    tag_dir = run_dir / "checkpoints" / store.tag_for_step(STOP)
     same = plan(layout_config(bible_shards, run_dir, "dp2"))
     assert (same.kind, same.tag_dir, same.saved.step, same.load_universal) == (ResumeKind.same_layout, tag_dir, STOP, False)
     other = plan(layout_config(bible_shards, run_dir, "single"))
@@ -153,18 +155,18 @@ def test_the_plan_says_how_the_checkpoint_resumes(written, bible_shards):
     assert other.layout == {"tp": 1, "pp": 1, "dp": 1, "zero_stage": 1}
     assert "written at tp 1 x pp 1 x dp 2, ZeRO-1, through its universal form at tp 1 x pp 1 x dp 1" in other.describe()
     assert plan(layout_config(bible_shards, run_dir, "dp2", "trainer.resume=never")).kind is ResumeKind.fresh
-    assert other.existing == checkpoint.snapshot(run_dir / "checkpoints")  # what a restart compares against
+    assert other.existing == store.snapshot(run_dir / "checkpoints")  # what a restart compares against
 
 
 def test_a_failed_conversion_stops_the_run_with_the_reason_before_any_worker_starts(written, bible_shards, tmp_path):
     run_dir = tmp_path / "run"
-    tag_dir = run_dir / "checkpoints" / checkpoint.tag_for_step(STOP)
+    tag_dir = run_dir / "checkpoints" / store.tag_for_step(STOP)
     shutil.copytree(written("single") / "checkpoints" / tag_dir.name, tag_dir)
-    state = json.loads((tag_dir / checkpoint.STATE_FILE).read_text())
+    state = json.loads((tag_dir / store.STATE_FILE).read_text())
     for shard in tag_dir.glob("*optim_states.pt"):  # as if written with ZeRO-0: nothing to convert
         shard.unlink()
         del state["files"][shard.name]
-    (tag_dir / checkpoint.STATE_FILE).write_text(json.dumps(state))
+    (tag_dir / store.STATE_FILE).write_text(json.dumps(state))
     with pytest.raises(CheckpointError, match="cannot be converted to a universal checkpoint: ValueError: .* no ZeRO "
                                               "optimizer shards"):
         launch.train(layout_config(bible_shards, run_dir, "dp2"))  # the real driver
@@ -176,7 +178,7 @@ def test_an_interrupted_conversion_is_cleaned_up_and_redone(written, straight, b
     """What a conversion killed mid-way leaves (its temporary folder; a universal folder without its completion
     record) is never used: `distlm checkpoint reshape` removes it and converts again, on Ray tasks."""
     run_dir = tmp_path / "run"
-    tag_dir = run_dir / "checkpoints" / checkpoint.tag_for_step(STOP)
+    tag_dir = run_dir / "checkpoints" / store.tag_for_step(STOP)
     shutil.copytree(written("tp2_pp2") / "checkpoints" / tag_dir.name, tag_dir)
     partial = tag_dir / universal.UNIVERSAL_DIR
     reshape(tag_dir)  # (the export test may have made it already)

@@ -7,13 +7,13 @@ import math
 from pathlib import Path
 
 import pytest
+from distributed import run_ranks
+from test_train import train_config
 
 from distlm.config import Precision, compose_config
 from distlm.model.llama import Block
-from distlm.train.metrics import last_per_step, read_metrics
-from distlm.train.step import AfterStep, after_step
-from distributed import run_ranks
-from test_train import train_config
+from distlm.train.worker.metrics import last_per_step, read_metrics
+from distlm.train.worker.step import AfterStep, after_step
 
 STEPS = 3
 SMALL = [f"trainer.max_steps={STEPS}", "trainer.micro_batch_size=2", "trainer.grad_accum=2", "trainer.eval_every=100",
@@ -24,7 +24,7 @@ LAYOUTS = {"zero0": ["parallel.zero_stage=0"], "zero1": ["parallel.zero_stage=1"
 
 
 def _eager_and_compiled(rank: int, data_dir: Path, root: Path) -> None:
-    from distlm.train.trainer import Trainer
+    from distlm.train.worker.trainer import Trainer
 
     for name, layout in LAYOUTS.items():
         for compiled in (False, True):
@@ -80,7 +80,7 @@ def test_precision_auto_is_bf16_on_gpus_and_fp32_on_cpus():
 
 
 def test_fused_adamw_on_cpu_and_cuda_unless_turned_off():
-    from distlm.train.engine import deepspeed_config
+    from distlm.train.worker.engine import deepspeed_config
 
     def optimizer(*overrides: str, use_cuda: bool) -> dict:
         return deepspeed_config(compose_config(*overrides), use_cuda)["optimizer"]

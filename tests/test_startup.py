@@ -6,14 +6,14 @@ from pathlib import Path
 import deepspeed
 import pytest
 import torch
+from distributed import run_ranks
 from safetensors.torch import save_file
 
 from distlm.config import compose_config
 from distlm.model.materialize import InitialWeights, SafetensorsWeights, full_shapes
 from distlm.model.parallelize import full_state_dict
 from distlm.parallel.layout import make_layout
-from distlm.train.engine import build_engine
-from distributed import run_ranks
+from distlm.train.worker.engine import build_engine
 
 # name: (world size, overrides)
 LAYOUTS = {
@@ -106,7 +106,7 @@ def _zero3_partitions(rank: int, c, out: Path) -> None:
 @pytest.mark.parametrize("precision, expected", [("fp32", "torch.float32 torch.float32 shared=True"),
                                                  ("bf16", "torch.bfloat16 torch.float32 shared=False")])
 def test_zero3_holds_weights_in_the_training_dtype_and_fp32_master_weights_once(precision, expected, tmp_path):
-    # DeepSpeed's ZeRO-3 optimizer reuses fp32 weights as its master weights (distlm/train/engine.py); bf16
+    # DeepSpeed's ZeRO-3 optimizer reuses fp32 weights as its master weights (distlm/train/worker/engine.py); bf16
     # weights (built as bf16 partitions: distlm/model/materialize.py) need their fp32 master copy.
     out = tmp_path / "partitions.txt"
     run_ranks(_zero3_partitions, 1, model_config(1, "parallel=zero3", "trainer.micro_batch_size=2",

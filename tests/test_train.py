@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
+from distlm.checkpoint import store
 from distlm.config import ConfigError, compose_config
-from distlm.train import checkpoint
-from distlm.train.launch import train
-from distlm.train.metrics import read_metrics
+from distlm.train.driver.launch import train
+from distlm.train.worker.metrics import read_metrics
 
 STEPS = 12
 
@@ -47,9 +47,9 @@ def test_training_lowers_validation_loss(straight_run):
 def test_checkpoints_keep_the_newest_complete_ones(straight_run):
     run_dir, _ = straight_run
     ckpt_dir = run_dir / "checkpoints"
-    assert checkpoint.complete_tags(ckpt_dir) == ["step00000008", "step00000012"]  # keep_checkpoints=2
+    assert store.complete_tags(ckpt_dir) == ["step00000008", "step00000012"]  # keep_checkpoints=2
     assert (ckpt_dir / "latest").read_text() == "step00000012"
-    state = checkpoint.read_state(ckpt_dir / "step00000012")
+    state = store.read_state(ckpt_dir / "step00000012")
     assert state.step == STEPS and state.samples_seen == STEPS * 8 and state.tokens_seen == STEPS * 8 * 64
     assert {p.name for p in (ckpt_dir / "step00000012").glob("rng_rank*.pt")} == {"rng_rank00000.pt", "rng_rank00001.pt"}
 
@@ -64,7 +64,7 @@ def test_resume_continues_with_the_same_losses_as_an_uninterrupted_run(straight_
     split_dir = tmp_path / "split"
     first = train(train_config(bible_shards, split_dir, "trainer.stop_at_step=5"))
     assert first["steps"] == 5
-    assert checkpoint.find_latest(split_dir / "checkpoints") == "step00000005"  # saved at the stop
+    assert store.find_latest(split_dir / "checkpoints") == "step00000005"  # saved at the stop
     train(train_config(bible_shards, split_dir))  # resume=auto picks up step 5
     straight, split = by_step(run_dir, "loss"), by_step(split_dir, "loss")
     assert [split[s] for s in range(6, STEPS + 1)] == [straight[s] for s in range(6, STEPS + 1)]

@@ -2,12 +2,12 @@
 
     python tools/convert_from_hf.py HF_DIR OUT_DIR
 
-The same as `distlm import-hf HF_DIR OUT_DIR`; see distlm/export/import_hf.py.
+The same as `distlm import-hf HF_DIR OUT_DIR`; see distlm/hf/importer.py.
 """
 
 import sys
 
-from distlm.export.import_hf import main
+from distlm.hf.importer import main
 
 if __name__ == "__main__":
     main(sys.argv[1:])

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from distlm.config import CheckpointError, ConfigError, compose_config
-from distlm.export.hf import export
+from distlm.hf.export import export
 
 
 def main(argv: list[str]) -> None:

@@ -28,7 +28,7 @@ from typing import Any
 import fsspec
 import numpy as np
 
-from distlm.data.tokenizer import file_sha256, save_bytes
+from distlm.data.preprocess.tokenizer import file_sha256, save_bytes
 
 FORMAT_VERSION = 3
 MANIFEST_FILE = "manifest.json"

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 
+from distlm.checkpoint import store, universal, weights
+from distlm.checkpoint.store import RunState
 from distlm.config import CheckpointError, Config, ConfigError, to_dict
-from distlm.train import checkpoint, universal, weights
-from distlm.train.checkpoint import RunState
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ class ResumePlan:
     layout: dict[str, int]  # the layout this plan is for (universal.layout_of of the config)
     tag_dir: Path | None = None  # the checkpoint to start from; None when fresh
     saved: RunState | None = None  # its run state: step, data position, the config (layout) that wrote it
-    # Complete checkpoints of run_dir/checkpoints when the plan was made (checkpoint.snapshot): whatever
+    # Complete checkpoints of run_dir/checkpoints when the plan was made (store.snapshot): whatever
     # appears later was written by this run, which a restarted worker group continues from.
     existing: dict[str, int] = field(default_factory=dict)
 
@@ -63,9 +63,9 @@ def checkpoint_to_resume(c: Config) -> Path | None:
         return None
     if c.trainer.resume == "auto":
         ckpt_dir = Path(c.run_dir) / "checkpoints"
-        tag = checkpoint.find_latest(ckpt_dir)
+        tag = store.find_latest(ckpt_dir)
         return ckpt_dir / tag if tag else None
-    return Path(*checkpoint.resolve(Path(c.trainer.resume)))
+    return Path(*store.resolve(Path(c.trainer.resume)))
 
 
 def plan_resume(c: Config, tokenizer_sha256: str, source: Path | None = None) -> ResumePlan:
@@ -73,11 +73,11 @@ def plan_resume(c: Config, tokenizer_sha256: str, source: Path | None = None) ->
     Refuses (ConfigError, naming the setting to change) what cannot continue: another model or tokenizer, a
     layout change universal checkpoints cannot do, a global batch that does not divide the position."""
     now = universal.layout_of(to_dict(c))
-    existing = checkpoint.snapshot(Path(c.run_dir) / "checkpoints")
-    tag_dir = checkpoint_to_resume(c) if source is None else Path(*checkpoint.resolve(source))
+    existing = store.snapshot(Path(c.run_dir) / "checkpoints")
+    tag_dir = checkpoint_to_resume(c) if source is None else Path(*store.resolve(source))
     if tag_dir is None:
         return ResumePlan(ResumeKind.fresh, now, existing=existing)
-    saved = checkpoint.read_state(tag_dir)
+    saved = store.read_state(tag_dir)
     check_compatible(saved, c, tokenizer_sha256, tag_dir)
     if weights.is_weights_only(tag_dir):
         kind = ResumeKind.weights_only  # no optimizer, no layout: any layout
@@ -152,10 +152,10 @@ def prepare(plan: ResumePlan) -> None:
 def replan(c: Config, launch: ResumePlan) -> ResumePlan:
     """The plan of a later attempt (a restart, a resize; elastic.supervise): this run's newest checkpoint written
     since the launch plan was made, else the launch's own starting point, at the layout `c` has now."""
-    from distlm.data.mixture import main_dir
+    from distlm.data.loading.mixture import main_dir
     from distlm.data.shards import Manifest
 
-    source = checkpoint.newest_since(Path(c.run_dir) / "checkpoints", launch.existing) or launch.tag_dir
+    source = store.newest_since(Path(c.run_dir) / "checkpoints", launch.existing) or launch.tag_dir
     if source is None:
         return ResumePlan(ResumeKind.fresh, universal.layout_of(to_dict(c)), existing=launch.existing)
     again = plan_resume(c, Manifest.load(main_dir(c.data)).tokenizer_sha256, source=source)
@@ -165,7 +165,7 @@ def replan(c: Config, launch: ResumePlan) -> ResumePlan:
 def imported_weights(plan: ResumePlan) -> Path | None:
     """An imported checkpoint's weights file (one-process names), which each rank reads by slice as it builds
     its part of the model; None unless the run starts from imported weights."""
-    return plan.tag_dir / checkpoint.WEIGHTS_FILE if plan.kind is ResumeKind.weights_only else None
+    return plan.tag_dir / store.WEIGHTS_FILE if plan.kind is ResumeKind.weights_only else None
 
 
 def restore(plan: ResumePlan, engine) -> RunState | None:
@@ -176,4 +176,4 @@ def restore(plan: ResumePlan, engine) -> RunState | None:
     if plan.load_universal and not universal.is_complete(plan.tag_dir):
         raise CheckpointError(f"checkpoint {plan.tag_dir} has no universal form yet: it is made before the workers "
                               f"start (`distlm train` does it, or `distlm checkpoint reshape {plan.tag_dir}`)")
-    return checkpoint.load(engine, plan.tag_dir.parent, plan.tag_dir.name, plan.load_universal)
+    return store.load(engine, plan.tag_dir.parent, plan.tag_dir.name, plan.load_universal)

@@ -33,8 +33,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from distlm.checkpoint import universal
 from distlm.config import CheckpointError
-from distlm.train import universal
 
 log = logging.getLogger(__name__)
 

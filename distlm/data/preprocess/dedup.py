@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from distlm.data.clean import utf8_buffer
+from distlm.data.preprocess.clean import utf8_buffer
 
 DIGEST_BYTES = 16
 

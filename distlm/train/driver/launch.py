@@ -14,10 +14,12 @@ from typing import Any
 import yaml
 
 from distlm import cluster
+from distlm.checkpoint import store
 from distlm.config import Config, ConfigError, raise_if, to_dict
-from distlm.data.mixture import main_dir
-from distlm.train import checkpoint, elastic, resume
-from distlm.train.progress import ProgressBar, summarize
+from distlm.data.loading.mixture import main_dir
+from distlm.train import resume
+from distlm.train.driver import supervisor
+from distlm.train.driver.progress import ProgressBar, summarize
 from distlm.validation import validate_train
 
 log = logging.getLogger(__name__)
@@ -25,11 +27,10 @@ log = logging.getLogger(__name__)
 
 def _worker_main(loop_config: dict[str, Any]) -> None:
     """Entry point of every Ray Train worker (Ray has already set up the process group's env)."""
+    import ray.train
     import torch
 
-    from distlm.train.trainer import Trainer
-
-    import ray.train
+    from distlm.train.worker.trainer import Trainer
 
     c: Config = loop_config["config"]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
@@ -38,7 +39,7 @@ def _worker_main(loop_config: dict[str, Any]) -> None:
     rank = ray.train.get_context().get_world_rank()
     pids = Path(c.run_dir) / "pids"  # which process is which rank, for people and tests
     pids.mkdir(exist_ok=True)
-    checkpoint.write_atomic(pids / f"rank{rank}.pid", str(os.getpid()))
+    store.write_atomic(pids / f"rank{rank}.pid", str(os.getpid()))
     Trainer(c, loop_config["resume"], attempt=loop_config["attempt"]).fit()  # both made on the driver
 
 
@@ -102,7 +103,7 @@ def stop_on_signals(c: Config):
     run_dir that rank 0 polls every step, to save a checkpoint at the next step and stop; training then
     ends normally. If the workers have not stopped within trainer.stop_grace_seconds the driver exits with
     status 1; a second signal stops waiting at once. Yields the list of signals received."""
-    stop_file = Path(c.run_dir) / checkpoint.STOP_FILE
+    stop_file = Path(c.run_dir) / store.STOP_FILE
     stop_file.unlink(missing_ok=True)  # left by a run that was killed before it could clean up
     received: list[str] = []
     if threading.current_thread() is not threading.main_thread():  # only the main thread may handle signals
@@ -124,7 +125,7 @@ def stop_on_signals(c: Config):
             raise KeyboardInterrupt(f"second signal ({name}) while waiting for the workers to stop")
         received.append(name)
         log.warning("%s: the workers save a checkpoint at the next step and stop (waiting up to %gs)", name, grace)
-        checkpoint.write_atomic(stop_file, f"{name} at {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        store.write_atomic(stop_file, f"{name} at {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         timer.start()
 
     previous = {s: signal.signal(s, handle) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -149,7 +150,7 @@ def train(c: Config) -> dict[str, Any]:
     start = time.perf_counter()
     signals: list[str] = []
 
-    def fit(attempt: elastic.Attempt) -> None:
+    def fit(attempt: supervisor.Attempt) -> None:
         ac = attempt.config
         # A restart or a resize: this run's newest checkpoint (or the launch's start) at the layout it has now.
         attempt_plan = plan if attempt.number == 1 and ac is c else resume.replan(ac, plan)
@@ -163,7 +164,7 @@ def train(c: Config) -> dict[str, Any]:
                                "attempt": {"attempt": attempt.number, "workers": ac.cluster.num_workers,
                                            "grad_accum": ac.trainer.grad_accum}},
             scaling_config=cluster.scaling_config(ac.cluster),  # one worker per GPU, packed node by node
-            # Restarts are the driver's (elastic.supervise): one budget for every failure, the controller's too.
+            # Restarts are the driver's (supervisor.supervise): one budget for every failure, the controller's too.
             run_config=RunConfig(name=c.run_name, storage_path=str(run_dir / "ray"),
                                  failure_config=FailureConfig(max_failures=0)),
         )
@@ -172,9 +173,9 @@ def train(c: Config) -> dict[str, Any]:
         signals.extend(received)
 
     def request_stop(why: str) -> None:
-        checkpoint.write_atomic(run_dir / checkpoint.STOP_FILE, f"{why} at {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        store.write_atomic(run_dir / store.STOP_FILE, f"{why} at {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
 
-    attempts = elastic.supervise(c, fit, request_stop)
+    attempts = supervisor.supervise(c, fit, request_stop)
     summary = summarize(run_dir)
     summary["attempts"] = len(attempts)
     if signals:

@@ -22,11 +22,11 @@ import torch
 from tokenizers import Tokenizer
 from transformers import GenerationConfig, LlamaConfig, PreTrainedTokenizerFast
 
+from distlm.checkpoint import store
+from distlm.checkpoint.store import RunState
+from distlm.checkpoint.weights import CheckpointWeights, find_checkpoint
 from distlm.config import CheckpointError, Config, ExportDtype, ModelConfig, raise_if
-from distlm.export.verify import TORCH_DTYPE, verify
-from distlm.train import checkpoint
-from distlm.train.checkpoint import RunState
-from distlm.train.weights import CheckpointWeights, find_checkpoint
+from distlm.hf.verify import TORCH_DTYPE, verify
 from distlm.validation import validate_export
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ def export(c: Config) -> Path:
     out_dir = Path(c.export.out_dir)
     _check_replaceable(out_dir)
     tag_dir = find_checkpoint(Path(c.export.checkpoint_dir), c.export.tag)
-    state = checkpoint.read_state(tag_dir)
+    state = store.read_state(tag_dir)
     model_cfg = ModelConfig(**state.config["model"])
     eos_token = state.config["data"]["tokenizer"]["eos_token"]
     dtype = TORCH_DTYPE[c.export.dtype]
@@ -119,7 +119,7 @@ def plan_shards(nbytes: dict[str, int], max_shard_bytes: int) -> list[list[str]]
 
 
 def _write_tokenizer(tag_dir: Path, eos_token: str, m: ModelConfig, out_dir: Path) -> int:
-    tok_file = tag_dir / checkpoint.TOKENIZER_FILE
+    tok_file = tag_dir / store.TOKENIZER_FILE
     try:
         raw = Tokenizer.from_file(str(tok_file))
     except Exception as e:

@@ -24,9 +24,8 @@ from fsspec.implementations.local import LocalFileSystem
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from distlm.config import DataConfig
-from distlm.data.sampling import StreamPlan, Window
+from distlm.data.loading.sampling import StreamPlan, Window
 from distlm.data.shards import Manifest, RecordFormat, ShardError, ShardInfo
-
 
 # ---------------------------------------------------------------- reading samples of one shard
 

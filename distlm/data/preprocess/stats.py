@@ -13,10 +13,10 @@ from collections import Counter
 
 from tqdm import tqdm
 
-from distlm.data.clean import FILTER_REASONS
-from distlm.data.sources import FILE_REASONS, READ_REASONS
+from distlm.data.preprocess.clean import FILTER_REASONS
+from distlm.data.preprocess.sources import FILE_REASONS, READ_REASONS
 
-log = logging.getLogger("distlm.data.preprocess")
+log = logging.getLogger("distlm.data.preprocess.pipeline")
 
 EXACT_DUPLICATE, NEAR_DUPLICATE = "exact_duplicate", "near_duplicate"
 # Every way a document is lost, in pipeline order (TOO_LONG also covers raw lines too long to parse).

@@ -7,8 +7,15 @@ import logging
 from pathlib import Path
 
 import torch
-from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, PreTrainedModel,
-                          PreTrainedTokenizerBase, PreTrainedTokenizerFast, set_seed)
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+    set_seed,
+)
 
 from distlm.config import Config, ModelConfig
 
@@ -46,18 +53,18 @@ def load(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     of it would give (fp32)."""
     if (path / "config.json").is_file():
         return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
-    from distlm.export.hf import hf_config, to_hf_name
-    from distlm.train import checkpoint
-    from distlm.train.weights import find_checkpoint, read_weights
+    from distlm.checkpoint import store
+    from distlm.checkpoint.weights import find_checkpoint, read_weights
+    from distlm.hf.export import hf_config, to_hf_name
 
     if not path.is_dir():
         raise FileNotFoundError(f"generate.model_dir {path} is not a Hugging Face model directory (no config.json) "
                                 f"nor a distlm checkpoint; run `distlm export` first or point generate.model_dir at one")
     tag_dir = find_checkpoint(path)
-    state = checkpoint.read_state(tag_dir)
+    state = store.read_state(tag_dir)
     m = ModelConfig(**state.config["model"])
     eos = state.config["data"]["tokenizer"]["eos_token"]
-    tok = PreTrainedTokenizerFast(tokenizer_file=str(tag_dir / checkpoint.TOKENIZER_FILE), eos_token=eos,
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(tag_dir / store.TOKENIZER_FILE), eos_token=eos,
                                   bos_token=eos, pad_token=eos)
     model = LlamaForCausalLM(hf_config(m, tok.eos_token_id, torch.float32))
     model.load_state_dict({to_hf_name(k): w for k, w in read_weights(tag_dir, state, m).items()})

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
-from distlm.data import stages
-from distlm.data.tokenizer import save_tokenizer
+from distlm.data.preprocess import stages
+from distlm.data.preprocess.tokenizer import save_tokenizer
 
 WORK_PREFIX = ".work-"
 

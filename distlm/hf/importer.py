@@ -25,11 +25,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
+from distlm.checkpoint import store
+from distlm.checkpoint.store import RunState
+from distlm.checkpoint.weights import checked_weights
 from distlm.config import CheckpointError, ModelConfig
-from distlm.data.tokenizer import file_sha256
-from distlm.train import checkpoint
-from distlm.train.checkpoint import RunState
-from distlm.train.weights import checked_weights
+from distlm.data.preprocess.tokenizer import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -107,18 +107,18 @@ def import_hf(hf_dir: Path, out_dir: Path) -> Path:
     eos = eos_token(hf_dir, hf, tokenizer)
     weights = read_hf_weights(hf_dir, m)
 
-    tag = checkpoint.tag_for_step(0)
+    tag = store.tag_for_step(0)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / tag).mkdir(parents=True)
     try:
         # fp32 as training keeps its master weights; bf16/fp16 values convert exactly and back.
-        save_file({k: w.float().contiguous() for k, w in weights.items()}, tmp / tag / checkpoint.WEIGHTS_FILE)
-        shutil.copyfile(hf_dir / "tokenizer.json", tmp / tag / checkpoint.TOKENIZER_FILE)  # as is: the same sha256
+        save_file({k: w.float().contiguous() for k, w in weights.items()}, tmp / tag / store.WEIGHTS_FILE)
+        shutil.copyfile(hf_dir / "tokenizer.json", tmp / tag / store.TOKENIZER_FILE)  # as is: the same sha256
         config = {"model": asdict(m), "data": {"tokenizer": {"eos_token": eos}}, "imported_from": str(hf_dir.resolve())}
         state = RunState(config=config, tokenizer_sha256=file_sha256(hf_dir / "tokenizer.json"))
-        checkpoint.write_atomic(tmp / tag / checkpoint.STATE_FILE, json.dumps(asdict(state), indent=1))
-        checkpoint.write_atomic(tmp / checkpoint.LATEST_FILE, tag)
+        store.write_atomic(tmp / tag / store.STATE_FILE, json.dumps(asdict(state), indent=1))
+        store.write_atomic(tmp / store.LATEST_FILE, tag)
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(out_dir, ignore_errors=True)  # empty, checked above
         os.replace(tmp, out_dir)
@@ -128,7 +128,7 @@ def import_hf(hf_dir: Path, out_dir: Path) -> Path:
     overrides = " ".join(f"model.{k}={v}" for k, v in asdict(m).items() if k not in ("max_seq_len", "init_std"))
     log.info("imported %s -> %s: %.2fM parameters (%s), EOS %r\n  train from it with: distlm train "
              "trainer.resume=%s data.tokenizer.path=%s %s", hf_dir, out_dir / tag, n_params / 1e6,
-             next(iter(weights.values())).dtype, eos, out_dir, out_dir / tag / checkpoint.TOKENIZER_FILE, overrides)
+             next(iter(weights.values())).dtype, eos, out_dir, out_dir / tag / store.TOKENIZER_FILE, overrides)
     return out_dir / tag
 
 

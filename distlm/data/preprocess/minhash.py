@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from distlm.data.dedup import splitmix64
+from distlm.data.preprocess.dedup import splitmix64
 
 _SHINGLE_MULTIPLIERS = splitmix64(np.arange(1, 65, dtype=np.uint64)) | np.uint64(1)   # odd: invertible
 _EMPTY = np.uint64(2**64 - 1)

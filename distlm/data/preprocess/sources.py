@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from distlm.config import ConfigError
-from distlm.data.clean import TOO_LONG  # also a raw line or file too long to parse
+from distlm.data.preprocess.clean import TOO_LONG  # also a raw line or file too long to parse
 
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".txt": "txt", ".text": "txt", ".parquet": "parquet"}
 COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".bz2": "bz2", ".xz": "xz"}

@@ -1,5 +1,5 @@
 """What the driver shows of a run: a live progress bar while it trains, and its summary at the end (also
-what `distlm report` prints). Both read only the files rank 0 writes (distlm/train/metrics.py)."""
+what `distlm report` prints). Both read only the files rank 0 writes (distlm/train/worker/metrics.py)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from distlm.train.checkpoint import find_latest
-from distlm.train.metrics import METRICS_FILE, SAMPLES_FILE, last_per_step, read_metrics
+from distlm.checkpoint.store import find_latest
+from distlm.train.worker.metrics import METRICS_FILE, SAMPLES_FILE, last_per_step, read_metrics
 
 
 class ProgressBar(threading.Thread):

@@ -24,12 +24,12 @@ import pyarrow.compute as pc
 import ray
 from tokenizers import Tokenizer
 
-from distlm.data import dedup, minhash
-from distlm.data.clean import apply_filters, clean_texts
-from distlm.data.pack import Pieces, StreamLayout, assemble, cut_pieces, doc_start_mask, with_specials
-from distlm.data.pii import Redactor
+from distlm.data.preprocess.clean import apply_filters, clean_texts
+from distlm.data.preprocess.pack import Pieces, StreamLayout, assemble, cut_pieces, doc_start_mask, with_specials
+from distlm.data.preprocess.pii import Redactor
+from distlm.data.preprocess import dedup, minhash
+from distlm.data.preprocess.sources import ReadTask, read_documents
 from distlm.data.shards import ShardInfo, shard_name, write_shard
-from distlm.data.sources import ReadTask, read_documents
 
 RETRY = dict(max_retries=3, retry_exceptions=[OSError])
 

@@ -28,15 +28,32 @@ from tokenizers import Tokenizer
 
 from distlm.cluster import connect, stop_local_cluster
 from distlm.config import Config, raise_if, to_dict
-from distlm.data import dedup, minhash, pii, stages
-from distlm.data.pack import plan_stream, samples_per_shard, token_dtype
-from distlm.data.stats import EXACT_DUPLICATE, NEAR_DUPLICATE, Progress, log_summary, removal_table
-from distlm.data.shards import (FORMAT_VERSION, MANIFEST_FILE, SPLITS, STATS_FILE, TOKENIZER_FILE, Manifest, RecordFormat,
-                                SplitInfo, TokenizerInfo)
-from distlm.data.sources import InputFile, list_inputs, read_tasks
-from distlm.data.tokenizer import (file_sha256, load_tokenizer, save_bytes, save_tokenizer, special_ids, special_tokens,
-                                   train_tokenizer, vocab_size)
-from distlm.data.workdir import BlockResult, WorkDir
+from distlm.data.preprocess.pack import plan_stream, samples_per_shard, token_dtype
+from distlm.data.preprocess import dedup, minhash, pii, stages
+from distlm.data.preprocess.sources import InputFile, list_inputs, read_tasks
+from distlm.data.preprocess.stats import EXACT_DUPLICATE, NEAR_DUPLICATE, Progress, log_summary, removal_table
+from distlm.data.preprocess.tokenizer import (
+    file_sha256,
+    load_tokenizer,
+    save_bytes,
+    save_tokenizer,
+    special_ids,
+    special_tokens,
+    train_tokenizer,
+    vocab_size,
+)
+from distlm.data.preprocess.workdir import BlockResult, WorkDir
+from distlm.data.shards import (
+    FORMAT_VERSION,
+    MANIFEST_FILE,
+    SPLITS,
+    STATS_FILE,
+    TOKENIZER_FILE,
+    Manifest,
+    RecordFormat,
+    SplitInfo,
+    TokenizerInfo,
+)
 from distlm.validation import validate_preprocess
 
 log = logging.getLogger(__name__)

@@ -17,17 +17,17 @@ import logging
 import sys
 from pathlib import Path
 
+from distlm.checkpoint import store, universal, weights
 from distlm.config import CheckpointError
-from distlm.train import checkpoint, universal, weights
 
 log = logging.getLogger(__name__)
 
 
 def info(path: Path) -> str:
     """A readable description of the checkpoint at `path`; CheckpointError if it is not whole."""
-    ckpt_dir, tag = checkpoint.resolve(path)
+    ckpt_dir, tag = store.resolve(path)
     tag_dir = ckpt_dir / tag
-    state = checkpoint.verify(tag_dir)
+    state = store.verify(tag_dir)
     m = state.config["model"]
     files = [p for p in tag_dir.rglob("*") if p.is_file()]
     size = sum(p.stat().st_size for p in files)
@@ -59,8 +59,8 @@ def reshape(path: Path) -> Path:
     from distlm import cluster
     from distlm.config import compose_config
 
-    ckpt_dir, tag = checkpoint.resolve(path)
-    checkpoint.verify(ckpt_dir / tag)
+    ckpt_dir, tag = store.resolve(path)
+    store.verify(ckpt_dir / tag)
     if weights.is_weights_only(ckpt_dir / tag):
         raise CheckpointError(f"checkpoint {ckpt_dir / tag} holds imported weights only: it resumes at any layout "
                               f"as it is, and has no universal form")

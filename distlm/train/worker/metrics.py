@@ -1,5 +1,5 @@
 """Metrics from rank 0: a local JSONL file always, Weights & Biases when enabled (the driver's view of them:
-distlm/train/progress.py).
+distlm/train/driver/progress.py).
 
 Per step rank 0 records loss, lr, grad_norm, tokens_per_s, tokens_seen, step_seconds, data_wait_seconds
 (time spent waiting for the next batch), rss_gib (and gpu_mem_gib / gpu_mem_reserved_gib, the step's peak,

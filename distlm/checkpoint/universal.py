@@ -28,7 +28,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-
 log = logging.getLogger(__name__)
 
 UNIVERSAL_DIR = "universal"

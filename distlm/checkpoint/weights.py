@@ -30,10 +30,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from distlm.checkpoint import store, universal
+from distlm.checkpoint.store import RunState
 from distlm.config import CheckpointError, ModelConfig
 from distlm.memory import return_freed_memory
-from distlm.train import checkpoint, universal
-from distlm.train.checkpoint import RunState
 
 Loader = Callable[[Path], Any]  # a checkpoint file, loaded (memory-mapped) once until release()
 Reader = Callable[[str, Loader], torch.Tensor]  # one tensor by its one-process name
@@ -41,12 +41,12 @@ Reader = Callable[[str, Loader], torch.Tensor]  # one tensor by its one-process 
 
 def is_weights_only(tag_dir: Path) -> bool:
     """An imported checkpoint (`distlm import-hf`): weights and run state, no optimizer or layout."""
-    return (Path(tag_dir) / checkpoint.WEIGHTS_FILE).is_file()
+    return (Path(tag_dir) / store.WEIGHTS_FILE).is_file()
 
 
 def load_weights(tag_dir: Path) -> dict[str, torch.Tensor]:
     """The whole model of an imported checkpoint."""
-    return load_file(Path(tag_dir) / checkpoint.WEIGHTS_FILE)
+    return load_file(Path(tag_dir) / store.WEIGHTS_FILE)
 
 
 def find_checkpoint(root: Path, tag: str | None = None) -> Path:
@@ -55,10 +55,10 @@ def find_checkpoint(root: Path, tag: str | None = None) -> Path:
     root = Path(root)
     path = root / tag if tag is not None else root
     if tag is not None and not path.is_dir():
-        raise CheckpointError(f"no checkpoint {path} (complete tags in {root}: {checkpoint.complete_tags(root)})")
+        raise CheckpointError(f"no checkpoint {path} (complete tags in {root}: {store.complete_tags(root)})")
     if any(path.glob("*model_states.pt")) or is_weights_only(path):
-        checkpoint.read_state(path)  # a tag directory whose save did not finish says so
-    ckpt_dir, tag = checkpoint.resolve(path)
+        store.read_state(path)  # a tag directory whose save did not finish says so
+    ckpt_dir, tag = store.resolve(path)
     return ckpt_dir / tag
 
 
@@ -172,7 +172,7 @@ def _source(tag_dir: Path, state: RunState, load: Loader) -> tuple[dict[str, tor
 
 
 def _imported(tag_dir: Path) -> tuple[dict[str, torch.Size], Reader]:
-    path = tag_dir / checkpoint.WEIGHTS_FILE
+    path = tag_dir / store.WEIGHTS_FILE
     with safe_open(path, framework="pt") as f:
         shapes = {k: torch.Size(f.get_slice(k).get_shape()) for k in f.keys()}
 

@@ -13,18 +13,19 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
+from distlm.checkpoint import store
+from distlm.checkpoint.store import STOP_FILE, RunState
 from distlm.config import Config, to_dict
-from distlm.data.loader import ShardLoader
-from distlm.data.mixture import MixtureLoader, main_dir
+from distlm.data.loading.loader import ShardLoader
+from distlm.data.loading.mixture import MixtureLoader, main_dir
 from distlm.data.shards import Manifest
 from distlm.model.llama import Llama, document_inputs
 from distlm.parallel.layout import make_layout
-from distlm.train import checkpoint, resume
-from distlm.train.checkpoint import STOP_FILE, RunState
-from distlm.train.engine import build_engine, compile_blocks, compile_seconds
-from distlm.train.metrics import MetricsLogger, memory_metrics, mfu, peak_flops
+from distlm.train import resume
 from distlm.train.resume import ResumePlan
-from distlm.train.step import accumulate_and_step, after_step, why_skip
+from distlm.train.worker.engine import build_engine, compile_blocks, compile_seconds
+from distlm.train.worker.metrics import MetricsLogger, memory_metrics, mfu, peak_flops
+from distlm.train.worker.step import accumulate_and_step, after_step, why_skip
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +193,7 @@ class Trainer:
 
     def save(self) -> None:
         start = time.perf_counter()
-        checkpoint.save(self.engine, Path(self.c.run_dir) / "checkpoints", self.state, self.manifest.tokenizer_path,
+        store.save(self.engine, Path(self.c.run_dir) / "checkpoints", self.state, self.manifest.tokenizer_path,
                         keep=self.c.trainer.keep_checkpoints, keep_every=self.c.trainer.keep_every)
         self.last_save = time.monotonic()
         if self.metrics:
@@ -255,7 +256,7 @@ class Trainer:
                 f"step {self.state.step}: {self.skipped_in_a_row} steps in a row were skipped ({skipped}), more "
                 f"than trainer.max_skipped_in_a_row={t.max_skipped_in_a_row}: the run is diverging or the data is "
                 f"bad. The checkpoints are intact (latest: "
-                f"{checkpoint.find_latest(Path(self.c.run_dir) / 'checkpoints')}); resume with a lower optimizer.lr, "
+                f"{store.find_latest(Path(self.c.run_dir) / 'checkpoints')}); resume with a lower optimizer.lr, "
                 f"or skip the data")
 
     def _control_flags(self) -> list[float]:

@@ -21,7 +21,7 @@ import numpy as np
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from distlm.config import DataConfig
-from distlm.data.loader import ShardLoader, read_samples, segments_of
+from distlm.data.loading.loader import ShardLoader, read_samples, segments_of
 
 SCALE_BITS = 20   # weight shares are rounded to multiples of 2^-20; p * share stays in int64 up to p ~ 8e12
 
