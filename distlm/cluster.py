@@ -43,18 +43,6 @@ def connect(cluster: ClusterConfig, cpus_needed: int = 0, dashboard: bool = True
         ray.init(address="local", num_cpus=num_cpus, log_to_driver=True, include_dashboard=dashboard)
 
 
-def stop_local_cluster() -> None:
-    """ray.shutdown() of a cluster this process started, less its needless wait: Ray stops its processes one
-    by one and gives each 1 s to exit after SIGTERM; the autoscaler monitor takes all of that second before
-    it is killed (measured with Ray 2.60: 1.0 of 1.4 s). A local cluster never autoscales: kill it first."""
-    from ray._private import ray_constants, worker   # Ray's own handles on the processes it started
-
-    node = getattr(worker, "_global_node", None)
-    for info in getattr(node, "all_processes", {}).get(ray_constants.PROCESS_TYPE_MONITOR, []):
-        info.process.kill()
-    ray.shutdown()
-
-
 def forwarded_env(names: list[str]) -> dict | None:
     """The runtime env that gives workers on other machines the driver's variables named in cluster.forward_env
     (compiled-op cache, offline hubs, wandb mode: what they need to behave like the driver)."""

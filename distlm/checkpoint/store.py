@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from distlm.checkpoint import universal
+from distlm.compat.deepspeed import recording_write_failures
 from distlm.config import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -233,20 +234,8 @@ def _write_shards(engine, ckpt_dir: Path, tag: str) -> Failure | None:
     """engine.save_checkpoint with this rank's failed write recorded, not raised: a rank that raised inside
     it would leave the other ranks waiting in DeepSpeed's barriers. After a failure it writes nothing more."""
     failures: list[Failure] = []
-    writer = engine.checkpoint_engine
-    original = writer.save
-
-    def save(state_dict, path):
-        if not failures:
-            failure = _attempt(lambda p: original(state_dict, str(p)), Path(path))
-            if failure:
-                failures.append(failure)
-
-    writer.save = save
-    try:
+    with recording_write_failures(engine, failures):
         engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
-    finally:
-        del writer.save  # back to the class's method
     return failures[0] if failures else None
 
 

@@ -16,7 +16,6 @@ interrupted, and is removed and redone, as are temporary folders left by a kille
 
 from __future__ import annotations
 
-import argparse
 import fcntl
 import functools
 import json
@@ -87,8 +86,7 @@ def convert(tag_dir: Path, on_ray: bool = False) -> Path:
 def _convert_locked(tag_dir: Path, run_tasks: Callable | None) -> Path:
     """The conversion under a lock (one converter per checkpoint at a time): leftovers of an interrupted
     one are removed first, then ds_to_universal writes a temporary folder, which is published by rename."""
-    from deepspeed.checkpoint import ds_to_universal
-
+    from distlm.compat.deepspeed import run_ds_to_universal
     from distlm.model.parallelize import canonical_name
 
     out = tag_dir / UNIVERSAL_DIR
@@ -103,14 +101,9 @@ def _convert_locked(tag_dir: Path, run_tasks: Callable | None) -> Path:
         tmp = tag_dir / f"{_TMP_PREFIX}{os.getpid()}"
         log.info("converting %s to a universal checkpoint%s", tag_dir, " (Ray tasks)" if run_tasks else "")
         start = time.perf_counter()
-        args = argparse.Namespace(input_folder=str(tag_dir), output_folder=str(tmp), num_extract_workers=1,
-                                  num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=False)
         record: dict[str, Any] = {"tasks": []}
-        serial = ds_to_universal._do_parallel_work  # DeepSpeed's own: a process pool, or a loop for 1 worker
-        if run_tasks:
-            ds_to_universal._do_parallel_work = lambda work, items, _: run_tasks(work, items, record["tasks"])
         try:
-            ds_to_universal.main(args)
+            run_ds_to_universal(tag_dir, tmp, functools.partial(run_tasks, record=record["tasks"]) if run_tasks else None)
             for param_dir in (tmp / "zero").iterdir():
                 name = canonical_name(param_dir.name)
                 if param_dir.is_dir() and name != param_dir.name:
@@ -119,7 +112,6 @@ def _convert_locked(tag_dir: Path, run_tasks: Callable | None) -> Path:
             (tmp / COMPLETE_FILE).write_text(json.dumps(record, indent=1))
             os.replace(tmp, out)
         finally:
-            ds_to_universal._do_parallel_work = serial
             shutil.rmtree(tmp, ignore_errors=True)
             (tag_dir / "latest_universal").unlink(missing_ok=True)  # ds_to_universal's pointer to the tmp name
     log.info("universal form of %s made in %.1fs", tag_dir, record["seconds"])

@@ -26,10 +26,11 @@ import numpy as np
 import ray
 from tokenizers import Tokenizer
 
-from distlm.cluster import connect, stop_local_cluster
+from distlm.cluster import connect
+from distlm.compat.ray import stop_local_cluster
 from distlm.config import Config, raise_if, to_dict
-from distlm.data.preprocess.pack import plan_stream, samples_per_shard, token_dtype
 from distlm.data.preprocess import dedup, minhash, pii, stages
+from distlm.data.preprocess.pack import plan_stream, samples_per_shard, token_dtype
 from distlm.data.preprocess.sources import InputFile, list_inputs, read_tasks
 from distlm.data.preprocess.stats import EXACT_DUPLICATE, NEAR_DUPLICATE, Progress, log_summary, removal_table
 from distlm.data.preprocess.tokenizer import (

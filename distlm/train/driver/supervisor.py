@@ -23,6 +23,7 @@ from typing import Callable
 
 import ray
 
+from distlm.compat.ray import remove_placement_groups
 from distlm.config import ClusterConfig, Config
 from distlm.validation import data_parallel_for
 
@@ -91,7 +92,7 @@ def supervise(c: Config, fit: Callable[[Attempt], None], request_stop: Callable[
         except failure_types() as e:
             failures += 1
             what = _what_died(e)
-            _remove_placement_groups_left_by(groups_before)
+            remove_placement_groups(groups_before)
             if failures > c.cluster.max_failures:
                 log.error("%s; that is failure %d, more than cluster.max_failures=%d: giving up", what, failures,
                           c.cluster.max_failures)
@@ -116,21 +117,6 @@ def _what_died(e: BaseException) -> str:
     failures = getattr(e, "worker_failures", None) or {}  # a WorkerGroupError: rank -> what it raised
     causes = "; ".join(f"rank {rank}: {type(err).__name__}: {_first_line(err)}" for rank, err in sorted(failures.items()))
     return f"the worker group failed ({causes or f'{type(e).__name__}: {_first_line(e)}'})"
-
-
-def _remove_placement_groups_left_by(groups_before: set[str]) -> None:
-    """After a failed attempt: the placement groups this job created during it are owned by the job (this
-    driver, which lives on), not by Ray Train's controller. When the controller was killed, Ray Train's own
-    cleaner actor is meant to remove them, but it needs Ray's state API (which fails, for example, when two
-    Ray clusters share a machine), and the next attempt would wait for their resources forever."""
-    from ray._raylet import PlacementGroupID
-    from ray.util.placement_group import PlacementGroup, remove_placement_group
-
-    job = ray.get_runtime_context().get_job_id()  # a placement group's id ends with its job's
-    for group, info in ray.util.placement_group_table().items():
-        if group not in groups_before and group.endswith(job) and info["state"] != "REMOVED":
-            log.info("removing placement group %s of the failed attempt", group)
-            remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(group))))
 
 
 def _first_line(e: BaseException) -> str:

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import deepspeed
 import torch
 import torch.nn as nn
 
+from distlm.compat.deepspeed import shared_fp32_partitions
 from distlm.config import Config, OptimizerType, Precision
-from distlm.memory import return_freed_memory
 from distlm.model.llama import Block
 from distlm.model.materialize import InitialWeights, SafetensorsWeights
 from distlm.model.parallelize import build_model
@@ -89,7 +88,7 @@ def build_engine(c: Config, layout: Layout, load_universal: bool = False, weight
     module = build_model(c.model, layout, source, c.parallel.pipeline_partition.value,
                          c.parallel.activation_checkpoint_interval,
                          zero3_config=config if c.parallel.zero_stage == 3 else None)
-    with _zero3_keeps_one_fp32_copy():
+    with shared_fp32_partitions():  # distlm/compat/deepspeed.py: one fp32 copy under ZeRO-3
         engine, *_ = deepspeed.initialize(
             model=module,
             model_parameters=param_groups(module, c.optimizer.weight_decay),
@@ -98,40 +97,6 @@ def build_engine(c: Config, layout: Layout, load_universal: bool = False, weight
             mpu=layout.grid if layout.pp == 1 and layout.tp > 1 else None,
         )
     return engine
-
-
-@contextmanager
-def _zero3_keeps_one_fp32_copy() -> Iterator[None]:
-    """While DeepSpeed's ZeRO-3 optimizer is set up, let it use the rank's fp32 weight partition as its fp32
-    master partition instead of a copy, and hand back the per-parameter partitions it has just flattened.
-
-    DeepSpeed (0.19.8) means to share them when the weights are fp32 already, but tests `tensor.device ==
-    self.device`, a torch.device against the string 'cpu' or 'cuda:0': never equal, so fp32 training held
-    every weight twice (docs/scale.md). The same test with devices on both sides takes its sharing branch;
-    bf16 weights still get their fp32 master copy. The partitions that DeepSpeed copied into one flat buffer
-    just before were freed, but glibc keeps them in its heap unless asked (distlm/memory.py)."""
-    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3 as Stage3
-
-    create = getattr(Stage3, "_create_fp32_partitions", None)
-    if create is None:  # another DeepSpeed: nothing to correct
-        yield
-        return
-
-    def create_sharing(self):
-        return_freed_memory()
-        device = self.device
-        if isinstance(device, str) and not self.offload_optimizer:
-            self.device = torch.device(device)
-        try:
-            create(self)
-        finally:
-            self.device = device
-
-    Stage3._create_fp32_partitions = create_sharing
-    try:
-        yield
-    finally:
-        Stage3._create_fp32_partitions = create
 
 
 def compile_blocks(module: nn.Module) -> int:

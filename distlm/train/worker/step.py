@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from distlm.compat.deepspeed import drop_accumulated_gradients
 from distlm.config import TrainerConfig
 
 
@@ -73,24 +74,8 @@ def accumulate_and_step(engine, forward, pairs, grad_accum: int, control, check)
     result.why_skipped = check(result.micro_losses)
     if result.why_skipped:
         if grad_accum > 1:
-            drop_gradients(engine, grad_accum - 1)
+            drop_accumulated_gradients(engine, grad_accum - 1)
         return result
     engine.backward(micro_loss)
     engine.step()
     return result
-
-
-def drop_gradients(engine, micro_steps: int) -> None:
-    """Forget the gradients accumulated by the first `micro_steps` micro-batches of this step: what
-    DeepSpeed's own overflow path clears (ZeRO-1/2: stage_1_and_2.py step(); ZeRO-3: reduced partitions)."""
-    optimizer, stage = engine.optimizer, engine.zero_optimization_stage()
-    optimizer.zero_grad(set_to_none=True)  # p.grad (and ZeRO's grad_accum)
-    if stage in (1, 2):
-        for buffers in (optimizer.averaged_gradients, optimizer.all_grad_tensors):
-            for group in buffers:
-                buffers[group] = None
-    elif stage == 3:
-        for grads in optimizer.averaged_gradients.values():
-            for grad in grads or []:
-                grad.zero_()
-    engine.micro_steps -= micro_steps  # the next micro-batch starts a fresh accumulation

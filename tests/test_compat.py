@@ -1,0 +1,199 @@
+"""Guards of distlm/compat: each dependency gap that distlm patches is still there, and the private names the
+patches use still mean what they assume. When an upgrade fixes a gap or moves a name, the test here fails and
+says what to remove or redo, so a patch can neither break silently nor be applied on top of a fix."""
+
+import inspect
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from distributed import run_ranks
+
+from distlm.compat import deepspeed as ds_compat
+from distlm.config import compose_config
+from distlm.parallel.layout import make_layout
+
+
+def tiny(*overrides: str):
+    return compose_config("model=test", "model.vocab_size=128", "data.seq_len=16", "cluster.num_workers=1",
+                          "trainer.micro_batch_size=2", "logger.wandb=false", *overrides)
+
+
+def test_the_pinned_versions_are_the_ones_the_patches_were_written_for():
+    import deepspeed
+    import ray
+
+    from distlm.compat import ray as ray_compat
+
+    assert deepspeed.__version__ == ds_compat.WRITTEN_FOR, "check every patch in distlm/compat/deepspeed.py"
+    assert ray.__version__ == ray_compat.WRITTEN_FOR, "check every patch in distlm/compat/ray.py"
+
+
+def _zero3_fp32_copies(rank: int, out: Path) -> None:
+    import deepspeed
+
+    from distlm.model.materialize import InitialWeights
+    from distlm.model.parallelize import build_model
+    from distlm.train.worker.engine import deepspeed_config, param_groups
+
+    c = tiny("parallel=zero3")
+    config = deepspeed_config(c, use_cuda=False)
+    shared = {}
+    for patched in (False, True):
+        module = build_model(c.model, make_layout(1, 1), InitialWeights(c.model, c.seed), "blocks", 0, config)
+        with ds_compat.shared_fp32_partitions() if patched else _nothing():
+            engine, *_ = deepspeed.initialize(model=module, model_parameters=param_groups(module, 0.1), config=config)
+        opt = engine.optimizer
+        shared[patched] = [fp32.data_ptr() == weights.data_ptr() for fp32, weights in
+                           zip(opt.fp32_partitioned_groups_flat, opt.fp16_partitioned_groups_flat)]
+    torch.save(shared, out)
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_zero3_still_copies_fp32_weights_and_the_patch_makes_it_share_them(tmp_path):
+    run_ranks(_zero3_fp32_copies, 1, tmp_path / "shared.pt")
+    shared = torch.load(tmp_path / "shared.pt")
+    assert not any(shared[False]), ("DeepSpeed's ZeRO-3 now shares fp32 weight and master partitions by itself: "
+                                    "remove compat.deepspeed.shared_fp32_partitions")
+    assert shared[True] and all(shared[True])
+
+
+def _checkpoint_writes(rank: int, out: Path) -> None:
+    from distlm.train.worker.engine import build_engine
+
+    engine = build_engine(tiny(), make_layout(1, 1))
+    through_writer: list[str] = []
+    cls = type(engine.checkpoint_engine)
+    original = cls.save
+
+    def counting(self, state_dict, path):
+        through_writer.append(Path(path).name)
+        return original(self, state_dict, path)
+
+    cls.save = counting
+    try:
+        with ds_compat.recording_write_failures(engine, []):
+            engine.save_checkpoint(str(out), tag="t", save_latest=False)
+    finally:
+        cls.save = original
+    written = sorted(p.name for p in (out / "t").iterdir())
+    torch.save({"through_writer": sorted(through_writer), "written": written}, out / "result.pt")
+
+
+def test_every_checkpoint_file_goes_through_the_writer_the_patch_wraps(tmp_path):
+    run_ranks(_checkpoint_writes, 1, tmp_path)
+    result = torch.load(tmp_path / "result.pt")
+    assert result["written"] and result["through_writer"] == result["written"], \
+        "DeepSpeed now writes checkpoint files outside checkpoint_engine.save: redo compat.recording_write_failures"
+
+
+def _failed_write(rank: int, out: Path) -> None:
+    from distlm.train.worker.engine import build_engine
+
+    engine = build_engine(tiny(), make_layout(1, 1))
+    calls: list[str] = []
+
+    def fail(self, state_dict, path):
+        calls.append(Path(path).name)
+        raise OSError(28, "No space left on device")
+
+    cls = type(engine.checkpoint_engine)
+    original, cls.save = cls.save, fail
+    failures: list = []
+    try:
+        with ds_compat.recording_write_failures(engine, failures):
+            engine.save_checkpoint(str(out), tag="t", save_latest=False)  # must not raise
+    finally:
+        cls.save = original
+    torch.save({"calls": calls, "failures": [(p.name, type(e).__name__) for p, e in failures]}, out / "result.pt")
+
+
+def test_a_failed_checkpoint_write_is_recorded_and_nothing_more_is_written(tmp_path):
+    run_ranks(_failed_write, 1, tmp_path)
+    result = torch.load(tmp_path / "result.pt")
+    assert len(result["calls"]) == 1 and result["failures"] == [(result["calls"][0], "OSError")]
+
+
+def test_the_universal_converter_takes_the_namespace_and_pool_hook_distlm_gives_it(monkeypatch):
+    from deepspeed.checkpoint import ds_to_universal
+
+    monkeypatch.setattr(sys, "argv", ["ds_to_universal", "--input_folder", "in", "--output_folder", "out"])
+    expected = vars(ds_to_universal.parse_arguments())
+    given = {}
+    monkeypatch.setattr(ds_to_universal, "main", lambda args: given.update(vars(args)))
+    ds_compat.run_ds_to_universal(Path("in"), Path("out"))
+    assert given.keys() == expected.keys(), "ds_to_universal's options changed: update compat.run_ds_to_universal"
+    def options(args: dict) -> dict:  # distlm's own: the folders, and one worker per phase (Ray runs the items)
+        return {k: v for k, v in args.items() if not k.endswith(("_folder", "_workers"))}
+    assert options(given) == options(expected), "ds_to_universal's defaults changed: check compat.run_ds_to_universal"
+    assert list(inspect.signature(ds_to_universal._do_parallel_work).parameters) == \
+        ["do_work", "work_chunks", "num_workers"], "the converter's pool hook changed: update run_ds_to_universal"
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_optimizers_keep_the_gradient_buffers_drop_accumulated_gradients_clears(stage, tmp_path):
+    run_ranks(_gradient_buffers, 1, stage, tmp_path / "buffers.pt")
+    kinds = torch.load(tmp_path / "buffers.pt")
+    if stage in (1, 2):
+        assert kinds == {"averaged_gradients": "dict", "all_grad_tensors": "dict", "micro_steps": "int"}
+    else:
+        assert kinds == {"averaged_gradients": "dict", "micro_steps": "int"}
+
+
+def _gradient_buffers(rank: int, stage: int, out: Path) -> None:
+    from distlm.train.worker.engine import build_engine
+
+    engine = build_engine(tiny(f"parallel.zero_stage={stage}"), make_layout(1, 1))
+    names = ["averaged_gradients", "all_grad_tensors"] if stage in (1, 2) else ["averaged_gradients"]
+    kinds = {name: type(getattr(engine.optimizer, name)).__name__ for name in names}
+    kinds["micro_steps"] = type(engine.micro_steps).__name__
+    ids = torch.randint(0, 128, (2, 17))
+    engine(ids[:, :-1], ids[:, 1:]).backward()  # one accumulated micro-batch, then forgotten
+    ds_compat.drop_accumulated_gradients(engine, 0)
+    torch.save(kinds, out)
+
+
+def test_ray_still_keeps_the_handles_the_local_cluster_stop_uses():
+    import ray
+    from ray._private import ray_constants, worker
+
+    from distlm.compat.ray import stop_local_cluster
+
+    assert not ray.is_initialized()
+    ray.init(address="local", num_cpus=1, include_dashboard=False)
+    try:
+        monitors = worker._global_node.all_processes[ray_constants.PROCESS_TYPE_MONITOR]
+        assert len(monitors) == 1 and monitors[0].process.poll() is None
+    finally:
+        start = time.perf_counter()
+        stop_local_cluster()
+    assert not ray.is_initialized() and monitors[0].process.poll() is not None
+    assert time.perf_counter() - start < 5
+
+
+def test_placement_groups_are_removed_by_their_table_id():
+    import ray
+    from ray.util.placement_group import placement_group
+
+    from distlm.compat.ray import remove_placement_groups, stop_local_cluster
+
+    ray.init(address="local", num_cpus=1, include_dashboard=False)
+    try:
+        before = set(ray.util.placement_group_table())
+        group = placement_group([{"CPU": 1}])
+        ray.get(group.ready(), timeout=30)
+        (created,) = set(ray.util.placement_group_table()) - before
+        assert created.endswith(ray.get_runtime_context().get_job_id())
+        remove_placement_groups(before)
+        assert ray.util.placement_group_table()[created]["state"] == "REMOVED"
+    finally:
+        stop_local_cluster()
