@@ -15,13 +15,13 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from common import join_single_rank_group
 from distlm.checkpoint import store
 from distlm.config import compose_config, to_dict
 from distlm.parallel.layout import make_layout
@@ -45,18 +45,12 @@ def parse_args() -> argparse.Namespace:
 
 
 def engine_for(a: argparse.Namespace):
-    import deepspeed
-
     c = compose_config(
         f"model.dim={a.dim}", f"model.n_layers={a.layers}", f"model.n_heads={a.heads}", f"model.n_kv_heads={a.heads}",
         f"model.ffn_dim={a.ffn}", f"data.tokenizer.vocab_size={a.vocab}", f"data.seq_len={a.seq}",
         f"trainer.micro_batch_size={a.batch}", "cluster.num_workers=1", "trainer.max_steps=100",
         "optimizer.warmup_steps=1")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    deepspeed.init_distributed(dist_backend="gloo")
+    join_single_rank_group()
     torch.manual_seed(0)
     return c, build_engine(c, make_layout(tp=1, pp=1))
 

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import time
 
 import torch
 
+from common import join_single_rank_group
 from distlm.config import compose_config
 from distlm.model.llama import Llama
 from distlm.train.worker.engine import compile_blocks
@@ -89,19 +89,11 @@ def plain_step(model, bf16: bool, device: str, hf: bool, fused: bool):
 
 def deepspeed_step(c, device: str):
     """The trainer's step: forward, the loss (and control flags) all-reduce read on the host, backward, step."""
-    import deepspeed
-    import torch.distributed as dist
-
     from distlm.parallel.layout import make_layout
     from distlm.train.worker.engine import build_engine
     from distlm.train.worker.step import accumulate_and_step
 
-    if not dist.is_initialized():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo")
+    join_single_rank_group(use_cuda=device == "cuda")
     torch.manual_seed(0)
     engine = build_engine(c, make_layout(tp=1, pp=1))
 

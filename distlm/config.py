@@ -337,8 +337,8 @@ def to_dict(config: Config) -> dict[str, Any]:
 
 
 def _absolute(path: str) -> str:
-    if "://" in path or path.startswith("pipe:"):
-        return path  # an fsspec URL or a webdataset pipe is left as given
+    if "://" in path:
+        return path  # an fsspec URL is left as given
     return str(Path(path).expanduser().resolve())
 
 

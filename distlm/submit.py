@@ -58,7 +58,7 @@ def relative_paths(raw: DictConfig, command: str) -> list[str]:
         for path in value if isinstance(value, (list, tuple)) or OmegaConf.is_list(value) else [value]:
             if path is None or (key == "trainer.resume" and path in ("auto", "never")):
                 continue
-            if not (str(path).startswith(("/", "~")) or "://" in str(path) or str(path).startswith("pipe:")):
+            if not (str(path).startswith(("/", "~")) or "://" in str(path)):
                 found.append(f"{key}={path}")
     return found
 

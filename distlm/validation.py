@@ -117,17 +117,41 @@ def validate_train(c: Config) -> list[str]:
 
 
 def validate_mix(d: DataConfig) -> list[str]:
-    """data.mix: distinct names, positive weights, a preprocessed dataset in every dir."""
+    """data.mix: distinct names, positive weights, a preprocessed dataset with training samples in every dir,
+    and one tokenization for all: the first source's tokenizer (sha256) and seq_len."""
+    from distlm.data.shards import Manifest
+
     p: list[str] = []
     names = [source.name for source in d.mix or []]
     _check(p, len(set(names)) == len(names), f"data.mix: source names must be distinct, got {names}")
+    manifests = {}
     for i, source in enumerate(d.mix or []):
         _check(p, bool(source.name) and "/" not in source.name,
                f"data.mix[{i}].name={source.name!r} must be a non-empty name without '/'")
         _check(p, source.weight > 0, f"data.mix[{i}] ({source.name}): weight={source.weight} must be positive")
-        _check(p, (Path(source.dir) / "manifest.json").is_file(),
-               f"data.mix[{i}] ({source.name}): no preprocessed data at '{source.dir}' (missing manifest.json); "
-               f"run `distlm preprocess` with data.dir={source.dir} first")
+        if not (Path(source.dir) / "manifest.json").is_file():
+            p.append(f"data.mix[{i}] ({source.name}): no preprocessed data at '{source.dir}' (missing manifest.json); "
+                     f"run `distlm preprocess` with data.dir={source.dir} first")
+            continue
+        try:
+            manifests[i] = Manifest.load(source.dir)
+        except ValueError as e:  # a manifest from an older distlm, or unreadable
+            p.append(f"data.mix source {source.name}: {e}")
+            continue
+        _check(p, manifests[i].num_samples("train") > 0,
+               f"data.mix source {source.name} ({source.dir}) has no training samples")
+    if p or not manifests:
+        return p
+    first, first_manifest = d.mix[0], manifests[0]
+    for i, manifest in manifests.items():
+        source = d.mix[i]
+        _check(p, manifest.tokenizer_sha256 == first_manifest.tokenizer_sha256,
+               f"data.mix sources {first.name} ({first.dir}) and {source.name} ({source.dir}) were tokenized "
+               f"differently (tokenizer {first_manifest.tokenizer_sha256[:12]} vs {manifest.tokenizer_sha256[:12]}): "
+               f"preprocess both with the same data.tokenizer.path")
+        _check(p, manifest.seq_len == first_manifest.seq_len,
+               f"data.mix sources {first.name} ({first.dir}) and {source.name} ({source.dir}) hold samples of seq_len "
+               f"{first_manifest.seq_len} and {manifest.seq_len}: preprocess both with the same data.seq_len")
     return p
 
 

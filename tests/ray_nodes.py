@@ -1,4 +1,8 @@
-"""Real Ray clusters of several raylets on this machine, for tests where nodes matter."""
+"""Real Ray clusters of several raylets on this machine, for tests where nodes matter.
+
+Not `ray.cluster_utils.Cluster`: its nodes share one IP while Ray Train numbers nodes (node_rank, local ranks) by
+IP (train/v2/.../worker_group.py), and it starts them inside the test process; these are raylets started with
+`ray start` on distinct loopback addresses, as users start them, that a test can SIGKILL as a machine dies."""
 
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from distlm.checkpoint import store
 from distlm.checkpoint.store import RunState
 from distlm.config import CheckpointError, Config, ConfigError, ExportDtype, compose_config, to_dict
-from distlm.hf.export import SHARD_INDEX_FILE, export, plan_shards
+from distlm.hf.export import SHARD_INDEX_FILE, export
 from distlm.hf.generate import generate
 from distlm.hf.verify import LOGIT_TOLERANCE, verify
 from distlm.model.llama import Llama
@@ -168,12 +168,6 @@ def test_the_runs_cover_gqa_tied_and_untied_embeddings_and_an_odd_vocabulary(run
     assert all(m.n_kv_heads < m.n_heads for m in models)  # grouped-query attention in every parity test
     assert {m.tie_embeddings for m in models} == {True, False}
     assert {m.vocab_size for m in models} == {VOCAB, 515}
-
-
-def test_plan_shards_fills_files_in_order():
-    sizes = {"a": 4, "b": 4, "c": 3, "d": 10, "e": 1}
-    assert plan_shards(sizes, 8) == [["a", "b"], ["c"], ["d"], ["e"]]  # d, larger than a file, gets its own
-    assert plan_shards(sizes, 100) == [["a", "b", "c", "d", "e"]]
 
 
 @pytest.mark.parametrize("name", ["zero1", "zero3_tied_vocab515"])
@@ -356,12 +350,12 @@ def test_export_replaces_an_earlier_export(runs, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["hf"]
 
 
-def test_convert_tool_runs_as_a_script(runs, tmp_path):
+def test_the_export_command_converts_one_tag_directory(runs, tmp_path):
     tag_dir = runs["zero3_tied"].ckpt_dir / store.tag_for_step(3)
     out = tmp_path / "hf"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, str(REPO / "tools" / "convert_to_hf.py"), str(tag_dir), str(out)],
-                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    proc = subprocess.run([sys.executable, "-m", "distlm.cli", "export", f"export.checkpoint_dir={tag_dir}",
+                           f"export.out_dir={out}"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert "max |Δlogits|" in proc.stderr
     with torch.no_grad():
@@ -397,7 +391,7 @@ def _save_untrained(rank: int, cfg: Config, tokenizer_file: Path) -> None:
     engine = build_engine(cfg, make_layout(tp=1, pp=1))
     sha = hashlib.sha256(tokenizer_file.read_bytes()).hexdigest()
     store.save(engine, Path(cfg.run_dir) / "checkpoints", RunState(config=to_dict(cfg), tokenizer_sha256=sha),
-                    tokenizer_file, keep=1)
+               tokenizer_file, keep=1)
 
 
 def test_export_memory_is_a_few_tensors_not_the_model(runs, tokenizer_file, tmp_path):

@@ -1,5 +1,5 @@
-"""Weighted mixtures (data.mix): real shards whose samples say which source and which sample they are, the
-MixtureLoader reading them, the checks before launch, and real training runs (Ray Train, 2 gloo ranks)."""
+"""Weighted mixtures (data.mix): real shards whose samples say which source and which sample they are,
+the mixed stream reading them, the checks before launch, and real training runs (Ray Train, 2 gloo ranks)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import yaml
 
 from distlm.config import ConfigError, MixSource, compose_config
 from distlm.data.loading.loader import ShardLoader
-from distlm.data.loading.mixture import MixSchedule, MixtureLoader
+from distlm.data.loading.mixture import MixSchedule
 from distlm.data.preprocess.tokenizer import save_tokenizer, train_tokenizer
 from distlm.data.shards import Manifest, SplitInfo, TokenizerInfo, shard_name, write_shard
 from distlm.train.driver.launch import check_before_launch, train
@@ -61,7 +61,7 @@ def mix_data(sources, weights=None, window=8, workers=0):
 
 def mixed(sources, dp_size=1, micro=1, rank=0, steps=10, start=0, seed=3, **kw) -> list[list[int]]:
     """Rank `rank`'s batches as lists of sample numbers."""
-    loader = MixtureLoader(mix_data(sources, **kw), micro, rank, dp_size, seed=seed)
+    loader = ShardLoader(mix_data(sources, **kw), "train", micro, rank, dp_size, seed=seed, shuffle=True)
     return [batch[:, 0].tolist() for batch in loader.iter_batches(start, max_batches=steps)]
 
 
@@ -142,14 +142,14 @@ def test_a_single_source_mixture_is_that_source_alone(sources):
 
 
 def test_progress_counts_each_sources_samples_and_repeats(sources):
-    loader = MixtureLoader(mix_data(sources), 10, 0, 1, seed=3)
+    loader = ShardLoader(mix_data(sources), "train", 10, 0, 1, seed=3, shuffle=True)
     samples = [n for b in loader.iter_batches(max_batches=5) for n in b[:, 0].tolist()]
-    progress = loader.progress(50)
+    progress = loader.stream.progress(50)
     assert {name: samples for name, (samples, _) in progress.items()} == \
         {name: sum(source_of(n) == name for n in samples) for name in SOURCES}
     assert progress["web"][1] == 0 and progress["code"][1] == 0   # code fed 5 of its 9
-    assert loader.progress(90)["code"] == (9, 0)                   # exhausted, not yet repeated
-    assert loader.progress(100)["code"] == (10, 1)                 # the 10th starts its second epoch
+    assert loader.stream.progress(90)["code"] == (9, 0)            # exhausted, not yet repeated
+    assert loader.stream.progress(100)["code"] == (10, 1)          # the 10th starts its second epoch
 
 
 # ---------------------------------------------------------------- checks

@@ -10,8 +10,9 @@ check. Where the fp32 weights of a checkpoint live depends on how it was written
   TP slices are joined by the rules the model saved in the checkpoint (`universal_checkpoint_info`) and the
   vocabulary padding is dropped, as DeepSpeed's `ds_to_universal` does;
 - ZeRO-3, and bf16 ZeRO-1/2 at TP = PP = 1: the fp32 master weights in the optimizer's flat partitions, one
-  file per data-parallel rank; each tensor is put together from its pieces on every rank (what DeepSpeed's
-  zero_to_fp32 does for the whole model at once);
+  file per data-parallel rank; each tensor is put together from its pieces on every rank (as DeepSpeed's
+  zero_to_fp32 does; not it: its lazy mode is lazy for ZeRO-3 only, for ZeRO-1/2 it joins every rank's
+  partitions into one vector, the whole model in memory);
 - bf16 ZeRO-1/2 at TP or PP > 1: the checkpoint's universal form (made once), one file per parameter.
 
 Files are opened with `torch.load(mmap=True)`: only the bytes of the tensors asked for are read. The pages
@@ -28,11 +29,11 @@ from typing import Any, Callable
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
 
 from distlm.checkpoint import store, universal
 from distlm.checkpoint.store import RunState
 from distlm.config import CheckpointError, ModelConfig
+from distlm.model.materialize import check_shapes as check_model_shapes
 from distlm.memory import return_freed_memory
 
 Loader = Callable[[Path], Any]  # a checkpoint file, loaded (memory-mapped) once until release()
@@ -42,11 +43,6 @@ Reader = Callable[[str, Loader], torch.Tensor]  # one tensor by its one-process 
 def is_weights_only(tag_dir: Path) -> bool:
     """An imported checkpoint (`distlm import-hf`): weights and run state, no optimizer or layout."""
     return (Path(tag_dir) / store.WEIGHTS_FILE).is_file()
-
-
-def load_weights(tag_dir: Path) -> dict[str, torch.Tensor]:
-    """The whole model of an imported checkpoint."""
-    return load_file(Path(tag_dir) / store.WEIGHTS_FILE)
 
 
 def find_checkpoint(root: Path, tag: str | None = None) -> Path:
@@ -62,30 +58,12 @@ def find_checkpoint(root: Path, tag: str | None = None) -> Path:
     return ckpt_dir / tag
 
 
-def model_shapes(m: ModelConfig) -> dict[str, torch.Size]:
-    """Llama(m)'s parameters in order; with tied embeddings only `embed_tokens.weight` (one matrix)."""
-    from distlm.model.llama import Llama
-
-    with torch.device("meta"):
-        shapes = {k: v.shape for k, v in Llama(m).state_dict().items()}
-    if m.tie_embeddings:
-        shapes.pop("lm_head.weight")
-    return shapes
-
-
 def check_shapes(shapes: dict[str, torch.Size], m: ModelConfig, where: str) -> dict[str, torch.Size]:
-    """The model's names and shapes in Llama(m)'s order; a CheckpointError naming `where` unless `shapes`
-    has exactly them (a stored second copy of tied embeddings, `lm_head.weight`, is ignored)."""
-    expected = model_shapes(m)
-    if m.tie_embeddings:
-        shapes = {k: s for k, s in shapes.items() if k != "lm_head.weight"}
-    missing, unexpected = sorted(expected.keys() - shapes.keys()), sorted(shapes.keys() - expected.keys())
-    wrong = [f"{k} {tuple(shapes[k])} (expected {tuple(expected[k])})"
-             for k in expected.keys() & shapes.keys() if tuple(shapes[k]) != tuple(expected[k])]
-    if missing or unexpected or wrong:
-        raise CheckpointError(f"{where}: the weights do not match the model config: missing {missing}, "
-                              f"unexpected {unexpected}, wrong shape {wrong}")
-    return expected
+    """materialize.check_shapes, as a CheckpointError."""
+    try:
+        return check_model_shapes(shapes, m, where)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def checked_weights(weights: dict[str, torch.Tensor], m: ModelConfig, where: str) -> dict[str, torch.Tensor]:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from huggingface_hub import split_torch_state_dict_into_shards
 from tokenizers import Tokenizer
 from transformers import GenerationConfig, LlamaConfig, PreTrainedTokenizerFast
 
@@ -104,20 +105,6 @@ def to_hf_name(name: str) -> str:
     return name if name == "lm_head.weight" else "model." + name
 
 
-def plan_shards(nbytes: dict[str, int], max_shard_bytes: int) -> list[list[str]]:
-    """Tensor names grouped into files of at most `max_shard_bytes`, in order; a tensor larger than that
-    gets a file of its own."""
-    shards: list[list[str]] = [[]]
-    size = 0
-    for name, n in nbytes.items():
-        if shards[-1] and size + n > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += n
-    return shards
-
-
 def _write_tokenizer(tag_dir: Path, eos_token: str, m: ModelConfig, out_dir: Path) -> int:
     tok_file = tag_dir / store.TOKENIZER_FILE
     try:
@@ -144,18 +131,17 @@ def _write_model(weights: CheckpointWeights, m: ModelConfig, eos_id: int, dtype:
     GenerationConfig(bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id).save_pretrained(out_dir)
     names = {to_hf_name(k): k for k in weights.shapes}  # tied embeddings: one matrix, no lm_head.weight
     shapes = {hf: weights.shapes[k] for hf, k in names.items()}
-    nbytes = {hf: shape.numel() * dtype.itemsize for hf, shape in shapes.items()}
-    shards = plan_shards(nbytes, int(max_shard_mb * 1e6))  # MB as in HF's "5GB": powers of ten
-    files = ["model.safetensors"] if len(shards) == 1 else \
-        [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
-    for file, shard in zip(files, shards):
-        write_safetensors(out_dir / file, {k: shapes[k] for k in shard}, dtype,
+    # huggingface_hub plans the files and the index as transformers does; meta tensors give it sizes, no data.
+    split = split_torch_state_dict_into_shards({hf: torch.empty(s, dtype=dtype, device="meta")
+                                                for hf, s in shapes.items()},
+                                               max_shard_size=int(max_shard_mb * 1e6))  # MB as HF's "5GB": powers of 10
+    for file, names_in_file in split.filename_to_tensors.items():
+        write_safetensors(out_dir / file, {k: shapes[k] for k in names_in_file}, dtype,
                           lambda hf: weights.get(names[hf]).to(dtype))
         weights.release()  # the checkpoint pages this file read leave memory
-    if len(shards) > 1:
-        index = {"metadata": {"total_parameters": sum(s.numel() for s in shapes.values()),
-                              "total_size": sum(nbytes.values())},
-                 "weight_map": {k: file for file, names in zip(files, shards) for k in names}}
+    if split.is_sharded:
+        index = {"metadata": {"total_parameters": sum(s.numel() for s in shapes.values()), **split.metadata},
+                 "weight_map": split.tensor_to_filename}
         (out_dir / SHARD_INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 

@@ -41,9 +41,25 @@ def canonical_name(name: str) -> str:
 
 
 def full_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
-    """Every parameter's shape in a one-process Llama (built on the meta device: no storage, no init)."""
+    """Every parameter's shape in a one-process Llama (built on the meta device: no storage, no init); tied
+    embeddings are one matrix, `embed_tokens.weight`."""
     with torch.device("meta"):
         return {name: p.shape for name, p in Llama(cfg).named_parameters()}
+
+
+def check_shapes(found: dict[str, tuple], cfg: ModelConfig, where: str) -> dict[str, torch.Size]:
+    """full_shapes(cfg), in Llama's order; a ValueError naming `where` unless `found` (name -> shape) has exactly
+    those names and shapes. A stored second copy of tied embeddings (`lm_head.weight`) is ignored."""
+    expected = full_shapes(cfg)
+    if cfg.tie_embeddings:
+        found = {k: s for k, s in found.items() if k != "lm_head.weight"}
+    missing, unexpected = sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys())
+    wrong = [f"{k} {tuple(found[k])} (expected {tuple(expected[k])})" for k in expected.keys() & found.keys()
+             if tuple(found[k]) != tuple(expected[k])]
+    if missing or unexpected or wrong:
+        raise ValueError(f"{where}: the weights do not match the model config: missing {missing}, unexpected "
+                         f"{unexpected}, wrong shape {wrong}")
+    return expected
 
 
 def _block_seed(seed: int, name: str, block: int) -> int:
@@ -79,17 +95,11 @@ class SafetensorsWeights:
 
     def __init__(self, path: Path, cfg: ModelConfig):
         self.path, self.file = Path(path), safe_open(str(path), framework="pt")
-        expected = full_shapes(cfg)
         found = {k: tuple(self.file.get_slice(k).get_shape()) for k in self.file.keys()}
-        if cfg.tie_embeddings:  # one matrix serves both; a stored second copy is not read
-            expected.pop("lm_head.weight", None)
-            found.pop("lm_head.weight", None)
-        missing, unexpected = sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys())
-        wrong = [f"{k} {found[k]} (expected {tuple(expected[k])})" for k in expected.keys() & found.keys()
-                 if found[k] != tuple(expected[k])]
-        if missing or unexpected or wrong:
-            raise ValueError(f"{path}: the weights do not match the model config: missing {missing}, unexpected "
-                             f"{unexpected}, wrong shape {wrong}; import the model again with its own config")
+        try:
+            check_shapes(found, cfg, str(path))
+        except ValueError as e:
+            raise ValueError(f"{e}; import the model again with its own config") from None
 
     def rows(self, name: str, shape: torch.Size, start: int, stop: int, cols: slice) -> torch.Tensor:
         piece = self.file.get_slice(name)

@@ -58,14 +58,14 @@ def loss_function(cfg: ModelConfig, layout: Layout) -> nn.Module:
 
 
 def _split_block(block: Block, layout: Layout) -> None:
-    tp, rank, group = layout.tp, layout.tp_rank, layout.tp_group
+    tp, group = layout.tp, layout.tp_group
     attn, mlp = block.self_attn, block.mlp
 
     def column(lin: nn.Linear) -> ColumnParallelLinear:
-        return ColumnParallelLinear(lin.in_features, lin.out_features, group, rank, tp)
+        return ColumnParallelLinear(lin.in_features, lin.out_features, group, tp)
 
     def row(lin: nn.Linear) -> RowParallelLinear:
-        return RowParallelLinear(lin.in_features, lin.out_features, group, rank, tp)
+        return RowParallelLinear(lin.in_features, lin.out_features, group, tp)
 
     attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj = (column(attn.q_proj), column(attn.k_proj),
                                                           column(attn.v_proj), row(attn.o_proj))
@@ -80,7 +80,7 @@ def _split_embedding(cfg: ModelConfig, layout: Layout) -> VocabParallelEmbedding
 
 def _split_head(cfg: ModelConfig, layout: Layout) -> ColumnParallelLinear:
     padded = padded_vocab_size(cfg.vocab_size, layout.tp)  # zero rows, masked in the loss
-    return ColumnParallelLinear(cfg.dim, padded, layout.tp_group, layout.tp_rank, layout.tp)
+    return ColumnParallelLinear(cfg.dim, padded, layout.tp_group, layout.tp)
 
 
 def tensor_parallel(model: Llama, layout: Layout) -> Llama:

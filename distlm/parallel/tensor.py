@@ -71,7 +71,7 @@ class ColumnParallelLinear(nn.Module):
     """y_local = x W_local^T: this rank's slice of the output features (no bias, as in Llama).
     `out_features` is the full (padded) count; each rank holds out_features / world rows."""
 
-    def __init__(self, in_features: int, out_features: int, group, rank: int, world: int):
+    def __init__(self, in_features: int, out_features: int, group, world: int):
         super().__init__()
         self.group = group
         self.weight = mark_tensor_parallel(nn.Parameter(torch.empty(out_features // world, in_features)), dim=0)
@@ -83,7 +83,7 @@ class ColumnParallelLinear(nn.Module):
 class RowParallelLinear(nn.Module):
     """y = sum over ranks of x_local W_local^T: input features split, output summed across the group."""
 
-    def __init__(self, in_features: int, out_features: int, group, rank: int, world: int):
+    def __init__(self, in_features: int, out_features: int, group, world: int):
         super().__init__()
         self.group = group
         self.weight = mark_tensor_parallel(nn.Parameter(torch.empty(out_features, in_features // world)), dim=1)

@@ -18,10 +18,9 @@ import dataclasses
 from typing import Iterator
 
 import numpy as np
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from distlm.config import DataConfig
-from distlm.data.loading.loader import ShardLoader, read_samples, segments_of
+from distlm.data.loading.reading import SplitStream
 
 SCALE_BITS = 20   # weight shares are rounded to multiples of 2^-20; p * share stays in int64 up to p ~ 8e12
 
@@ -36,8 +35,6 @@ class MixSchedule:
     """Global stream position -> (source, position in that source's own stream), from the position alone."""
 
     def __init__(self, weights: list[float], seed: int):
-        if not weights or min(weights) <= 0:
-            raise ValueError(f"mixture weights must be positive, got {weights}")
         rest = np.cumsum(np.asarray(weights, dtype=np.float64)[::-1])[::-1]   # w_k + w_k+1 + ...
         shares = np.round(np.asarray(weights) / rest * (1 << SCALE_BITS)).astype(np.int64)
         self.shares = np.clip(shares, 1, 1 << SCALE_BITS)
@@ -73,99 +70,43 @@ class MixSchedule:
         return source, index
 
 
-def read_stream(source: ShardLoader, positions: np.ndarray, boundaries: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Samples at `positions` (ascending, distinct) of one source's own stream (its StreamPlan's epochs of
-    shuffled windows): tokens [k, sample_len] int64, per-token document numbers (or [k, 0]). Reads only them."""
-    plan, fmt = source.plan, source.manifest.record
-    tokens = np.empty((len(positions), fmt.sample_len), dtype=np.int64)
-    segments = np.zeros((len(positions), fmt.sample_len if boundaries else 0), dtype=np.int32)
-    epoch_of = positions // plan.epoch_samples
-    for epoch in np.unique(epoch_of):
-        windows = plan.windows(int(epoch))
-        starts = np.array([w.start for w in windows])
-        in_epoch = np.flatnonzero(epoch_of == epoch)
-        within = positions[in_epoch] - epoch * plan.epoch_samples
-        window_of = np.searchsorted(starts, within, side="right") - 1
-        shard_of, index = np.empty(len(within), dtype=np.int64), np.empty(len(within), dtype=np.int64)
-        for w in np.unique(window_of):
-            sel = np.flatnonzero(window_of == w)
-            window = windows[w]
-            shard_of[sel], index[sel] = plan.locate(window, plan.window_order(window)[within[sel] - window.start])
-        for shard in np.unique(shard_of):   # a window never splits a shard: one read per shard and epoch
-            rows = np.flatnonzero(shard_of == shard)
-            rows = rows[np.argsort(index[rows])]   # in file order
-            got, doc_starts = read_samples(source.urls[shard], source.shards[shard], fmt, index[rows], source.verify)
-            tokens[in_epoch[rows]] = got
-            if boundaries:
-                segments[in_epoch[rows]] = segments_of(doc_starts)
-    return tokens, segments
+class MixtureStream:
+    """The weighted mixture data.mix as one global sample stream, as seen by data-parallel rank `dp_rank`: its
+    position p is source MixSchedule.assign(p)'s own stream at the position given there (each source's
+    SplitStream read alone, with the run's seed). Rank r takes slots [r * m, (r + 1) * m) of every global batch,
+    as with one dataset."""
 
-
-class _MixedSamples(IterableDataset):
-    """The rank's samples of the mixed stream, chunk by chunk (chunk_batches global batches each); DataLoader
-    worker w of k reads chunks w, w + k, ..."""
-
-    def __init__(self, loader: "MixtureLoader", first: int, end: int | None):
-        self.loader, self.first, self.end = loader, first, end
-
-    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        lo, chunk = self.first, self.loader.chunk_batches * self.loader.plan.global_batch
-        count = 0
-        while self.end is None or lo < self.end:
-            hi = lo + chunk if self.end is None else min(lo + chunk, self.end)
-            if count % workers == worker:
-                yield self.loader.take(lo, hi)
-            lo, count = hi, count + 1
-
-
-class MixtureLoader(ShardLoader):
-    """Training batches from the weighted mixture data.mix, for one data-parallel rank: a ShardLoader (same
-    batches, resume, broadcast and workers) whose global stream interleaves the sources' own streams by
-    MixSchedule. Rank r takes slots [r * m, (r + 1) * m) of every global batch, as with one dataset."""
-
-    def __init__(self, data: DataConfig, micro_batch_size: int, dp_rank: int, dp_size: int, seed: int,
-                 doc_boundaries: bool = False, broadcast_group=None):
-        if not data.mix:
-            raise ValueError("MixtureLoader needs data.mix")
-        super().__init__(dataclasses.replace(data, dir=main_dir(data)), "train", micro_batch_size, dp_rank, dp_size,
-                         seed=seed, shuffle=True, doc_boundaries=doc_boundaries, broadcast_group=broadcast_group)
-        # Each source's own stream, read by position: a one-rank plan of its shards with the run's seed.
-        self.sources = [ShardLoader(dataclasses.replace(data, dir=s.dir), "train", 1, 0, 1, seed=seed, shuffle=True,
-                                    doc_boundaries=doc_boundaries) for s in data.mix]
+    def __init__(self, data: DataConfig, seed: int, dp_size: int, dp_rank: int, micro: int, boundaries: bool = False):
+        self.sources = [SplitStream(dataclasses.replace(data, dir=s.dir, mix=None), "train", seed, shuffle=True,
+                                    boundaries=boundaries) for s in data.mix]
         self.names = [s.name for s in data.mix]
-        for name, source in zip(self.names, self.sources):
-            if source.manifest.sample_len != self.manifest.sample_len:
-                raise ValueError(f"data.mix source {name} has samples of {source.manifest.sample_len} tokens, "
-                                 f"{self.names[0]} of {self.manifest.sample_len}: preprocess with one data.seq_len")
-            if source.num_samples == 0:
-                raise ValueError(f"data.mix source {name} ({source.manifest.data_dir}) has no training samples")
+        self.manifest = self.sources[0].manifest  # every source has its tokenizer and seq_len (validate_mix)
         self.schedule = MixSchedule([s.weight for s in data.mix], seed)
         self.num_samples = sum(s.num_samples for s in self.sources)
-        self.batches_per_epoch = self.num_samples // self.plan.global_batch
-        self.chunk_batches = max(1, data.shuffle_window // micro_batch_size)   # ~ one window per rank per chunk
+        self.global_batch, self.dp_rank, self.micro = dp_size * micro, dp_rank, micro
+        self.chunk_batches = max(1, data.shuffle_window // micro)   # ~ one window per rank per chunk
+        self.boundaries = boundaries
 
-    def take(self, first: int, end: int) -> tuple[np.ndarray, np.ndarray]:
-        """The rank's samples among global stream samples [first, end) (whole global batches), in order."""
-        g, m = self.plan.global_batch, self.micro_batch_size
-        steps = np.arange(first // g, end // g, dtype=np.int64)
-        positions = (steps[:, None] * g + self.plan.dp_rank * m + np.arange(m)).ravel()
+    def rank_positions(self, first: int, end: int | None) -> Iterator[np.ndarray]:
+        """This rank's global stream positions among [first, end) (whole global batches), chunk_batches global
+        batches at a time."""
+        g, m, lo = self.global_batch, self.micro, first
+        while end is None or lo < end:
+            hi = lo + self.chunk_batches * g if end is None else min(lo + self.chunk_batches * g, end)
+            steps = np.arange(lo // g, hi // g, dtype=np.int64)
+            yield (steps[:, None] * g + self.dp_rank * m + np.arange(m)).ravel()
+            lo = hi
+
+    def read(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The samples at global stream `positions` (ascending), read from their sources."""
         source_of, index = self.schedule.assign(positions)
-        tokens = np.empty((len(positions), self.manifest.sample_len), dtype=np.int64)
-        segments = np.zeros((len(positions), self.manifest.sample_len if self.doc_boundaries else 0), dtype=np.int32)
+        fmt = self.manifest.record
+        tokens = np.empty((len(positions), fmt.sample_len), dtype=fmt.dtype)
+        segments = np.zeros((len(positions), fmt.sample_len if self.boundaries else 0), dtype=np.int32)
         for s in np.unique(source_of):
             rows = np.flatnonzero(source_of == s)   # source positions rise with global ones
-            tokens[rows], segments[rows] = read_stream(self.sources[s], index[rows], self.doc_boundaries)
+            tokens[rows], segments[rows] = self.sources[s].read(index[rows])
         return tokens, segments
-
-    def _samples(self, first: int, end: int | None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        samples = _MixedSamples(self, first, end)
-        if not self.workers:
-            yield from samples
-            return
-        for tokens, segments in DataLoader(samples, batch_size=None, num_workers=self.workers):
-            yield tokens.numpy(), segments.numpy()
 
     def progress(self, samples_seen: int) -> dict[str, tuple[int, int]]:
         """Per source: (its samples in global stream samples [0, samples_seen), the epoch it is in: 0 on the

@@ -43,10 +43,6 @@ class StreamLayout:
         return self.total_tokens // self.sample_len
 
     @property
-    def num_shards(self) -> int:
-        return -(-self.num_samples // self.samples_per_shard)
-
-    @property
     def dropped_tokens(self) -> int:
         return self.total_tokens - self.num_samples * self.sample_len
 

@@ -43,39 +43,11 @@ def _worker_main(loop_config: dict[str, Any]) -> None:
     Trainer(c, loop_config["resume"], attempt=loop_config["attempt"]).fit()  # both made on the driver
 
 
-def check_mix(c: Config) -> None:
-    """The sources of data.mix must be one tokenization: the same tokenizer (sha256) and seq_len as the first."""
-    from distlm.data.shards import Manifest
-
-    if not c.data.mix:
-        return
-    manifests = []
-    for source in c.data.mix:
-        try:
-            manifests.append(Manifest.load(source.dir))
-        except ValueError as e:
-            raise ConfigError(f"data.mix source {source.name}: {e}") from None
-    for source, manifest in zip(c.data.mix, manifests):
-        if manifest.num_samples("train") == 0:
-            raise ConfigError(f"data.mix source {source.name} ({source.dir}) has no training samples")
-    first, first_manifest = c.data.mix[0], manifests[0]
-    for source, manifest in zip(c.data.mix[1:], manifests[1:]):
-        if manifest.tokenizer_sha256 != first_manifest.tokenizer_sha256:
-            raise ConfigError(f"data.mix sources {first.name} ({first.dir}) and {source.name} ({source.dir}) were "
-                              f"tokenized differently (tokenizer {first_manifest.tokenizer_sha256[:12]} vs "
-                              f"{manifest.tokenizer_sha256[:12]}): preprocess both with the same data.tokenizer.path")
-        if manifest.seq_len != first_manifest.seq_len:
-            raise ConfigError(f"data.mix sources {first.name} ({first.dir}) and {source.name} ({source.dir}) hold "
-                              f"samples of seq_len {first_manifest.seq_len} and {manifest.seq_len}: preprocess both "
-                              f"with the same data.seq_len")
-
-
 def check_before_launch(c: Config) -> resume.ResumePlan:
     """Everything that can be known on the driver fails here, before any worker starts; returns the resume plan."""
     from distlm.data.shards import Manifest
 
     raise_if(validate_train(c))
-    check_mix(c)
     try:
         manifest = Manifest.load(main_dir(c.data))
     except ValueError as e:  # a manifest from an older distlm, or unreadable
@@ -153,7 +125,7 @@ def train(c: Config) -> dict[str, Any]:
     def fit(attempt: supervisor.Attempt) -> None:
         ac = attempt.config
         # A restart or a resize: this run's newest checkpoint (or the launch's start) at the layout it has now.
-        attempt_plan = plan if attempt.number == 1 and ac is c else resume.replan(ac, plan)
+        attempt_plan = plan if attempt.number == 1 and attempt.at_launch_layout else resume.replan(ac, plan)
         if attempt.number > 1:
             log.info("attempt %d starts from %s", attempt.number, attempt_plan.describe())
         resume.prepare(attempt_plan)  # a universal conversion, on Ray tasks, before any training rank exists

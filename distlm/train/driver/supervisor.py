@@ -35,6 +35,7 @@ class Attempt:
     number: int  # 1 for the first fit of this command
     config: Config  # cluster.num_workers and trainer.grad_accum of this attempt
     reason: str  # why it started: "start", the failure it follows, or a resize
+    at_launch_layout: bool  # the layout the command was launched with (and its resume plan made for)
 
     def describe(self) -> str:
         par = self.config.parallel
@@ -42,7 +43,7 @@ class Attempt:
                 f"{self.config.data_parallel_size}, grad_accum {self.config.trainer.grad_accum}")
 
 
-def sized(c: Config, workers: int) -> Config:
+def config_for_workers(c: Config, workers: int) -> Config:
     """The run's config at the largest valid layout `workers` can hold, with the same global batch."""
     dp = data_parallel_for(c, workers)
     if dp is None:
@@ -60,7 +61,8 @@ def workers_available(cl: ClusterConfig) -> int:
                for node in ray.nodes() if node["Alive"])
 
 
-def elastic(c: Config) -> bool:
+def is_elastic(c: Config) -> bool:
+    """cluster.min_workers is set: the run may shrink after a failure and grow back."""
     return c.cluster.min_workers is not None
 
 
@@ -79,13 +81,15 @@ def supervise(c: Config, fit: Callable[[Attempt], None], request_stop: Callable[
     attempts: list[Attempt] = []
     failures, reason = 0, "start"
     while True:
-        workers = _wait_for_workers(c) if elastic(c) else c.cluster.num_workers
-        attempt = Attempt(len(attempts) + 1, sized(c, workers) if elastic(c) else c, reason)
+        workers = _wait_for_workers(c) if is_elastic(c) else c.cluster.num_workers
+        config = config_for_workers(c, workers) if is_elastic(c) else c
+        attempt = Attempt(len(attempts) + 1, config, reason,
+                          at_launch_layout=config.cluster.num_workers == c.cluster.num_workers)
         attempts.append(attempt)
         if attempt.number > 1:
             log.warning("attempt %d (%s): %s", attempt.number, attempt.reason, attempt.describe())
         grow = threading.Event()
-        watcher = _watch_for_capacity(c, attempt, grow, request_stop) if elastic(c) else None
+        watcher = _watch_for_capacity(c, attempt, grow, request_stop) if is_elastic(c) else None
         groups_before = set(ray.util.placement_group_table())
         try:
             fit(attempt)
@@ -146,11 +150,11 @@ def _watch_for_capacity(c: Config, attempt: Attempt, grow: threading.Event,
     def watch() -> None:
         while not stop.wait(c.cluster.elastic_check_seconds):
             workers = min(workers_available(c.cluster), c.cluster.num_workers)
-            if sized(c, workers).cluster.num_workers > running:
+            if config_for_workers(c, workers).cluster.num_workers > running:
                 log.warning("capacity for %d workers is back (running %d): the workers save at the next step and "
                             "the run goes on at the larger size", workers, running)
                 grow.set()
-                request_stop(f"grow from {running} to {sized(c, workers).cluster.num_workers} workers")
+                request_stop(f"grow from {running} to {config_for_workers(c, workers).cluster.num_workers} workers")
                 return
 
     threading.Thread(target=watch, name="distlm-elastic-watch", daemon=True).start()

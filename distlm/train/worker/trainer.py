@@ -17,7 +17,7 @@ from distlm.checkpoint import store
 from distlm.checkpoint.store import STOP_FILE, RunState
 from distlm.config import Config, to_dict
 from distlm.data.loading.loader import ShardLoader
-from distlm.data.loading.mixture import MixtureLoader, main_dir
+from distlm.data.loading.mixture import MixtureStream, main_dir
 from distlm.data.shards import Manifest
 from distlm.model.llama import Llama, document_inputs
 from distlm.parallel.layout import make_layout
@@ -37,56 +37,83 @@ def _all_mean(value: torch.Tensor) -> float:
 
 
 class Trainer:
+    """One worker's part of a run. Built in the order a reader can follow: join the process group, read the
+    data's manifest, make the layout's groups, plan and restore where the run starts, then metrics and loaders."""
+
     def __init__(self, c: Config, plan: ResumePlan | None = None, attempt: dict | None = None):
         self.c = c
         # Which attempt of the driver's this is (a start, a restart, a resize) and at which size: logged once.
         self.attempt = attempt or {"attempt": 1, "workers": c.cluster.num_workers, "grad_accum": c.trainer.grad_accum}
-        deepspeed.init_distributed(dist_backend="nccl" if c.cluster.use_gpu else "gloo")
-        torch.set_float32_matmul_precision("high" if c.trainer.tf32 else "highest")  # "high": TF32 on CUDA
-        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self._join_process_group()
         self.manifest = Manifest.load(main_dir(c.data))  # checked against the config on the driver
         self.layout = make_layout(c.parallel.tp, c.parallel.pp)
-        torch.manual_seed(c.seed)
-        with torch.device("meta"):  # shapes only: each rank builds and fills just its part (build_engine)
-            model = Llama(c.model)
-        self.num_params, self.flops_per_token = model.num_params(), model.flops_per_token(c.data.seq_len)
+        self.pipelined = self.layout.pp > 1
+        self._count_flops()
         self.state = RunState(config=to_dict(c), tokenizer_sha256=self.manifest.tokenizer_sha256)
         # Where the run starts: planned on the driver (launch.py); planned here when the trainer runs without one.
         self.plan = plan or resume.plan_resume(c, self.manifest.tokenizer_sha256)
         self.engine = build_engine(c, self.layout, load_universal=self.plan.load_universal,
                                    weights=resume.imported_weights(self.plan))
-        self.pipelined = self.layout.pp > 1
         self.device = self.engine.device
-        self.resumed = self._maybe_resume()
-        if c.trainer.compile:  # compiles lazily: at the first forward (evaluation) and backward (first step)
-            compile_blocks(self.engine.module)
-        self.compile_seconds_before = compile_seconds()
-        self.skipped_in_a_row = 0
-        if self.state.wandb_run_id is None:
-            self.state.wandb_run_id = f"{c.run_name}-{int(time.time())}"
-        self.metrics = MetricsLogger(c, self.state.wandb_run_id) if self.rank == 0 else None
-        lay = self.layout
-        # The tensor-parallel ranks of a stage need the same batches: the first reads, the others receive.
-        loading = dict(micro_batch_size=c.trainer.micro_batch_size, dp_rank=lay.dp_rank, dp_size=lay.dp,
-                       broadcast_group=lay.tp_group if lay.tp > 1 else None, doc_boundaries=c.trainer.doc_masking)
-        self.train_data = ShardLoader(c.data, split="train", seed=c.seed, shuffle=True, **loading) if not c.data.mix \
-            else MixtureLoader(c.data, seed=c.seed, **loading)
-        # With data.mix: each source's validation split, evaluated apart (val_loss/NAME).
-        self.val_sources = {s.name: ShardLoader(dataclasses.replace(c.data, dir=s.dir), split="val", seed=0,
-                                                shuffle=False, **loading) for s in c.data.mix or []}
-        self.val_data = ShardLoader(c.data, split="val", seed=0, shuffle=False, **loading) if not c.data.mix \
-            else next(iter(self.val_sources.values()))
+        self.resumed = self._restore()
+        self._compile()
+        self.metrics = self._start_metrics()
+        self.train_data, self.val_data, self.val_sources = self._loaders()
         # Pipeline stages in the middle receive activations, not data.
-        self.reads_data = not self.pipelined or lay.is_first_stage or lay.is_last_stage
+        self.reads_data = not self.pipelined or self.layout.is_first_stage or self.layout.is_last_stage
+        self.skipped_in_a_row = 0
+        self._log_start()
+
+    def _join_process_group(self) -> None:
+        c = self.c
+        deepspeed.init_distributed(dist_backend="nccl" if c.cluster.use_gpu else "gloo")
+        torch.set_float32_matmul_precision("high" if c.trainer.tf32 else "highest")  # "high": TF32 on CUDA
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        torch.manual_seed(c.seed)
+
+    def _count_flops(self) -> None:
+        """Parameters and training FLOPs, for throughput and MFU (shapes only: each rank builds just its part)."""
+        c = self.c
+        with torch.device("meta"):
+            model = Llama(c.model)
+        self.num_params, self.flops_per_token = model.num_params(), model.flops_per_token(c.data.seq_len)
         self.tokens_per_step = c.global_batch_size * c.data.seq_len
         self.flops_per_step = self.flops_per_token * self.tokens_per_step
         self.peak_flops = peak_flops(c)
+
+    def _compile(self) -> None:
+        if self.c.trainer.compile:  # compiles lazily: at the first forward (evaluation) and backward (first step)
+            compile_blocks(self.engine.module)
+        self.compile_seconds_before = compile_seconds()
+
+    def _start_metrics(self) -> MetricsLogger | None:
+        """Rank 0 logs; a resumed run keeps its W&B run id (from the checkpoint)."""
+        if self.state.wandb_run_id is None:
+            self.state.wandb_run_id = f"{self.c.run_name}-{int(time.time())}"
+        return MetricsLogger(self.c, self.state.wandb_run_id) if self.rank == 0 else None
+
+    def _loaders(self) -> tuple[ShardLoader, ShardLoader, dict[str, ShardLoader]]:
+        """(training batches, validation batches, each mixture source's validation batches by name) of this rank.
+        The tensor-parallel ranks of a stage need the same batches: the first reads, the others receive."""
+        c, lay = self.c, self.layout
+        loading = dict(micro_batch_size=c.trainer.micro_batch_size, dp_rank=lay.dp_rank, dp_size=lay.dp,
+                       broadcast_group=lay.tp_group if lay.tp > 1 else None, doc_boundaries=c.trainer.doc_masking)
+        train = ShardLoader(c.data, split="train", seed=c.seed, shuffle=True, **loading)  # data.mix: the mixture
+        # With data.mix: each source's validation split, evaluated apart (val_loss/NAME).
+        sources = {s.name: ShardLoader(dataclasses.replace(c.data, dir=s.dir, mix=None), split="val", seed=0,
+                                       shuffle=False, **loading) for s in c.data.mix or []}
+        val = next(iter(sources.values())) if sources else ShardLoader(c.data, split="val", seed=0, shuffle=False,
+                                                                       **loading)
+        return train, val, sources
+
+    def _log_start(self) -> None:
         if self.rank == 0:
+            c, lay = self.c, self.layout
             log.info("model: %.2fM parameters; %d workers = tp %d x pp %d x dp %d, ZeRO-%d, %s; global batch %d x %d "
                      "tokens", self.num_params / 1e6, self.world, lay.tp, lay.pp, lay.dp, c.parallel.zero_stage,
                      c.trainer.precision.value, c.global_batch_size, c.data.seq_len)
 
-    def _pairs(self, batches):
+    def _model_batches(self, batches):
         """(inputs, labels) on the device, or None where a pipeline stage reads no data. With trainer.doc_masking
         the inputs are (token ids, document ids, positions): a tuple of tensors, as pipeline stages pass on."""
         if not self.reads_data:
@@ -106,39 +133,39 @@ class Trainer:
             return self.engine(ids, labels, doc_ids=doc_ids, position_ids=positions)
         return self.engine(inputs, labels)
 
-    def _train_step(self, pairs, control) -> tuple[float, str | None, list[float]]:
+    def _train_step(self, batches, rank0_flags) -> tuple[float, str | None, list[float]]:
         """One optimizer step -> (its loss averaged over micro-batches and replicas, why it was skipped or None,
         rank 0's control flags as every rank received them). See `accumulate_and_step`."""
         if self.pipelined:
-            return self._pipeline_step(pairs, control)
+            return self._pipeline_step(batches, rank0_flags)
         t = self.c.trainer
 
-        def check(micro_losses: list[float]) -> str | None:  # the first bad micro-batch skips the step
+        def why_skip_step(micro_losses: list[float]) -> str | None:  # the first bad micro-batch skips the step
             return next(filter(None, (why_skip(loss, self.state.recent_losses, t.skip_spike_factor,
                                                t.spike_min_history) for loss in micro_losses)), None)
 
-        result = accumulate_and_step(self.engine, self._loss, pairs, t.grad_accum, control, check)
+        result = accumulate_and_step(self.engine, self._loss, batches, t.grad_accum, rank0_flags, why_skip_step)
         loss = statistics.fmean(result.micro_losses)
         if result.why_skipped:
-            bad = next(x for x in result.micro_losses if check([x]))
-            return bad, result.why_skipped, result.control
+            bad = next(x for x in result.micro_losses if why_skip_step([x]))
+            return bad, result.why_skipped, result.rank0_flags
         if self.engine.skipped_steps > self.ds_skipped:  # DeepSpeed's own check: non-finite gradients
             self.ds_skipped = self.engine.skipped_steps
-            return loss, "DeepSpeed found non-finite gradients and skipped the update", result.control
-        return loss, None, result.control
+            return loss, "DeepSpeed found non-finite gradients and skipped the update", result.rank0_flags
+        return loss, None, result.rank0_flags
 
-    def _pipeline_step(self, pairs, control) -> tuple[float, str | None, list[float]]:
+    def _pipeline_step(self, batches, rank0_flags) -> tuple[float, str | None, list[float]]:
         """DeepSpeed's train_batch runs forward, backward and the optimizer step together: the loss is known
         only after the update. Non-finite gradients are caught by its ZeRO-1 optimizer (it skips the update,
         counted here); a ZeRO-0 pipeline has no such check, so a non-finite loss there stops the run before a
         checkpoint could store the damaged weights. A spike cannot be undone: it is only logged."""
-        loss = self.engine.train_batch(data_iter=pairs).item()  # 1F1B schedule; the loss reaches every stage
-        flags = torch.tensor(control(), device=self.device)
+        loss = self.engine.train_batch(data_iter=batches).item()  # 1F1B schedule; the loss reaches every stage
+        flags = torch.tensor(rank0_flags(), device=self.device)
         dist.all_reduce(flags)  # rank 0's flags (the others send zeros); a pipeline step syncs many times anyway
-        control = flags.tolist()
+        flags = flags.tolist()
         if self.engine.skipped_steps > self.ds_skipped:
             self.ds_skipped = self.engine.skipped_steps
-            return loss, "DeepSpeed found non-finite gradients and skipped the update", control
+            return loss, "DeepSpeed found non-finite gradients and skipped the update", flags
         if not math.isfinite(loss):
             raise FloatingPointError(f"step {self.state.step + 1}: loss is {loss} and the pipeline engine applied the "
                                      f"update (ZeRO-0 has no overflow check); the weights may be damaged. Resume from "
@@ -148,9 +175,9 @@ class Trainer:
         if why and self.rank == 0:
             log.warning("step %d: %s; a pipeline step cannot be skipped before its update, so it was applied",
                         self.state.step + 1, why)
-        return loss, None, control
+        return loss, None, flags
 
-    def _maybe_resume(self) -> bool:
+    def _restore(self) -> bool:
         restored = resume.restore(self.plan, self.engine)
         if restored is None:
             return False
@@ -168,12 +195,12 @@ class Trainer:
         count = min(self.c.trainer.eval_batches, val_data.batches_per_epoch)
         if count == 0:
             return float("nan")
-        pairs = self._pairs(val_data.iter_batches(max_batches=count))
+        batches = self._model_batches(val_data.iter_batches(max_batches=count))
         if self.pipelined:
-            return self.engine.eval_batch(data_iter=pairs, num_micro_batches=count).item()
+            return self.engine.eval_batch(data_iter=batches, num_micro_batches=count).item()
         self.engine.eval()
         with torch.no_grad():
-            loss = torch.stack([self._loss(inputs, labels).float() for inputs, labels in pairs]).mean()
+            loss = torch.stack([self._loss(inputs, labels).float() for inputs, labels in batches]).mean()
         self.engine.train()
         return _all_mean(loss)
 
@@ -194,7 +221,7 @@ class Trainer:
     def save(self) -> None:
         start = time.perf_counter()
         store.save(self.engine, Path(self.c.run_dir) / "checkpoints", self.state, self.manifest.tokenizer_path,
-                        keep=self.c.trainer.keep_checkpoints, keep_every=self.c.trainer.keep_every)
+                   keep=self.c.trainer.keep_checkpoints, keep_every=self.c.trainer.keep_every)
         self.last_save = time.monotonic()
         if self.metrics:
             seconds = time.perf_counter() - start
@@ -204,7 +231,7 @@ class Trainer:
     def fit(self) -> None:
         c, t = self.c, self.c.trainer
         end = t.stop_at_step or t.max_steps
-        pairs = self._pairs(self.train_data.iter_batches(start_sample=self.state.samples_seen))
+        batches = self._model_batches(self.train_data.iter_batches(start_sample=self.state.samples_seen))
         if self.state.step >= end and self.rank == 0:
             log.info("already at step %d, nothing to train (stop at %d)", self.state.step, end)
         if self.metrics:
@@ -217,7 +244,7 @@ class Trainer:
         self.compile_seconds_logged = 0.0
         while self.state.step < end:
             start = time.perf_counter()
-            loss, skipped, (stop_requested, save_due) = self._train_step(pairs, self._control_flags)
+            loss, skipped, (stop_requested, save_due) = self._train_step(batches, self._rank0_flags)
             seconds = time.perf_counter() - start
             self.state.step += 1
             self.state.samples_seen += c.global_batch_size
@@ -259,7 +286,7 @@ class Trainer:
                 f"{store.find_latest(Path(self.c.run_dir) / 'checkpoints')}); resume with a lower optimizer.lr, "
                 f"or skip the data")
 
-    def _control_flags(self) -> list[float]:
+    def _rank0_flags(self) -> list[float]:
         """[a stop was requested, checkpoint_minutes have passed since the last save] on rank 0 (a file check
         and a clock read: microseconds), zeros on the others. They ride on the step's loss all-reduce, so every
         rank saves and stops at the same step without a collective of their own."""
@@ -272,27 +299,16 @@ class Trainer:
     def _source_metrics(self) -> dict[str, int]:
         """With data.mix: tokens_seen/NAME and epoch/NAME per source; a log line when a source was exhausted
         during this step and repeats."""
-        if not isinstance(self.train_data, MixtureLoader):
+        if not isinstance(self.train_data.stream, MixtureStream):
             return {}
-        now = self.train_data.progress(self.state.samples_seen)
-        before = self.train_data.progress(self.state.samples_seen - self.c.global_batch_size)
+        now = self.train_data.stream.progress(self.state.samples_seen)
+        before = self.train_data.stream.progress(self.state.samples_seen - self.c.global_batch_size)
         for name, (samples, epoch) in now.items():
             if epoch > before[name][1]:
                 log.info("step %d: data source %s was exhausted; it repeats (epoch %d of it starts, %d samples fed "
                          "so far)", self.state.step, name, epoch, samples)
         return {**{f"tokens_seen/{name}": samples * self.c.data.seq_len for name, (samples, _) in now.items()},
                 **{f"epoch/{name}": epoch for name, (_, epoch) in now.items()}}
-
-    def _rank0_says(self) -> tuple[bool, bool]:
-        """(a stop was requested, checkpoint_minutes have passed since the last save): rank 0 decides and
-        broadcasts, so every rank saves and stops at the same step."""
-        flags = torch.zeros(2, device=self.device)
-        if self.rank == 0:
-            minutes = self.c.trainer.checkpoint_minutes
-            flags[0] = (Path(self.c.run_dir) / STOP_FILE).exists()
-            flags[1] = minutes is not None and time.monotonic() - self.last_save >= minutes * 60
-        dist.broadcast(flags, src=0)
-        return bool(flags[0]), bool(flags[1])
 
     def _log_step(self, loss: float, seconds: float, skipped: str | None) -> None:
         if self.metrics is None:
