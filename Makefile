@@ -2,8 +2,9 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-# A CPU build of torch that exists as a wheel here; on a GPU cluster pin the matching CUDA build instead.
+# torch, pinned; TORCH_INDEX picks the index it comes from (README: which build each index serves).
 TORCH  ?= torch==2.13.0
+TORCH_INDEX ?=
 # DeepSpeed compiles its CPU ops (shared-memory allreduce) on first use: keep them between runs.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/build/torch_extensions
 export PYTHONUNBUFFERED := 1
@@ -18,7 +19,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH)"
 	DS_BUILD_OPS=0 $(BIN)/pip install -q -e ".[test,demo]" "$(TORCH)"
 	touch $@
 

@@ -1,21 +1,22 @@
-"""The `distlm` command. Each subcommand composes conf/ with Hydra and calls one stage's function.
+"""The `distlm` command: each subcommand calls one stage's function.
 
-    distlm preprocess [overrides]   raw JSONL -> cleaned, tokenized, packed WebDataset shards (Ray)
+    distlm preprocess [overrides]   raw JSONL/text/parquet -> cleaned, deduplicated, tokenized, packed shards (Ray)
     distlm train      [overrides]   Ray Train workers running DeepSpeed; resumes from the latest checkpoint
     distlm export     [overrides]   a checkpoint -> a Hugging Face LlamaForCausalLM directory
     distlm generate   [overrides]   continue a prompt with an exported (or any local HF Llama) model
     distlm eval       [overrides]   validation perplexity of a checkpoint or a HF directory on the shards
+    distlm plan       [overrides]   per-GPU and per-node memory of a model and layout: does it fit, what would?
     distlm report     RUN_DIR       summary of a run and a PNG plot of its loss curve
     distlm checkpoint info|reshape PATH
                                     validate and describe a checkpoint | make its any-layout (universal) form
     distlm import-hf  HF_DIR OUT_DIR
                                     a local HF Llama directory -> a distlm checkpoint to train from (any layout)
-    distlm plan       [overrides]   per-GPU and per-node memory of a model and layout: does it fit, what would?
     distlm submit     [--address URL] [--wait] COMMAND [overrides]
-                                    run preprocess/train/export/generate as a job on a running Ray cluster
+                                    run preprocess/train/export/generate/eval as a job on a running Ray cluster
 
-Overrides are Hydra's: `key=value` or `group=option` (e.g. `model=tiny trainer.max_steps=500`).
-`distlm COMMAND --cfg job` prints the composed config; `distlm COMMAND --help` lists the groups.
+The commands with [overrides] compose conf/ with Hydra: `key=value` or `group=option` (e.g. `model=tiny
+trainer.max_steps=500`); `distlm COMMAND --cfg job` prints the composed config, `distlm COMMAND --help` lists
+the groups. The others take plain arguments (`distlm COMMAND --help`).
 """
 
 from __future__ import annotations
