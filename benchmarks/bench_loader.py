@@ -35,7 +35,8 @@ import ray
 import torch
 
 from distlm.config import compose_config
-from distlm.data.loading.loader import ShardLoader, read_samples
+from distlm.data.loading.loader import ShardLoader
+from distlm.data.loading.reading import read_samples
 from distlm.data.preprocess.pipeline import preprocess
 from distlm.data.shards import write_shard
 from distlm.model.llama import Llama

@@ -23,7 +23,8 @@ import zstandard
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from distlm.config import ConfigError, compose_config
-from distlm.data.loading.loader import ShardLoader, read_samples
+from distlm.data.loading.loader import ShardLoader
+from distlm.data.loading.reading import read_samples
 from distlm.data.preprocess.clean import alpha_fraction
 from distlm.data.preprocess.clean import clean_text as clean_with
 from distlm.data.preprocess import dedup, minhash
