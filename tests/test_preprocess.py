@@ -25,14 +25,15 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from distlm.config import ConfigError, compose_config
 from distlm.data.loading.loader import ShardLoader
 from distlm.data.loading.reading import read_samples
+from distlm.data.preprocess import dedup, minhash
 from distlm.data.preprocess.clean import alpha_fraction
 from distlm.data.preprocess.clean import clean_text as clean_with
-from distlm.data.preprocess import dedup, minhash
 from distlm.data.preprocess.pipeline import preprocess
 from distlm.data.preprocess.sources import InputFile, ReadTask, read_documents
-from distlm.data.preprocess.tokenizer import TokenizerError, file_sha256
+from distlm.data.preprocess.tokenizer import TokenizerError
 from distlm.data.preprocess.workdir import part_bounds
 from distlm.data.shards import STATS_FILE, Manifest
+from distlm.files import file_sha256
 
 MAX_CHARS = 20_000
 NUMBERS_7 = 123   # chapter index of Numbers 7: twelve tribes bring the same offering, line for line

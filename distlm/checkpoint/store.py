@@ -20,7 +20,6 @@ from __future__ import annotations
 import errno
 import json
 import logging
-import os
 import random
 import re
 import shutil
@@ -36,6 +35,7 @@ import torch.distributed as dist
 from distlm.checkpoint import universal
 from distlm.compat.deepspeed import recording_write_failures
 from distlm.config import CheckpointError
+from distlm.files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +63,6 @@ class RunState:
 
 def tag_for_step(step: int) -> str:
     return f"step{step:08d}"
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write to a temporary name and rename: readers never see a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def read_state(tag_dir: Path) -> RunState:

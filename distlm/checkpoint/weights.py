@@ -33,8 +33,8 @@ from safetensors import safe_open
 from distlm.checkpoint import store, universal
 from distlm.checkpoint.store import RunState
 from distlm.config import CheckpointError, ModelConfig
-from distlm.model.materialize import check_shapes as check_model_shapes
 from distlm.memory import return_freed_memory
+from distlm.model.materialize import check_shapes as check_model_shapes
 
 Loader = Callable[[Path], Any]  # a checkpoint file, loaded (memory-mapped) once until release()
 Reader = Callable[[str, Loader], torch.Tensor]  # one tensor by its one-process name

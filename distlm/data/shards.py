@@ -18,7 +18,6 @@ Format 2 (one tar member per sample, whole-shard sha256) is refused: preprocess 
 from __future__ import annotations
 
 import json
-import os
 import tarfile
 import zlib
 from dataclasses import asdict, dataclass, field
@@ -28,7 +27,7 @@ from typing import Any
 import fsspec
 import numpy as np
 
-from distlm.data.preprocess.tokenizer import file_sha256, save_bytes
+from distlm.files import file_sha256, replacing, write_atomic
 
 FORMAT_VERSION = 3
 MANIFEST_FILE = "manifest.json"
@@ -128,12 +127,10 @@ def write_shard(path: Path, samples: np.ndarray, doc_starts: np.ndarray | None =
     stem = path.name.removesuffix(".tar")
     fmt = RecordFormat(samples.shape[1], samples.dtype, doc_starts is not None)
     records = fmt.encode(stem, samples, doc_starts)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with replacing(path) as tmp, open(tmp, "wb") as f:
         f.write(_tar_header(f"{stem}.records", records.size))
         f.write(records.data)
         f.write(bytes(fmt.shard_bytes(len(samples)) - RECORDS_OFFSET - records.size))   # padding + end of archive
-    os.replace(tmp, path)
     return ShardInfo(name=path.name, samples=len(samples), tokens=int(samples.size), bytes=path.stat().st_size)
 
 
@@ -261,7 +258,7 @@ class Manifest:
     def save(self, data_dir: str | Path) -> None:
         record = asdict(self)
         record.pop("data_dir")
-        save_bytes((json.dumps(record, indent=1) + "\n").encode("utf-8"), Path(data_dir) / MANIFEST_FILE)
+        write_atomic(Path(data_dir) / MANIFEST_FILE, json.dumps(record, indent=1) + "\n")
         self.data_dir = Path(data_dir)
 
     @classmethod

@@ -7,15 +7,8 @@ import logging
 from pathlib import Path
 
 import torch
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    LlamaForCausalLM,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-    PreTrainedTokenizerFast,
-    set_seed,
-)
+from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, PreTrainedModel,
+                          PreTrainedTokenizerBase, PreTrainedTokenizerFast, set_seed)
 
 from distlm.config import Config, ModelConfig
 

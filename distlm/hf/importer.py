@@ -29,7 +29,7 @@ from distlm.checkpoint import store
 from distlm.checkpoint.store import RunState
 from distlm.checkpoint.weights import checked_weights
 from distlm.config import CheckpointError, ModelConfig
-from distlm.data.preprocess.tokenizer import file_sha256
+from distlm.files import file_sha256, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +117,8 @@ def import_hf(hf_dir: Path, out_dir: Path) -> Path:
         shutil.copyfile(hf_dir / "tokenizer.json", tmp / tag / store.TOKENIZER_FILE)  # as is: the same sha256
         config = {"model": asdict(m), "data": {"tokenizer": {"eos_token": eos}}, "imported_from": str(hf_dir.resolve())}
         state = RunState(config=config, tokenizer_sha256=file_sha256(hf_dir / "tokenizer.json"))
-        store.write_atomic(tmp / tag / store.STATE_FILE, json.dumps(asdict(state), indent=1))
-        store.write_atomic(tmp / store.LATEST_FILE, tag)
+        write_atomic(tmp / tag / store.STATE_FILE, json.dumps(asdict(state), indent=1))
+        write_atomic(tmp / store.LATEST_FILE, tag)
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(out_dir, ignore_errors=True)  # empty, checked above
         os.replace(tmp, out_dir)

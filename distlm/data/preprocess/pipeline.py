@@ -33,33 +33,17 @@ from distlm.data.preprocess import dedup, minhash, pii, stages
 from distlm.data.preprocess.pack import plan_stream, samples_per_shard, token_dtype
 from distlm.data.preprocess.sources import InputFile, list_inputs, read_tasks
 from distlm.data.preprocess.stats import EXACT_DUPLICATE, NEAR_DUPLICATE, Progress, log_summary, removal_table
-from distlm.data.preprocess.tokenizer import (
-    file_sha256,
-    load_tokenizer,
-    save_bytes,
-    save_tokenizer,
-    special_ids,
-    special_tokens,
-    train_tokenizer,
-    vocab_size,
-)
+from distlm.data.preprocess.tokenizer import (load_tokenizer, save_tokenizer, special_ids, special_tokens,
+                                              train_tokenizer, vocab_size)
 from distlm.data.preprocess.workdir import BlockResult, WorkDir
-from distlm.data.shards import (
-    FORMAT_VERSION,
-    MANIFEST_FILE,
-    SPLITS,
-    STATS_FILE,
-    TOKENIZER_FILE,
-    Manifest,
-    RecordFormat,
-    SplitInfo,
-    TokenizerInfo,
-)
+from distlm.data.shards import (FORMAT_VERSION, MANIFEST_FILE, SPLITS, STATS_FILE, TOKENIZER_FILE, Manifest,
+                                 RecordFormat, SplitInfo, TokenizerInfo)
+from distlm.files import file_sha256, write_atomic
 from distlm.validation import validate_preprocess
 
 log = logging.getLogger(__name__)
 LOADER_KEYS = ("shuffle_window", "loader_workers", "shard_url", "verify_shards")  # do not change the shards
-_SHARD_FILE = re.compile(r"(train|val)-\d{5}\.tar(\.tmp)?")
+_SHARD_FILE = re.compile(r"\.?(train|val)-\d{5}(\.tmp\d+)?\.tar")  # and the temporary names of files.replacing
 
 
 def preprocess(cfg: Config) -> Manifest:
@@ -299,7 +283,7 @@ def _run(cfg: Config, files: list[InputFile], fingerprint: str, given: Tokenizer
     seconds["pack_and_write"] = time.perf_counter() - tick
     tokenizer_path = data_dir / TOKENIZER_FILE
     if given is not None:
-        save_bytes(Path(d.tokenizer.path).read_bytes(), tokenizer_path)  # as given: the same sha256
+        write_atomic(tokenizer_path, Path(d.tokenizer.path).read_bytes())  # as given: the same sha256
     else:
         save_tokenizer(tokenizer, tokenizer_path)
     seconds["total"] = time.perf_counter() - started
@@ -307,7 +291,7 @@ def _run(cfg: Config, files: list[InputFile], fingerprint: str, given: Tokenizer
     stats["pii"] = _pii_counts(blocks, keep, d.pii)
     stats["tokenizer"] = {"trained": given is None, "vocab_size": vocab, "sha256": file_sha256(tokenizer_path)}
     stats = json.loads(json.dumps(stats))  # plain JSON types, as it reads back from stats.json and the manifest
-    save_bytes((json.dumps(stats, indent=1) + "\n").encode(), data_dir / STATS_FILE)
+    write_atomic(data_dir / STATS_FILE, json.dumps(stats, indent=1) + "\n")
     manifest = Manifest(
         fingerprint=fingerprint, seq_len=d.seq_len, sample_len=d.seq_len + 1, dtype=dtype.name,
         tokenizer=TokenizerInfo(file=TOKENIZER_FILE, sha256=stats["tokenizer"]["sha256"], vocab_size=vocab,

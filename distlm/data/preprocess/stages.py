@@ -24,12 +24,13 @@ import pyarrow.compute as pc
 import ray
 from tokenizers import Tokenizer
 
+from distlm.data.preprocess import dedup, minhash
 from distlm.data.preprocess.clean import apply_filters, clean_texts
 from distlm.data.preprocess.pack import Pieces, StreamLayout, assemble, cut_pieces, doc_start_mask, with_specials
 from distlm.data.preprocess.pii import Redactor
-from distlm.data.preprocess import dedup, minhash
 from distlm.data.preprocess.sources import ReadTask, read_documents
 from distlm.data.shards import ShardInfo, shard_name, write_shard
+from distlm.files import replacing, write_atomic
 
 RETRY = dict(max_retries=3, retry_exceptions=[OSError])
 
@@ -155,14 +156,11 @@ def _finished(done_dir: Path, data_dir: Path, name: str) -> ShardInfo | None:
 
 
 def _record(done_dir: Path, info: ShardInfo) -> None:
-    tmp = done_dir / f".{info.name}.json.tmp"
-    tmp.write_text(json.dumps(info.__dict__))
-    os.replace(tmp, done_dir / (info.name + ".json"))
+    write_atomic(done_dir / (info.name + ".json"), json.dumps(info.__dict__))
 
 
 def save_npz(path: Path, **arrays) -> None:
     """np.savez, atomically."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        np.savez(tmp, **arrays)
 

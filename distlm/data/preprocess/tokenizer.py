@@ -7,13 +7,13 @@ space). Its file loads in `transformers.PreTrainedTokenizerFast(tokenizer_file=.
 
 from __future__ import annotations
 
-import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from distlm.files import write_atomic
 
 
 class TokenizerError(ValueError):
@@ -84,19 +84,4 @@ def vocab_size(tokenizer: Tokenizer) -> int:
 
 
 def save_tokenizer(tokenizer: Tokenizer, path: str | Path) -> None:
-    save_bytes(tokenizer.to_str().encode("utf-8"), Path(path))
-
-
-def save_bytes(data: bytes, path: Path) -> None:
-    """Write a file atomically: a temporary name, then a rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    write_atomic(path, tokenizer.to_str())

@@ -17,6 +17,7 @@ from distlm import cluster
 from distlm.checkpoint import store
 from distlm.config import Config, ConfigError, raise_if, to_dict
 from distlm.data.loading.mixture import main_dir
+from distlm.files import write_atomic
 from distlm.train import resume
 from distlm.train.driver import supervisor
 from distlm.train.driver.progress import ProgressBar, summarize
@@ -39,7 +40,7 @@ def _worker_main(loop_config: dict[str, Any]) -> None:
     rank = ray.train.get_context().get_world_rank()
     pids = Path(c.run_dir) / "pids"  # which process is which rank, for people and tests
     pids.mkdir(exist_ok=True)
-    store.write_atomic(pids / f"rank{rank}.pid", str(os.getpid()))
+    write_atomic(pids / f"rank{rank}.pid", str(os.getpid()))
     Trainer(c, loop_config["resume"], attempt=loop_config["attempt"]).fit()  # both made on the driver
 
 
@@ -97,7 +98,7 @@ def stop_on_signals(c: Config):
             raise KeyboardInterrupt(f"second signal ({name}) while waiting for the workers to stop")
         received.append(name)
         log.warning("%s: the workers save a checkpoint at the next step and stop (waiting up to %gs)", name, grace)
-        store.write_atomic(stop_file, f"{name} at {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        write_atomic(stop_file, f"{name} at {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         timer.start()
 
     previous = {s: signal.signal(s, handle) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -145,7 +146,7 @@ def train(c: Config) -> dict[str, Any]:
         signals.extend(received)
 
     def request_stop(why: str) -> None:
-        store.write_atomic(run_dir / store.STOP_FILE, f"{why} at {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        write_atomic(run_dir / store.STOP_FILE, f"{why} at {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
 
     attempts = supervisor.supervise(c, fit, request_stop)
     summary = summarize(run_dir)
