@@ -52,6 +52,17 @@ WANDB_ENV_MODES = ("online", "offline", "disabled")  # the WANDB_MODE values log
 
 
 @dataclass
+class RopeScaling:
+    """Llama 3's RoPE frequency scaling for contexts longer than the model was first trained at (HF rope_type
+    'llama3'): wavelengths above original_max_seq_len / low_freq_factor are stretched by `factor`, those below
+    original_max_seq_len / high_freq_factor kept, the band between interpolated."""
+    factor: float = MISSING
+    low_freq_factor: float = MISSING
+    high_freq_factor: float = MISSING
+    original_max_seq_len: int = MISSING
+
+
+@dataclass
 class ModelConfig:
     dim: int = MISSING
     n_layers: int = MISSING
@@ -61,6 +72,7 @@ class ModelConfig:
     vocab_size: int = MISSING
     max_seq_len: int = MISSING
     rope_theta: float = MISSING
+    rope_scaling: Optional[RopeScaling] = None
     norm_eps: float = MISSING
     tie_embeddings: bool = MISSING
     init_std: float = MISSING
@@ -68,6 +80,12 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
+
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any]) -> "ModelConfig":
+        """The model config a checkpoint saved (to_dict's form; written before rope_scaling existed, too)."""
+        scaling = saved.get("rope_scaling")
+        return cls(**{**saved, "rope_scaling": RopeScaling(**scaling) if scaling else None})
 
 
 @dataclass
@@ -136,6 +154,7 @@ class PipelinePartition(str, Enum):
 class ParallelConfig:
     tp: int = MISSING
     pp: int = MISSING
+    cp: int = MISSING
     zero_stage: int = MISSING
     offload_optimizer: bool = MISSING
     offload_params: bool = MISSING
@@ -277,8 +296,9 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     @property
-    def data_parallel_size(self) -> int:  # world = tp x pp x dp
-        return self.cluster.num_workers // (self.parallel.tp * self.parallel.pp)
+    def data_parallel_size(self) -> int:  # world = tp x pp x cp x dp
+        par = self.parallel
+        return self.cluster.num_workers // (par.tp * par.pp * par.cp)
 
     @property
     def global_batch_size(self) -> int:

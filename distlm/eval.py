@@ -50,9 +50,9 @@ def evaluate(c: Config) -> dict[str, Any]:
     nll, tokens, batches = 0.0, 0, 0
     with torch.no_grad():
         for batch in loader.iter_batches(max_batches=e.batches):
-            batch, segments = batch if masked else (batch, None)
+            batch, starts = batch if masked else (batch, None)
             batch = batch.to(device)
-            logits = logits_fn(batch[:, :-1], segments).float()
+            logits = logits_fn(batch[:, :-1], None if starts is None else starts[:, :-1]).float()
             # Summed, not averaged per batch: the mean is over tokens, whatever the batch count.
             nll += F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum").item()
             tokens += batch[:, 1:].numel()
@@ -78,7 +78,7 @@ def _load_checkpoint(path: Path, manifest: Manifest, device: torch.device) -> tu
     if state.tokenizer_sha256 != manifest.tokenizer_sha256:
         raise ConfigError(f"checkpoint {tag_dir} was trained with another tokenizer than the shards in data.dir="
                           f"{manifest.data_dir}: its perplexity there would mean nothing")
-    m = ModelConfig(**state.config["model"])
+    m = ModelConfig.from_dict(state.config["model"])
     raise_if(model_reads_data(m.vocab_size, m.max_seq_len, manifest.vocab_size, manifest.seq_len, str(tag_dir)))
     model = Llama(m)
     model.load_state_dict(read_weights(tag_dir, state, m))
@@ -92,10 +92,10 @@ def _load_checkpoint(path: Path, manifest: Manifest, device: torch.device) -> tu
                           f"{manifest.data_dir} stores no document boundaries (preprocess with "
                           f"data.keep_doc_boundaries=true)")
 
-    def logits(ids: torch.Tensor, segments: torch.Tensor | None) -> torch.Tensor:
-        if segments is None:
+    def logits(ids: torch.Tensor, starts: torch.Tensor | None) -> torch.Tensor:
+        if starts is None:
             return model(ids)
-        doc_ids, positions = document_inputs(segments.to(device), restart)
+        doc_ids, positions = document_inputs(starts.to(device), restart)
         return model(ids, doc_ids=doc_ids, position_ids=positions)
 
     log.info("evaluating checkpoint %s (step %d)%s", tag_dir, state.step, " with document masking" * masked)
@@ -123,5 +123,5 @@ def _load_hf(model_dir: Path, manifest: Manifest, device: torch.device) -> tuple
     model.to(device).eval()
     log.info("evaluating %s", model_dir)
     # A Hugging Face Llama has no document mask: it reads every packed sample as one text.
-    return (lambda ids, _segments: model(input_ids=ids).logits), {"model_dir": str(model_dir)}
+    return (lambda ids, _starts: model(input_ids=ids).logits), {"model_dir": str(model_dir)}
 

@@ -40,6 +40,7 @@ import os
 from dataclasses import dataclass
 
 from distlm.config import Config, ModelConfig, Precision, raise_if
+from distlm.parallel.sequence import kv_replication
 from distlm.parallel.tensor import padded_vocab_size
 from distlm.validation import node_placement_problems, validate_cluster, validate_layout
 
@@ -118,9 +119,11 @@ def offloaded_host_bytes(n: int, dp: int, zero: int, mixed: bool, offload_optimi
     return host
 
 
-def block_activation_bytes(m: ModelConfig, tp: int, dtype_b: int) -> float:
-    """Bytes one block saves for backward, per token (see the module docstring)."""
+def block_activation_bytes(m: ModelConfig, tp: int, dtype_b: int, cp: int = 1) -> float:
+    """Bytes one block saves for backward, per token of the rank's slice (see the module docstring)."""
     kv_dim = m.n_kv_heads * m.head_dim
+    if cp > 1:  # attention saves the exchanged q, k, v (KV heads replicated to a multiple of cp) and its output
+        kv_dim *= kv_replication(m.n_kv_heads // tp, cp)
     norms = 2 * ((FP32 + 2 * dtype_b) * m.dim + 4)
     attention = (dtype_b * (2 * m.dim + 2 * kv_dim) + 4 * m.n_heads) / tp
     mlp = 4 * dtype_b * m.ffn_dim / tp
@@ -133,25 +136,27 @@ def head_activation_bytes(m: ModelConfig, tp: int, dtype_b: int) -> float:
 
 
 def saved_bytes_per_token(m: ModelConfig, tp: int, dtype_b: int, blocks: int, checkpoint_interval: int,
-                          first: bool, last: bool) -> float:
-    """Bytes a pipeline stage of `blocks` blocks saves for backward in its forward pass, per token."""
+                          first: bool, last: bool, cp: int = 1) -> float:
+    """Bytes a pipeline stage of `blocks` blocks saves for backward in its forward pass, per token it holds."""
     if checkpoint_interval:  # only each segment's input
         saved = math.ceil(blocks / checkpoint_interval) * dtype_b * m.dim
     else:
-        saved = blocks * block_activation_bytes(m, tp, dtype_b)
+        saved = blocks * block_activation_bytes(m, tp, dtype_b, cp)
     return saved + (8 if first else 0) + (head_activation_bytes(m, tp, dtype_b) if last else 0)
 
 
 def stage_activation_bytes(c: Config, checkpoint_interval: int) -> list[float]:
-    """Activation bytes of one rank of each pipeline stage, at the peak of its backward pass."""
-    m, t, tp, pp = c.model, c.trainer, c.parallel.tp, c.parallel.pp
-    tokens = t.micro_batch_size * c.data.seq_len
+    """Activation bytes of one rank of each pipeline stage, at the peak of its backward pass (a context-parallel
+    rank holds seq_len / cp tokens of each sample)."""
+    m, t, tp, pp, cp = c.model, c.trainer, c.parallel.tp, c.parallel.pp, c.parallel.cp
+    tokens = t.micro_batch_size * c.data.seq_len // cp
     b = 2 if t.precision == Precision.bf16 else 4
     out = []
     for s, blocks in enumerate(stage_blocks(m.n_layers, pp)):
-        saved = saved_bytes_per_token(m, tp, b, blocks, checkpoint_interval, s == 0, s == pp - 1)
+        saved = saved_bytes_per_token(m, tp, b, blocks, checkpoint_interval, s == 0, s == pp - 1, cp)
         # backward recomputes one checkpointed segment at a time
-        recomputed = min(checkpoint_interval, blocks) * block_activation_bytes(m, tp, b) if checkpoint_interval else 0
+        recomputed = min(checkpoint_interval, blocks) * block_activation_bytes(m, tp, b, cp) \
+            if checkpoint_interval else 0
         in_flight = min(pp - s, t.grad_accum) if pp > 1 else 1
         buffers = 2 * b * m.dim if pp > 1 else 0  # the pipeline engine holds the stage's input and output
         out.append(tokens * (in_flight * (saved + buffers) + recomputed))
@@ -231,7 +236,8 @@ class MemoryPlan:
 def plan(c: Config) -> MemoryPlan:
     m, par, cl = c.model, c.parallel, c.cluster
     raise_if(validate_layout(c) + validate_cluster(c))
-    dp, mixed = c.data_parallel_size, c.trainer.precision == Precision.bf16
+    # ZeRO partitions over the data x context ranks (parallel/layout.py): they all hold the same parameters.
+    dp, mixed = c.data_parallel_size * par.cp, c.trainer.precision == Precision.bf16
     largest_layer = largest_layer_params(m, par.tp)
     interval = par.activation_checkpoint_interval
     without = stage_activation_bytes(c, 0)
@@ -254,7 +260,7 @@ def plan(c: Config) -> MemoryPlan:
         host_budget=cl.plan_headroom * host_mem_bytes(c))
 
 
-SEARCHED_KEYS = ("tp", "pp", "zero_stage", "activation_checkpoint_interval")  # of parallel.*
+SEARCHED_KEYS = ("tp", "pp", "cp", "zero_stage", "activation_checkpoint_interval")  # of parallel.*
 
 
 def with_layout(c: Config, **changes) -> Config:
@@ -266,23 +272,23 @@ def valid_layouts(c: Config):
     world = c.cluster.num_workers
     divisors = [d for d in range(1, world + 1) if world % d == 0]
     intervals = sorted({c.parallel.activation_checkpoint_interval, 0, 1})
-    for tp, pp, zero, interval in itertools.product(divisors, divisors, range(4), intervals):
-        if world % (tp * pp):
+    for tp, pp, cp, zero, interval in itertools.product(divisors, divisors, divisors, range(4), intervals):
+        if world % (tp * pp * cp):
             continue
-        layout = with_layout(c, tp=tp, pp=pp, zero_stage=zero, activation_checkpoint_interval=interval)
+        layout = with_layout(c, tp=tp, pp=pp, cp=cp, zero_stage=zero, activation_checkpoint_interval=interval)
         if not validate_layout(layout) and not node_placement_problems(world, tp, c.cluster.workers_per_node):
             yield layout
 
 
 def suggest_layout(c: Config) -> tuple[dict[str, int], MemoryPlan] | None:
     """A layout of the same GPUs that fits, with the fewest changed keys; among those the least model
-    parallelism (tp x pp), the lowest ZeRO stage, then no recomputation. None if nothing fits."""
+    parallelism (tp x pp x cp), the lowest ZeRO stage, then no recomputation. None if nothing fits."""
     best = None
     for layout in valid_layouts(c):
         changes = {k: getattr(layout.parallel, k) for k in SEARCHED_KEYS
                    if getattr(layout.parallel, k) != getattr(c.parallel, k)}
         p = layout.parallel
-        rank = (len(changes), p.tp * p.pp, p.zero_stage, p.activation_checkpoint_interval != 0, p.pp)
+        rank = (len(changes), p.tp * p.pp * p.cp, p.zero_stage, p.activation_checkpoint_interval != 0, p.pp, p.cp)
         if best is not None and rank >= best[0]:
             continue
         memory = plan(layout)
@@ -303,11 +309,14 @@ def print_plan(c: Config) -> MemoryPlan:
     lines = [
         f"model        {p.params / 1e9:.3f} B parameters ({m.n_layers} layers, dim {m.dim}, "
         f"{m.n_heads} heads / {m.n_kv_heads} KV heads, ffn {m.ffn_dim}, vocab {m.vocab_size})",
-        f"layout       {cl.num_workers} GPUs = tp {par.tp} x pp {par.pp} x dp {c.data_parallel_size} on {nodes} "
+        f"layout       {cl.num_workers} GPUs = tp {par.tp} x pp {par.pp} x cp {par.cp} x dp {c.data_parallel_size} on "
+        f"{nodes} "
         f"node(s) of {p.workers_per_node} workers; ZeRO-{par.zero_stage}; {c.trainer.precision.value}; micro-batch "
         f"{c.trainer.micro_batch_size} x {c.data.seq_len} tokens, grad accum {c.trainer.grad_accum}",
         f"per rank     {p.params_per_rank / 1e6:,.1f} M parameters held"
-        + (f" (ZeRO-3: 1/{c.data_parallel_size} of each)" if par.zero_stage >= 3 else ""),
+        + (f" (ZeRO-3: 1/{c.data_parallel_size * par.cp} of each)" if par.zero_stage >= 3 else "")
+        + (f"; context parallel: {c.data.seq_len // par.cp:,} of every {c.data.seq_len:,} tokens"
+           if par.cp > 1 else ""),
         "host         per rank at start-up = 4 B x parameters it builds + 4 B x largest full tensor + allowance",
         f"  weights built   {_gib(p.startup_weights)}   its share, fp32 (built on the meta device, only its slice)",
         f"  largest tensor  {_gib(p.startup_largest_tensor)}   {largest_tensor_params(m) / 1e6:,.1f} M parameters, "

@@ -99,7 +99,7 @@ def job_resources(command: str, c: Config) -> dict[str, Any]:
 
     model = c.model
     try:
-        model = ModelConfig(**read_state(find_checkpoint(Path(c.export.checkpoint_dir), c.export.tag)).config["model"])
+        model = ModelConfig.from_dict(read_state(find_checkpoint(Path(c.export.checkpoint_dir), c.export.tag)).config["model"])
     except (OSError, CheckpointError):
         print(f"  {c.export.checkpoint_dir} is not readable here: sizing the export's memory by model.* instead")
     return {"entrypoint_num_cpus": 1, "entrypoint_memory": export_memory_bytes(model, c.export.max_shard_mb)}

@@ -159,18 +159,26 @@ def validate_layout(c: Config) -> list[str]:
     """The parallel layout against the world size, the model and DeepSpeed's rules."""
     par, m, world = c.parallel, c.model, c.cluster.num_workers
     p: list[str] = []
-    for key in ("tp", "pp"):
+    for key in ("tp", "pp", "cp"):
         _check(p, getattr(par, key) >= 1, f"parallel.{key}={getattr(par, key)} must be at least 1")
     if p:
         return p
-    tp, pp = par.tp, par.pp
-    _check(p, world % (tp * pp) == 0,
-           f"cluster.num_workers={world} (the world size) must be a multiple of parallel.tp * parallel.pp = "
-           f"{tp * pp}: world = tp x pp x data-parallel; e.g. cluster.num_workers={tp * pp * max(1, world // (tp * pp))}")
+    tp, pp, cp = par.tp, par.pp, par.cp
+    replica = tp * pp * cp
+    _check(p, world % replica == 0,
+           f"cluster.num_workers={world} (the world size) must be a multiple of parallel.tp * parallel.pp * parallel.cp "
+           f"= {replica}: world = tp x pp x cp x data-parallel; e.g. cluster.num_workers="
+           f"{replica * max(1, world // replica)}")
     _check(p, m.n_heads % tp == 0 and m.n_kv_heads % tp == 0,
            f"parallel.tp={tp} must divide model.n_heads={m.n_heads} and model.n_kv_heads={m.n_kv_heads} "
            f"(each rank holds whole heads); valid tp: "
            f"{[d for d in range(1, m.n_kv_heads + 1) if m.n_heads % d == 0 and m.n_kv_heads % d == 0]}")
+    if cp > 1:  # attention splits heads by tp, then by cp; each rank holds an equal slice of every sequence
+        heads = m.n_heads // tp if m.n_heads % tp == 0 else 0
+        valid = [d for d in range(1, heads + 1) if heads % d == 0 and c.data.seq_len % d == 0]
+        _check(p, heads % cp == 0 and c.data.seq_len % cp == 0,
+               f"parallel.cp={cp} must divide the query heads of a tensor-parallel rank (model.n_heads / parallel.tp "
+               f"= {m.n_heads}/{tp}) and data.seq_len={c.data.seq_len}; valid cp: {valid}")
     _check(p, m.n_layers >= pp, f"parallel.pp={pp} is more pipeline stages than model.n_layers={m.n_layers}")
     _check(p, par.zero_stage in (0, 1, 2, 3), f"parallel.zero_stage={par.zero_stage} must be 0, 1, 2 or 3")
     _check(p, pp == 1 or par.zero_stage <= 1,
@@ -264,10 +272,10 @@ def model_reads_data(vocab_size: int, max_seq_len: int, data_vocab_size: int, da
 
 
 def data_parallel_for(c: Config, workers: int) -> Optional[int]:
-    """The largest data-parallel size that `workers` workers hold at the configured tp x pp while keeping the
+    """The largest data-parallel size that `workers` workers hold at the configured tp x pp x cp while keeping the
     global batch (more gradient accumulation makes up for fewer replicas; dp 1 always can); None if the
     workers do not hold one model replica."""
-    model_parallel = c.parallel.tp * c.parallel.pp
+    model_parallel = c.parallel.tp * c.parallel.pp * c.parallel.cp
     for dp in range(workers // model_parallel, 0, -1):
         if c.global_batch_size % (dp * c.trainer.micro_batch_size) == 0:
             return dp
@@ -276,13 +284,14 @@ def data_parallel_for(c: Config, workers: int) -> Optional[int]:
 
 def elastic_problems(c: Config) -> list[str]:
     """A worker range [cluster.min_workers, cluster.num_workers]: every count in it must hold a model replica."""
-    cl, mp = c.cluster, c.parallel.tp * c.parallel.pp
+    cl, mp = c.cluster, c.parallel.tp * c.parallel.pp * c.parallel.cp
     if cl.min_workers is None:
         return []
     p: list[str] = []
     _check(p, cl.elastic_check_seconds > 0, f"cluster.elastic_check_seconds={cl.elastic_check_seconds} must be positive")
     _check(p, mp <= cl.min_workers <= cl.num_workers,
-           f"cluster.min_workers={cl.min_workers} must be in [parallel.tp x parallel.pp = {mp}, cluster.num_workers="
+           f"cluster.min_workers={cl.min_workers} must be in [parallel.tp x parallel.pp x parallel.cp = {mp}, "
+           f"cluster.num_workers="
            f"{cl.num_workers}]: one model replica needs {mp} workers (or null for a fixed size)")
     return p
 

@@ -150,7 +150,7 @@ def test_lm_eval_scores_the_export_offline_as_distlm_does(run_dir, kjv_chapters,
 
     tag_dir = run_dir / "checkpoints" / store.tag_for_step(STEPS)
     state = store.read_state(tag_dir)
-    m = ModelConfig(**state.config["model"])
+    m = ModelConfig.from_dict(state.config["model"])
     model = Llama(m).eval()
     model.load_state_dict(read_weights(tag_dir, state, m))
     log_likelihood = 0.0

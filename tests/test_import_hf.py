@@ -122,3 +122,44 @@ def test_generate_from_a_checkpoint_is_generate_from_its_hf_model(hf_model, impo
     from_hf = generate(compose_config(f"generate.model_dir={hf_model}", *greedy))
     from_checkpoint = generate(compose_config(f"generate.model_dir={imported}", *greedy))
     assert from_checkpoint == from_hf and len(from_hf) > 0
+
+
+def test_a_llama3_rope_scaled_model_imports_and_exports_with_the_same_logits(bible_shards, tmp_path):
+    """Long-context RoPE (Llama 3 scaling): distlm's frequencies are transformers' own, so the import trains and
+    exports with the logits of the original; the export's verification compares them at long positions too."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from distlm.config import ModelConfig
+    from distlm.model.llama import Llama, rope_frequencies
+
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         rms_norm_eps=1e-5, tie_word_embeddings=False, eos_token_id=0, bos_token_id=0,
+                         rope_parameters=rope)
+    torch.manual_seed(0)
+    original = LlamaForCausalLM(config).eval()
+    original.save_pretrained(tmp_path / "hf")
+    shutil.copyfile(bible_shards / "tokenizer.json", tmp_path / "hf" / "tokenizer.json")
+    (tmp_path / "hf" / "tokenizer_config.json").write_text(json.dumps({"eos_token": EOS}))
+
+    tag_dir = import_hf(tmp_path / "hf", tmp_path / "imported")
+    m = ModelConfig.from_dict(store.read_state(tag_dir).config["model"])
+    assert m.rope_scaling is not None and m.rope_scaling.original_max_seq_len == 64
+    theirs, _ = ROPE_INIT_FUNCTIONS["llama3"](config)
+    unscaled = ROPE_INIT_FUNCTIONS["llama3"](LlamaConfig(**{**config.to_dict(), "rope_parameters": {
+        **rope, "factor": 1.0}}))[0]
+    assert not torch.allclose(theirs, unscaled)   # the scaling changes frequencies: the check can fail
+    torch.testing.assert_close(rope_frequencies(m), theirs, rtol=0, atol=0)
+
+    ids = torch.randint(0, 512, (1, 1024), generator=torch.Generator().manual_seed(1))
+    ours = Llama(m).eval()
+    ours.load_state_dict({k.removeprefix("model."): v for k, v in original.state_dict().items()})
+    with torch.no_grad():
+        assert (ours(ids) - original(input_ids=ids).logits).abs().max().item() <= 1e-4
+    out = export(compose_config(f"export.checkpoint_dir={tag_dir}", f"export.out_dir={tmp_path / 'out'}"))
+    assert json.loads((out / "config.json").read_text())["rope_parameters"]["rope_type"] == "llama3"
+    with torch.no_grad():
+        exported = LlamaForCausalLM.from_pretrained(out).eval()(input_ids=ids).logits
+    assert (exported - original(input_ids=ids).logits).abs().max().item() <= 1e-4

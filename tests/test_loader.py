@@ -300,11 +300,11 @@ def test_a_missing_or_truncated_shard_raises_an_error_naming_it(data_dir, tmp_pa
 
 def test_document_boundaries_come_with_the_tokens(tmp_path):
     root = write_numbered_shards(tmp_path / "bounded", boundaries=True)
-    for tokens, segments in loader(root, 1, 5, doc_boundaries=True).iter_batches(max_batches=9):
-        assert segments.dtype == torch.int32 and segments.shape == tokens.shape
-        for n, seg in zip(tokens[:, 0].tolist(), segments.tolist()):
-            start = n % SAMPLE_LEN   # a document starting at 0 is the sample's first segment either way
-            assert seg == ([0] * SAMPLE_LEN if start == 0 else [0] * start + [1] * (SAMPLE_LEN - start))
+    for tokens, starts in loader(root, 1, 5, doc_boundaries=True).iter_batches(max_batches=9):
+        assert starts.dtype == torch.uint8 and starts.shape == tokens.shape
+        for n, row in zip(tokens[:, 0].tolist(), starts.tolist()):
+            start = n % SAMPLE_LEN
+            assert row == [int(p == start) for p in range(SAMPLE_LEN)]
     with pytest.raises(ValueError, match="keep_doc_boundaries"):
         loader(write_numbered_shards(tmp_path / "plain"), doc_boundaries=True)
 

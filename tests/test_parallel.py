@@ -26,6 +26,13 @@ LAYOUTS = {
     "pp2": (2, ["parallel=pp2", "trainer.micro_batch_size=4", "trainer.grad_accum=2"]),
     "tp2_pp2": (4, ["parallel=tp2_pp2", "trainer.micro_batch_size=4", "trainer.grad_accum=2"]),
     "tp2_pp2_dp2": (8, ["parallel=3d", "trainer.micro_batch_size=2", "trainer.grad_accum=2"]),
+    # Context parallelism: each rank holds a slice of every sequence. model=test has 4 query and 2 key/value
+    # heads, so cp4 (and cp2 x tp2: 1 KV head per TP rank) replicate KV heads.
+    "cp2": (2, ["parallel.cp=2", "trainer.micro_batch_size=8"]),
+    "cp4": (4, ["parallel.cp=4", "trainer.micro_batch_size=8"]),
+    "cp2_tp2": (4, ["parallel=tp2", "parallel.cp=2", "trainer.micro_batch_size=8"]),
+    "cp2_pp2": (4, ["parallel=pp2", "parallel.cp=2", "trainer.micro_batch_size=4", "trainer.grad_accum=2"]),
+    "cp2_dp2_zero3": (4, ["parallel=zero3", "parallel.cp=2", "trainer.micro_batch_size=4"]),
 }
 
 
@@ -88,7 +95,7 @@ def test_document_masking_changes_what_one_process_computes(single_process_maske
     assert abs(masked[0] - unmasked[0]) > 1e-4 and masked != pytest.approx(unmasked, rel=1e-5)
 
 
-@pytest.mark.parametrize("name", ["tp2", "pp2", "tp2_pp2"])
+@pytest.mark.parametrize("name", ["tp2", "pp2", "tp2_pp2", "cp2", "cp4", "cp2_tp2", "cp2_pp2"])
 def test_masked_layout_matches_single_process(name, single_process_masked, verse_shards, tmp_path):
     assert_layout_matches(name, single_process_masked, verse_shards, tmp_path, "trainer.doc_masking=true")
 

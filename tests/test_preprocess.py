@@ -271,10 +271,10 @@ def test_document_boundaries_are_kept_when_asked(ray_local, chapters, data_confi
                       "data.shuffle_window=16")
     manifest = preprocess(cfg)
     source = ShardLoader(cfg.data, "train", 8, 0, 1, seed=0, shuffle=True, doc_boundaries=True)
-    for tokens, segments in source.iter_batches(max_batches=20):
-        after_eos = np.zeros_like(segments)
-        after_eos[:, 1:] = np.cumsum((tokens[:, :-1] == manifest.eos_id).numpy(), axis=1)
-        assert np.array_equal(segments.numpy(), after_eos)   # a new document right after every EOS
+    for tokens, starts in source.iter_batches(max_batches=20):
+        after_eos = np.zeros_like(starts)
+        after_eos[:, 1:] = (tokens[:, :-1] == manifest.eos_id).numpy()
+        assert np.array_equal(starts[:, 1:].numpy(), after_eos[:, 1:])   # a new document right after every EOS
 
 
 def test_byte_ranges_split_a_file_without_losing_or_repeating_lines(corpus):

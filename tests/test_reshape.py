@@ -117,7 +117,7 @@ def test_export_from_tensor_and_pipeline_layouts(layout, written, tmp_path):
     tag_dir = run_dir / "checkpoints" / store.tag_for_step(STOP)
     out = export(compose_config(f"export.checkpoint_dir={tag_dir}", f"export.out_dir={tmp_path / 'hf'}"))
     state = store.read_state(tag_dir)
-    m = ModelConfig(**state.config["model"])
+    m = ModelConfig.from_dict(state.config["model"])
     reference = Llama(m).eval()
     trained = torch.load(run_dir / f"weights_step{STOP}.pt")
     if m.tie_embeddings:

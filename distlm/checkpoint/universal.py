@@ -35,20 +35,24 @@ _TMP_PREFIX = f".{UNIVERSAL_DIR}.tmp"
 
 
 def layout_of(config: dict[str, Any]) -> dict[str, int]:
-    """tp, pp, dp and ZeRO stage of a composed config (as saved in a checkpoint's run state)."""
+    """tp, pp, cp, dp and ZeRO stage of a composed config (as saved in a checkpoint's run state; cp is 1 in
+    checkpoints written before context parallelism existed)."""
     par, workers = config["parallel"], config["cluster"]["num_workers"]
-    return {"tp": par["tp"], "pp": par["pp"], "dp": workers // (par["tp"] * par["pp"]),
+    cp = par.get("cp", 1)
+    return {"tp": par["tp"], "pp": par["pp"], "cp": cp, "dp": workers // (par["tp"] * par["pp"] * cp),
             "zero_stage": par["zero_stage"]}
 
 
 def describe(layout: dict[str, int]) -> str:
-    return f"tp {layout['tp']} x pp {layout['pp']} x dp {layout['dp']}, ZeRO-{layout['zero_stage']}"
+    return (f"tp {layout['tp']} x pp {layout['pp']} x cp {layout.get('cp', 1)} x dp {layout['dp']}, "
+            f"ZeRO-{layout['zero_stage']}")
 
 
 def needs_universal(was: dict[str, int], now: dict[str, int]) -> bool:
     """Whether a checkpoint written at layout `was` must go through its universal form to be loaded at
     `now` (both `layout_of`): DeepSpeed's own loading needs the same TP, PP and ZeRO stage, and with ZeRO >= 1
-    (optimizer states partitioned over data-parallel ranks) the same DP size."""
+    (optimizer states partitioned over data-parallel ranks, which include the context-parallel ones) the same
+    DP and CP sizes."""
     if was == now:
         return False
     return was["zero_stage"] > 0 or (was["tp"], was["pp"], was["zero_stage"]) != (now["tp"], now["pp"], now["zero_stage"])

@@ -44,7 +44,7 @@ def export(c: Config) -> Path:
     _check_replaceable(out_dir)
     tag_dir = find_checkpoint(Path(c.export.checkpoint_dir), c.export.tag)
     state = store.read_state(tag_dir)
-    model_cfg = ModelConfig(**state.config["model"])
+    model_cfg = ModelConfig.from_dict(state.config["model"])
     eos_token = state.config["data"]["tokenizer"]["eos_token"]
     dtype = TORCH_DTYPE[c.export.dtype]
 
@@ -86,7 +86,7 @@ def hf_config(m: ModelConfig, eos_id: int, dtype: torch.dtype) -> LlamaConfig:
         head_dim=m.head_dim,
         max_position_embeddings=m.max_seq_len,
         rms_norm_eps=m.norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": m.rope_theta},
+        rope_parameters=rope_parameters(m),
         hidden_act="silu",
         attention_bias=False,
         mlp_bias=False,
@@ -98,6 +98,15 @@ def hf_config(m: ModelConfig, eos_id: int, dtype: torch.dtype) -> LlamaConfig:
         pad_token_id=eos_id,
         dtype=dtype,
     )
+
+
+def rope_parameters(m: ModelConfig) -> dict:
+    """transformers' rope_parameters for the model's RoPE (Llama 3 scaling as rope_type 'llama3')."""
+    s = m.rope_scaling
+    if s is None:
+        return {"rope_type": "default", "rope_theta": m.rope_theta}
+    return {"rope_type": "llama3", "rope_theta": m.rope_theta, "factor": s.factor, "low_freq_factor": s.low_freq_factor,
+            "high_freq_factor": s.high_freq_factor, "original_max_position_embeddings": s.original_max_seq_len}
 
 
 def to_hf_name(name: str) -> str:

@@ -55,7 +55,7 @@ def load(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
                                 f"nor a distlm checkpoint; run `distlm export` first or point generate.model_dir at one")
     tag_dir = find_checkpoint(path)
     state = store.read_state(tag_dir)
-    m = ModelConfig(**state.config["model"])
+    m = ModelConfig.from_dict(state.config["model"])
     eos = state.config["data"]["tokenizer"]["eos_token"]
     tok = PreTrainedTokenizerFast(tokenizer_file=str(tag_dir / store.TOKENIZER_FILE), eos_token=eos,
                                   bos_token=eos, pad_token=eos)

@@ -28,7 +28,7 @@ from tokenizers import Tokenizer
 from distlm.checkpoint import store
 from distlm.checkpoint.store import RunState
 from distlm.checkpoint.weights import checked_weights
-from distlm.config import CheckpointError, ModelConfig
+from distlm.config import CheckpointError, ModelConfig, RopeScaling
 from distlm.files import file_sha256, write_atomic
 
 log = logging.getLogger(__name__)
@@ -44,8 +44,9 @@ def model_config(hf: dict) -> ModelConfig:
     if hf.get("attention_bias") or hf.get("mlp_bias"):
         unsupported.append("attention/MLP biases")
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        unsupported.append(f"RoPE scaling {rope.get('rope_type', rope.get('type'))!r}")
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "llama3"):
+        unsupported.append(f"RoPE scaling {rope_type!r} (only Llama 3's)")
     n_heads = hf["num_attention_heads"]
     head_dim = hf.get("head_dim") or hf["hidden_size"] // n_heads
     if head_dim * n_heads != hf["hidden_size"]:
@@ -56,7 +57,11 @@ def model_config(hf: dict) -> ModelConfig:
         dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=n_heads,
         n_kv_heads=hf.get("num_key_value_heads") or n_heads, ffn_dim=hf["intermediate_size"],
         vocab_size=hf["vocab_size"], max_seq_len=hf["max_position_embeddings"],
-        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))), norm_eps=hf["rms_norm_eps"],
+        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+        rope_scaling=RopeScaling(factor=rope["factor"], low_freq_factor=rope["low_freq_factor"],
+                                 high_freq_factor=rope["high_freq_factor"],
+                                 original_max_seq_len=rope["original_max_position_embeddings"])
+        if rope_type == "llama3" else None, norm_eps=hf["rms_norm_eps"],
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)), init_std=hf.get("initializer_range", 0.02))
 
 
@@ -125,11 +130,20 @@ def import_hf(hf_dir: Path, out_dir: Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     n_params = sum(w.numel() for w in weights.values())
-    overrides = " ".join(f"model.{k}={v}" for k, v in asdict(m).items() if k not in ("max_seq_len", "init_std"))
+    overrides = " ".join(f"model.{k}={_override(v)}" for k, v in asdict(m).items() if k not in ("max_seq_len", "init_std"))
     log.info("imported %s -> %s: %.2fM parameters (%s), EOS %r\n  train from it with: distlm train "
              "trainer.resume=%s data.tokenizer.path=%s %s", hf_dir, out_dir / tag, n_params / 1e6,
              next(iter(weights.values())).dtype, eos, out_dir, out_dir / tag / store.TOKENIZER_FILE, overrides)
     return out_dir / tag
+
+
+def _override(value) -> str:
+    """A value as Hydra's override grammar writes it."""
+    if value is None:
+        return "null"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{v}" for k, v in value.items()) + "}"
+    return str(value)
 
 
 def main(argv: list[str]) -> None:

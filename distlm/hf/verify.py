@@ -45,7 +45,7 @@ def verify(hf_dir: Path, m: ModelConfig, weights: Callable[[str], torch.Tensor],
         hf = AutoModelForCausalLM.from_config(config, dtype=TORCH_DTYPE[dtype]).eval()
         ours = Llama(m).eval()
     hf.model.rotary_emb = type(hf.model.rotary_emb)(config)  # its inverse frequencies are computed, not loaded
-    ours.rope_cos, ours.rope_sin = rope_cache(m.head_dim, m.max_seq_len, m.rope_theta)
+    ours.rope_cos, ours.rope_sin = rope_cache(m)
     _check_names(hf, exported, hf_dir)
     layers = [f"layers.{i}" for i in range(m.n_layers)]
     _stream_weights(hf, ["model.embed_tokens", *(f"model.{x}" for x in layers), "model.norm", "lm_head"], exported.get,

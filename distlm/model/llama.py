@@ -31,9 +31,26 @@ class RMSNorm(nn.Module):
         return self.weight * normed
 
 
-def rope_cache(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
+def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
+    """The rotation frequency of each pair of head dimensions: theta^(-2i/head_dim), stretched for long contexts
+    by Llama 3's scaling (cfg.rope_scaling): low frequencies divided by its factor, high ones kept, a smooth
+    blend between (as Hugging Face's rope_type 'llama3' computes them)."""
+    hd = cfg.head_dim
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd)
+    s = cfg.rope_scaling
+    if s is None:
+        return inv_freq
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > s.original_max_seq_len / s.low_freq_factor, inv_freq / s.factor, inv_freq)
+    smooth = (s.original_max_seq_len / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    blended = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = (wavelen >= s.original_max_seq_len / s.high_freq_factor) & (wavelen <= s.original_max_seq_len / s.low_freq_factor)
+    return torch.where(medium, blended, scaled)
+
+
+def rope_cache(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [max_seq_len, head_dim] of every position's rotation angles."""
+    angles = torch.outer(torch.arange(cfg.max_seq_len, dtype=torch.float32), rope_frequencies(cfg))
     angles = torch.cat([angles, angles], dim=-1)  # [seq, head_dim]: the two halves share frequencies
     return angles.cos(), angles.sin()
 
@@ -54,10 +71,13 @@ def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
     return index - torch.where(starts, index, 0).cummax(dim=1).values
 
 
-def document_inputs(segments: torch.Tensor, restart_positions: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(doc_ids, position_ids) [batch, seq] for the inputs of packed samples, from segments [batch, seq + 1] (the
-    loader's document number of every token): positions restart at 0 in every document, or run 0..seq-1."""
-    doc_ids = segments[:, :-1].long()
+def document_inputs(starts: torch.Tensor, restart_positions: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(doc_ids, position_ids) [batch, seq] of packed samples' inputs, from where documents start in them (bool or
+    0/1 [batch, seq]): each token's document number (0 = the one the sample starts in), and positions that restart
+    at 0 in every document, or run 0..seq-1."""
+    marks = starts.long()
+    marks[:, 0] = 0  # a document starting at 0 is the sample's first either way
+    doc_ids = marks.cumsum(dim=1)
     if restart_positions:
         return doc_ids, document_positions(doc_ids)
     return doc_ids, torch.arange(doc_ids.shape[1], device=doc_ids.device).expand_as(doc_ids)
@@ -97,6 +117,19 @@ def _compiled_flex_attention():
     return torch.compile(flex_attention, dynamic=False)  # without compiling it is a slow reference version
 
 
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+           mask: torch.Tensor | BlockMask | None = None) -> torch.Tensor:
+    """Attention of q [batch, heads, seq, head_dim] over k, v [batch, kv_heads, seq, head_dim] (grouped-query when
+    kv_heads < heads): causal when mask is None, else the boolean mask or flex-attention BlockMask."""
+    gqa = k.shape[1] != q.shape[1]  # query heads share key/value heads
+    if mask is None:  # SDPA picks the flash kernel on GPU
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    if isinstance(mask, BlockMask):
+        flex = _compiled_flex_attention() if q.is_cuda else flex_attention
+        return flex(q, k, v, block_mask=mask, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -105,6 +138,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.attend = attend  # over the whole sequence; sequence parallelism wraps it (parallel/sequence.py)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor | BlockMask | None = None) -> torch.Tensor:
@@ -113,14 +147,7 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        gqa = self.n_kv_heads != self.n_heads  # query heads share key/value heads
-        if mask is None:  # SDPA picks the flash kernel on GPU
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        elif isinstance(mask, BlockMask):
-            flex = _compiled_flex_attention() if q.is_cuda else flex_attention
-            y = flex(q, k, v, block_mask=mask, enable_gqa=gqa)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        y = self.attend(q, k, v, mask)
         return self.o_proj(y.transpose(1, 2).reshape(batch, seq, -1))
 
 
@@ -183,7 +210,7 @@ class Llama(nn.Module):
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        cos, sin = rope_cache(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        cos, sin = rope_cache(cfg)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         # Weights start as torch's defaults here; training draws them by `initial_std`

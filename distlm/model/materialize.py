@@ -187,4 +187,4 @@ def materialize(module: nn.Module, cfg: ModelConfig, layout: Layout, source, zer
         if zero3_config is not None:  # the module's full tensors were freed: the rank keeps only its partitions
             return_freed_memory()  # what partitioning freed stays in the heap otherwise (distlm/memory.py)
     if isinstance(module, Llama):  # its RoPE tables were built on the meta device too
-        module.rope_cos, module.rope_sin = rope_cache(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        module.rope_cos, module.rope_sin = rope_cache(cfg)

@@ -3,9 +3,11 @@ activation checkpointing, and where it is built for a rank (`build_model`).
 
 llama.py knows nothing of this. The model is built on the meta device (no storage), split for the layout
 there (the TP plan swaps its linear layers for tensor-parallel ones; the pipeline split builds only this
-rank's stages), and only then does each parameter get storage for this rank's slice (materialize.py). With
-document masking a stage's input and output is the tuple (activations or token ids, document ids, positions):
-the document ids and positions travel with the activations from stage to stage. Both keep the model's
+rank's stages; context parallelism wraps each block's attention core, parallel/sequence.py), and only then does
+each parameter get storage for this rank's slice (materialize.py). With document masking a stage's input and
+output is the tuple (activations or token ids, document ids, positions), with context parallelism and no masking
+(activations or token ids, positions): the document ids and positions travel with the activations from stage to
+stage. Both keep the model's
 parameter names (a stage `3` holding `layers.2....`), so `full_state_dict` can gather a layout back into the
 names of a one-process Llama (and of Hugging Face's, less the `model.` prefix).
 """
@@ -23,6 +25,7 @@ from distlm.config import ModelConfig
 from distlm.model.llama import Block, Llama, RMSNorm, cross_entropy, rope_and_mask, rope_cache
 from distlm.model.materialize import allocate, canonical_name, materialize
 from distlm.parallel.layout import Layout
+from distlm.parallel.sequence import SequenceParallelAttention
 from distlm.parallel.tensor import (ColumnParallelLinear, RowParallelLinear, VocabParallelCrossEntropy,
                                     VocabParallelEmbedding, copy_to_tp, padded_vocab_size)
 
@@ -41,6 +44,8 @@ def build_model(cfg: ModelConfig, layout: Layout, source, partition: str, checkp
             module = Llama(cfg)
             if layout.tp > 1:
                 tensor_parallel(module, layout)
+        for block in module.layers:
+            context_parallel(block, layout)
         module.loss_fn = loss_function(cfg, layout)
         module.activation_checkpoint_interval = checkpoint_interval
     materialize(module, cfg, layout, source, zero3_config)
@@ -71,6 +76,13 @@ def _split_block(block: Block, layout: Layout) -> None:
                                                           column(attn.v_proj), row(attn.o_proj))
     attn.n_heads, attn.n_kv_heads = attn.n_heads // tp, attn.n_kv_heads // tp  # whole KV groups per rank
     mlp.gate_proj, mlp.up_proj, mlp.down_proj = column(mlp.gate_proj), column(mlp.up_proj), row(mlp.down_proj)
+
+
+def context_parallel(block: Block, layout: Layout) -> None:
+    """With cp > 1, the block's attention attends over the whole sequence from this rank's slice of it."""
+    if layout.cp > 1:
+        attn = block.self_attn
+        attn.attend = SequenceParallelAttention(attn.attend, layout.cp_group, layout.cp)
 
 
 def _split_embedding(cfg: ModelConfig, layout: Layout) -> VocabParallelEmbedding:
@@ -111,7 +123,7 @@ class EmbedStage(nn.Module):
         allocate(self)
 
     def forward(self, ids: torch.Tensor | tuple) -> torch.Tensor | tuple:
-        if isinstance(ids, tuple):  # (token ids, document ids, positions)
+        if isinstance(ids, tuple):  # (token ids, [document ids,] positions)
             return (self.embed_tokens(ids[0]), *ids[1:])
         return self.embed_tokens(ids)
 
@@ -129,6 +141,7 @@ class BlockStage(nn.Module):
             block = Block(cfg)
             if layout.tp > 1:
                 _split_block(block, layout)
+        context_parallel(block, layout)
         self.layers = nn.ModuleDict({str(index): block})  # keeps the name layers.<index>.*
         allocate(self)
         self.register_buffer("rope_cos", rope_cos, persistent=False)
@@ -136,10 +149,11 @@ class BlockStage(nn.Module):
 
     def forward(self, x: torch.Tensor | tuple) -> torch.Tensor | tuple:
         (block,) = self.layers.values()
-        x, *documents = x if isinstance(x, tuple) else (x,)
-        cos, sin, mask = rope_and_mask(self.rope_cos, self.rope_sin, x.shape[1], *(documents or (None, None)))
+        x, *extra = x if isinstance(x, tuple) else (x,)
+        doc_ids, positions = (None, *extra) if len(extra) == 1 else (extra or (None, None))
+        cos, sin, mask = rope_and_mask(self.rope_cos, self.rope_sin, x.shape[1], doc_ids, positions)
         x = block(x, cos, sin, mask)
-        return (x, *documents) if documents else x
+        return (x, *extra) if extra else x
 
 
 class NormStage(nn.Module):
@@ -171,7 +185,7 @@ def _unembed(stage: EmbedStage, x: torch.Tensor) -> torch.Tensor:
 def pipeline_stages(cfg: ModelConfig, layout: Layout, partition: str, checkpoint_interval: int) -> PipelineModule:
     """The model as a sequence of DeepSpeed pipeline stages: embedding, one stage per block, head. Given as
     LayerSpecs, so each rank builds only its own stages (with uninitialized storage, filled by materialize)."""
-    cos, sin = rope_cache(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+    cos, sin = rope_cache(cfg)
     blocks = [LayerSpec(BlockStage, i, cfg, layout, cos, sin) for i in range(cfg.n_layers)]
     if cfg.tie_embeddings:
         # One matrix on the first and the last stage: DeepSpeed keeps the copies equal by summing their

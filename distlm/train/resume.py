@@ -94,12 +94,18 @@ def plan_resume(c: Config, tokenizer_sha256: str, source: Path | None = None) ->
     return ResumePlan(kind, now, tag_dir, saved, existing)
 
 
+ROPE_KEYS = ("rope_theta", "rope_scaling")  # may change on resume: extending the context of a trained model
+
+
 def check_compatible(saved: RunState, c: Config, tokenizer_sha256: str, where: Path) -> None:
     """Never silently continue a different model, sample stream or tokenizer."""
     config = to_dict(c)
-    now, was = config["model"], saved.config.get("model", {})
+    now, was = config["model"], {"rope_scaling": None, **saved.config.get("model", {})}
     changed = [f"model.{k}: checkpoint {was.get(k)!r} vs config {v!r}"
-               for k, v in now.items() if k not in ("init_std", "max_seq_len") and was.get(k) != v]
+               for k, v in now.items() if k not in ("init_std", "max_seq_len", *ROPE_KEYS) and was.get(k) != v]
+    rope = [f"model.{k} {was.get(k)!r} -> {now[k]!r}" for k in ROPE_KEYS if was.get(k) != now[k]]
+    if rope:  # the same weights at a longer context (continued pretraining): allowed, and said
+        log.warning("checkpoint %s continues with other rotary position settings: %s", where, ", ".join(rope))
     if changed:
         raise ConfigError(f"checkpoint {where} was trained with a different model: {', '.join(changed)}; "
                           f"use the checkpoint's model settings, or trainer.resume=never to start over")

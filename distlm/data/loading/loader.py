@@ -41,21 +41,22 @@ class _RankSamples(IterableDataset):
 
 class ShardLoader:
     """Batches [micro_batch_size, sample_len] (int64) of one split for data-parallel rank `dp_rank`, or with
-    doc_boundaries=True pairs (tokens, document number of each token within its sample, int32). See
+    doc_boundaries=True pairs (tokens, where documents start: uint8 0/1 per token). See
     sampling.py for the order; the train split repeats over epochs forever, other splits make one pass.
     `data` gives the directory (data.dir; the train split of data.mix mixes its sources, other splits read the
     first source) and the loader keys (data.shuffle_window, loader_workers, shard_url, verify_shards). `broadcast_group`: the ranks that consume the same batches (a tensor-parallel group); its
-    first rank reads them and broadcasts, the others read nothing. `wait_seconds()` is the time spent waiting
-    for batches since its last call (loader stalls show up there)."""
+    first rank reads them and broadcasts, the others read nothing. `tokens`: the part of every sample to read (a
+    context-parallel rank's slice of the sequence); None = all. `wait_seconds()` is the time spent waiting for
+    batches since its last call (loader stalls show up there)."""
 
     def __init__(self, data: DataConfig, split: str, micro_batch_size: int, dp_rank: int, dp_size: int, seed: int,
-                 shuffle: bool, doc_boundaries: bool = False, broadcast_group=None):
+                 shuffle: bool, doc_boundaries: bool = False, broadcast_group=None, tokens: slice | None = None):
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size})")
         if micro_batch_size <= 0 or data.shuffle_window <= 0 or data.loader_workers < 0:
             raise ValueError(f"need micro_batch_size={micro_batch_size} > 0, data.shuffle_window={data.shuffle_window} "
                              f"> 0 and data.loader_workers={data.loader_workers} >= 0")
-        rank = dict(dp_size=dp_size, dp_rank=dp_rank, micro=micro_batch_size, boundaries=doc_boundaries)
+        rank = dict(dp_size=dp_size, dp_rank=dp_rank, micro=micro_batch_size, boundaries=doc_boundaries, tokens=tokens)
         self.stream = MixtureStream(data, seed, **rank) if split == "train" and data.mix else \
             SplitStream(dataclasses.replace(data, dir=main_dir(data), mix=None), split, seed, shuffle, **rank)
         self.manifest = self.stream.manifest  # a mixture's sources share its tokenizer and seq_len
@@ -110,39 +111,39 @@ class ShardLoader:
         source = self._batches(first, end, count) if reads else None
         device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(self.group) == "nccl" \
             else torch.device("cpu")
-        shape = (self.micro_batch_size, self.manifest.sample_len)
+        shape = (self.micro_batch_size, self.stream.tokens.stop - self.stream.tokens.start)
         produced = 0
         while count is None or produced < count:
             batch = next(source) if reads else None
-            tokens, segments = batch if isinstance(batch, tuple) else (batch, None)
+            tokens, starts = batch if isinstance(batch, tuple) else (batch, None)
             tokens = tokens.to(device) if reads else torch.empty(shape, dtype=torch.int64, device=device)
             dist.broadcast(tokens, src, group=self.group)
             if self.doc_boundaries:
-                segments = segments.to(device) if reads else torch.empty(shape, dtype=torch.int32, device=device)
-                dist.broadcast(segments, src, group=self.group)
-            yield (tokens, segments) if self.doc_boundaries else tokens
+                starts = starts.to(device) if reads else torch.empty(shape, dtype=torch.uint8, device=device)
+                dist.broadcast(starts, src, group=self.group)
+            yield (tokens, starts) if self.doc_boundaries else tokens
             produced += 1
 
     def _batches(self, first: int, end: int | None, max_batches: int | None) -> Iterator:
         micro, produced, carry = self.micro_batch_size, 0, None
         if max_batches == 0:
             return
-        for tokens, segments in self._samples(first, end):
+        for tokens, starts in self._samples(first, end):
             if carry is not None:   # a batch can span two windows
-                tokens, segments = np.concatenate([carry[0], tokens]), np.concatenate([carry[1], segments])
+                tokens, starts = np.concatenate([carry[0], tokens]), np.concatenate([carry[1], starts])
             whole = len(tokens) // micro * micro
             for lo in range(0, whole, micro):
                 batch = torch.from_numpy(tokens[lo: lo + micro].astype(np.int64))
-                yield (batch, torch.from_numpy(segments[lo: lo + micro])) if self.doc_boundaries else batch
+                yield (batch, torch.from_numpy(starts[lo: lo + micro])) if self.doc_boundaries else batch
                 produced += 1
                 if produced == max_batches:
                     return
-            carry = tokens[whole:], segments[whole:]
+            carry = tokens[whole:], starts[whole:]
 
     def _samples(self, first: int, end: int | None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         samples = _RankSamples(self.stream, first, end)
         if not self.workers:
             yield from samples
             return
-        for tokens, segments in DataLoader(samples, batch_size=None, num_workers=self.workers):
-            yield tokens.numpy(), segments.numpy()
+        for tokens, starts in DataLoader(samples, batch_size=None, num_workers=self.workers):
+            yield tokens.numpy(), starts.numpy()

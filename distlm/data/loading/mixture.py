@@ -76,11 +76,13 @@ class MixtureStream:
     SplitStream read alone, with the run's seed). Rank r takes slots [r * m, (r + 1) * m) of every global batch,
     as with one dataset."""
 
-    def __init__(self, data: DataConfig, seed: int, dp_size: int, dp_rank: int, micro: int, boundaries: bool = False):
+    def __init__(self, data: DataConfig, seed: int, dp_size: int, dp_rank: int, micro: int, boundaries: bool = False,
+                 tokens: slice | None = None):
         self.sources = [SplitStream(dataclasses.replace(data, dir=s.dir, mix=None), "train", seed, shuffle=True,
-                                    boundaries=boundaries) for s in data.mix]
+                                    boundaries=boundaries, tokens=tokens) for s in data.mix]
         self.names = [s.name for s in data.mix]
         self.manifest = self.sources[0].manifest  # every source has its tokenizer and seq_len (validate_mix)
+        self.tokens = self.sources[0].tokens
         self.schedule = MixSchedule([s.weight for s in data.mix], seed)
         self.num_samples = sum(s.num_samples for s in self.sources)
         self.global_batch, self.dp_rank, self.micro = dp_size * micro, dp_rank, micro
@@ -100,13 +102,13 @@ class MixtureStream:
     def read(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The samples at global stream `positions` (ascending), read from their sources."""
         source_of, index = self.schedule.assign(positions)
-        fmt = self.manifest.record
-        tokens = np.empty((len(positions), fmt.sample_len), dtype=fmt.dtype)
-        segments = np.zeros((len(positions), fmt.sample_len if self.boundaries else 0), dtype=np.int32)
+        length = self.tokens.stop - self.tokens.start
+        tokens = np.empty((len(positions), length), dtype=self.manifest.record.dtype)
+        starts = np.zeros((len(positions), length if self.boundaries else 0), dtype=np.uint8)
         for s in np.unique(source_of):
             rows = np.flatnonzero(source_of == s)   # source positions rise with global ones
-            tokens[rows], segments[rows] = self.sources[s].read(index[rows])
-        return tokens, segments
+            tokens[rows], starts[rows] = self.sources[s].read(index[rows])
+        return tokens, starts
 
     def progress(self, samples_seen: int) -> dict[str, tuple[int, int]]:
         """Per source: (its samples in global stream samples [0, samples_seen), the epoch it is in: 0 on the

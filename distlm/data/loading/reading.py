@@ -57,20 +57,14 @@ def read_samples(url: str, shard: ShardInfo, fmt: RecordFormat, indices: np.ndar
     return fmt.decode(url, shard.name.removesuffix(".tar"), records, indices, verify)
 
 
-def segments_of(doc_starts: np.ndarray) -> np.ndarray:
-    """Each token's document number within its sample (int32; 0 = the document the sample starts in)."""
-    marks = doc_starts.astype(np.int32)
-    marks[:, 0] = 0   # a document starting at 0 is the sample's first segment either way
-    return np.cumsum(marks, axis=1, dtype=np.int32)
-
-
 class SplitStream:
     """One split of one preprocessed dataset (`data.dir`) as its global sample stream (sampling.StreamPlan),
     readable by stream position; as seen by data-parallel rank `dp_rank` of `dp_size` with `micro` samples per
-    micro-batch. `boundaries`: also read each token's document number (the data must store them)."""
+    micro-batch. `boundaries`: also read where documents start (the data must store them). `tokens`: the part
+    of every sample to return (a context-parallel rank's slice); None = all of it."""
 
     def __init__(self, data: DataConfig, split: str, seed: int, shuffle: bool, dp_size: int = 1, dp_rank: int = 0,
-                 micro: int = 1, boundaries: bool = False):
+                 micro: int = 1, boundaries: bool = False, tokens: slice | None = None):
         self.manifest = Manifest.load(data.dir)
         if boundaries and not self.manifest.doc_boundaries:
             raise ValueError(f"{data.dir} has no document boundaries: preprocess with data.keep_doc_boundaries=true")
@@ -79,6 +73,7 @@ class SplitStream:
         self.plan = StreamPlan(shard_sizes=tuple(s.samples for s in self.shards), seed=seed, shuffle=shuffle,
                                min_window=data.shuffle_window, dp_size=dp_size, dp_rank=dp_rank, micro=micro)
         self.verify, self.boundaries = data.verify_shards, boundaries
+        self.tokens = tokens or slice(0, self.record.sample_len)
         self.num_samples = self.manifest.num_samples(split)
 
     @property
@@ -95,10 +90,11 @@ class SplitStream:
 
     def read(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Samples at stream `positions` (ascending, distinct): tokens [k, sample_len] (the record's dtype) and
-        each token's document number (int32 [k, sample_len], or [k, 0] without boundaries). Reads only them."""
-        plan, fmt = self.plan, self.record
-        tokens = np.empty((len(positions), fmt.sample_len), dtype=fmt.dtype)
-        segments = np.zeros((len(positions), fmt.sample_len if self.boundaries else 0), dtype=np.int32)
+        where documents start in them (uint8 0/1 [k, sample_len], or [k, 0] without boundaries). Reads only them."""
+        plan, fmt, part = self.plan, self.record, self.tokens
+        length = part.stop - part.start
+        tokens = np.empty((len(positions), length), dtype=fmt.dtype)
+        starts = np.zeros((len(positions), length if self.boundaries else 0), dtype=np.uint8)
         epoch_of = positions // plan.epoch_samples
         for epoch in np.unique(epoch_of):
             windows = plan.windows(int(epoch))
@@ -113,8 +109,9 @@ class SplitStream:
             for shard in np.unique(shard_of):   # one read per shard and epoch
                 rows = np.flatnonzero(shard_of == shard)
                 rows = rows[np.argsort(index[rows])]   # in file order
+                # Whole records (each one's crc32 covers it whole), then this rank's part of them.
                 got, doc_starts = read_samples(self.urls[shard], self.shards[shard], fmt, index[rows], self.verify)
-                tokens[in_epoch[rows]] = got
+                tokens[in_epoch[rows]] = got[:, part]
                 if self.boundaries:
-                    segments[in_epoch[rows]] = segments_of(doc_starts)
-        return tokens, segments
+                    starts[in_epoch[rows]] = doc_starts[:, part]
+        return tokens, starts

@@ -39,7 +39,7 @@ class Attempt:
 
     def describe(self) -> str:
         par = self.config.parallel
-        return (f"{self.config.cluster.num_workers} workers = tp {par.tp} x pp {par.pp} x dp "
+        return (f"{self.config.cluster.num_workers} workers = tp {par.tp} x pp {par.pp} x cp {par.cp} x dp "
                 f"{self.config.data_parallel_size}, grad_accum {self.config.trainer.grad_accum}")
 
 
@@ -49,7 +49,7 @@ def config_for_workers(c: Config, workers: int) -> Config:
     if dp is None:
         raise ValueError(f"{workers} workers cannot keep the global batch {c.global_batch_size}")
     attempt = copy.deepcopy(c)
-    attempt.cluster.num_workers = dp * c.parallel.tp * c.parallel.pp
+    attempt.cluster.num_workers = dp * c.parallel.tp * c.parallel.pp * c.parallel.cp
     attempt.trainer.grad_accum = c.global_batch_size // (dp * c.trainer.micro_batch_size)
     return attempt
 

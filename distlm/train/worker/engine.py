@@ -22,7 +22,9 @@ def deepspeed_config(c: Config, use_cuda: bool, load_universal: bool = False) ->
     return {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.grad_accum,
-        "train_batch_size": c.global_batch_size,
+        # DeepSpeed's data-parallel ranks include the context-parallel ones (parallel/layout.py): each feeds it a
+        # micro-batch of sequence slices.
+        "train_batch_size": c.global_batch_size * c.parallel.cp,
         "gradient_clipping": o.grad_clip,
         "zero_optimization": zero_config(c, use_cuda),
         "bf16": {"enabled": t.precision == Precision.bf16},

@@ -181,16 +181,17 @@ class MetricsLogger:
         """Continue a few validation prompts greedily; log them with the true continuation beside them.
 
         Only for a plain, whole `Llama` on this rank: under tensor/pipeline parallelism or ZeRO-3 the rank
-        holds a part of the model, and a forward pass outside the engine would be wrong or hang. The prompts
+        holds a part of the model, and under context parallelism its attention waits for the other ranks of its
+        group: a forward pass of rank 0 alone would be wrong or hang. The prompts
         are the first validation batch of `val_loader` (a ShardLoader), read once."""
         from distlm.model.llama import Llama
 
         if self._samples_off:
             return
         par = self.c.parallel
-        if type(model) is not Llama or par.tp > 1 or par.pp > 1 or par.zero_stage == 3:
-            log.info("generated samples are off: rank 0 does not hold the whole model (tp=%d, pp=%d, zero_stage=%d)",
-                     par.tp, par.pp, par.zero_stage)
+        if type(model) is not Llama or par.tp > 1 or par.pp > 1 or par.cp > 1 or par.zero_stage == 3:
+            log.info("generated samples are off: rank 0 does not hold the whole model alone (tp=%d, pp=%d, cp=%d, "
+                     "zero_stage=%d)", par.tp, par.pp, par.cp, par.zero_stage)
             self._samples_off = True
             return
         from tokenizers import Tokenizer
@@ -198,7 +199,7 @@ class MetricsLogger:
         device = next(model.parameters()).device
         if self._sample_prompts is None:  # the same prompts at every evaluation, to compare
             first = next(iter(val_loader.iter_batches(max_batches=1)), torch.zeros(0, 2, dtype=torch.long))
-            first = first[0] if isinstance(first, (tuple, list)) else first  # (tokens, document segments)
+            first = first[0] if isinstance(first, (tuple, list)) else first  # (tokens, document starts)
             self._sample_prompts = first[: self.c.logger.samples]
         batch = self._sample_prompts
         prompt_len = min(self.c.logger.sample_prompt_tokens, batch.shape[1] // 2)

@@ -46,7 +46,7 @@ class Trainer:
         self.attempt = attempt or {"attempt": 1, "workers": c.cluster.num_workers, "grad_accum": c.trainer.grad_accum}
         self._join_process_group()
         self.manifest = Manifest.load(main_dir(c.data))  # checked against the config on the driver
-        self.layout = make_layout(c.parallel.tp, c.parallel.pp)
+        self.layout = make_layout(c.parallel.tp, c.parallel.pp, c.parallel.cp)
         self.pipelined = self.layout.pp > 1
         self._count_flops()
         self.state = RunState(config=to_dict(c), tokenizer_sha256=self.manifest.tokenizer_sha256)
@@ -97,7 +97,8 @@ class Trainer:
         The tensor-parallel ranks of a stage need the same batches: the first reads, the others receive."""
         c, lay = self.c, self.layout
         loading = dict(micro_batch_size=c.trainer.micro_batch_size, dp_rank=lay.dp_rank, dp_size=lay.dp,
-                       broadcast_group=lay.tp_group if lay.tp > 1 else None, doc_boundaries=c.trainer.doc_masking)
+                       broadcast_group=lay.tp_group if lay.tp > 1 else None, doc_boundaries=c.trainer.doc_masking,
+                       tokens=self.sequence_slice)
         train = ShardLoader(c.data, split="train", seed=c.seed, shuffle=True, **loading)  # data.mix: the mixture
         # With data.mix: each source's validation split, evaluated apart (val_loss/NAME).
         sources = {s.name: ShardLoader(dataclasses.replace(c.data, dir=s.dir, mix=None), split="val", seed=0,
@@ -109,29 +110,53 @@ class Trainer:
     def _log_start(self) -> None:
         if self.rank == 0:
             c, lay = self.c, self.layout
-            log.info("model: %.2fM parameters; %d workers = tp %d x pp %d x dp %d, ZeRO-%d, %s; global batch %d x %d "
-                     "tokens", self.num_params / 1e6, self.world, lay.tp, lay.pp, lay.dp, c.parallel.zero_stage,
+            log.info("model: %.2fM parameters; %d workers = %s, ZeRO-%d, %s; global batch %d x %d tokens",
+                     self.num_params / 1e6, self.world, lay.describe(), c.parallel.zero_stage,
                      c.trainer.precision.value, c.global_batch_size, c.data.seq_len)
 
+    @property
+    def sequence_slice(self) -> slice | None:
+        """The tokens of every sample this rank reads under context parallelism: its slice of the inputs and their
+        labels (one token more); None = the whole sample."""
+        cp = self.layout.cp
+        if cp == 1:
+            return None
+        length = self.c.data.seq_len // cp
+        return slice(self.layout.cp_rank * length, (self.layout.cp_rank + 1) * length + 1)
+
     def _model_batches(self, batches):
-        """(inputs, labels) on the device, or None where a pipeline stage reads no data. With trainer.doc_masking
-        the inputs are (token ids, document ids, positions): a tuple of tensors, as pipeline stages pass on."""
+        """(inputs, labels) on the device, or None where a pipeline stage reads no data. The inputs are token ids;
+        with trainer.doc_masking the tuple (token ids, document ids, positions), with context parallelism and no
+        masking (token ids, positions): tuples of tensors, as pipeline stages pass them on."""
         if not self.reads_data:
             return None
-        if not self.c.trainer.doc_masking:
-            return ((b[:, :-1].to(self.device), b[:, 1:].to(self.device)) for b in batches)
-        return (self._with_documents(tokens, segments) for tokens, segments in batches)
+        if self.c.trainer.doc_masking:
+            return (self._inputs(tokens, starts) for tokens, starts in batches)
+        return (self._inputs(tokens) for tokens in batches)
 
-    def _with_documents(self, tokens: torch.Tensor, segments: torch.Tensor) -> tuple[tuple, torch.Tensor]:
+    def _inputs(self, tokens: torch.Tensor, starts: torch.Tensor | None = None) -> tuple:
         tokens = tokens.to(self.device)
-        doc_ids, positions = document_inputs(segments.to(self.device), self.c.trainer.doc_positions)
-        return (tokens[:, :-1], doc_ids, positions), tokens[:, 1:]
+        ids, labels = tokens[:, :-1], tokens[:, 1:]
+        lay = self.layout
+        offset = self.sequence_slice.start if lay.cp > 1 else 0
+        if starts is not None:  # documents are numbered, and positions counted, over the whole sequence
+            starts = starts[:, :-1].to(self.device)
+            if lay.cp > 1:
+                pieces = [torch.empty_like(starts) for _ in range(lay.cp)]
+                dist.all_gather(pieces, starts.contiguous(), group=lay.cp_group)
+                starts = torch.cat(pieces, dim=1)
+            doc_ids, positions = document_inputs(starts, self.c.trainer.doc_positions)
+            return (ids, doc_ids, positions[:, offset:offset + ids.shape[1]]), labels
+        if lay.cp > 1:  # this slice's place in the sequence, for RoPE
+            return (ids, torch.arange(offset, offset + ids.shape[1], device=self.device).expand_as(ids)), labels
+        return ids, labels
 
     def _loss(self, inputs, labels) -> torch.Tensor:
-        if isinstance(inputs, tuple):
-            ids, doc_ids, positions = inputs
-            return self.engine(ids, labels, doc_ids=doc_ids, position_ids=positions)
-        return self.engine(inputs, labels)
+        if not isinstance(inputs, tuple):
+            return self.engine(inputs, labels)
+        ids, *extra = inputs
+        doc_ids, positions = (None, *extra) if len(extra) == 1 else extra
+        return self.engine(ids, labels, doc_ids=doc_ids, position_ids=positions)
 
     def _train_step(self, batches, rank0_flags) -> tuple[float, str | None, list[float]]:
         """One optimizer step -> (its loss averaged over micro-batches and replicas, why it was skipped or None,
@@ -235,8 +260,7 @@ class Trainer:
         if self.state.step >= end and self.rank == 0:
             log.info("already at step %d, nothing to train (stop at %d)", self.state.step, end)
         if self.metrics:
-            self.metrics.log(self.state.step, **self.attempt, layout=f"tp {self.layout.tp} x pp {self.layout.pp} x dp "
-                                                                     f"{self.layout.dp}")
+            self.metrics.log(self.state.step, **self.attempt, layout=self.layout.describe())
         if not self.resumed:
             self._log_eval()  # the starting point of the validation curve
         self.last_save = time.monotonic()
