@@ -26,7 +26,10 @@ Activations: the bytes autograd saves for backward, per token, b = bytes of the 
                  and SDPA's fp32 log-sum-exp (no seq x seq scores)                    4 * n_heads / tp
     split by TP: gate, silu(gate), up, silu(gate) * up                                4 * b * ffn_dim / tp
 The last stage adds the final norm and the fp32 log-probabilities (4 * vocab / tp), the first and last
-stage 8 B of token ids. Activation checkpointing every k blocks keeps each segment's input (b * dim)
+stage 8 B of token ids. Context parallelism (cp) divides the tokens a rank holds by cp; per token it saves one
+more output (the attention's, exchanged back: the projection's input), its k and v with the KV heads
+replicated to a multiple of cp (parallel/sequence.py), and RoPE's cos and sin at its positions (2 b head_dim).
+ZeRO partitions over data x context ranks. Activation checkpointing every k blocks keeps each segment's input (b * dim)
 and recomputes one segment (k blocks) at a time in backward. A 1F1B pipeline's stage s keeps
 min(pp - s, grad_accum) micro-batches in flight, and its input and output (b * dim each) for each.
 """
@@ -121,11 +124,12 @@ def offloaded_host_bytes(n: int, dp: int, zero: int, mixed: bool, offload_optimi
 
 def block_activation_bytes(m: ModelConfig, tp: int, dtype_b: int, cp: int = 1) -> float:
     """Bytes one block saves for backward, per token of the rank's slice (see the module docstring)."""
-    kv_dim = m.n_kv_heads * m.head_dim
-    if cp > 1:  # attention saves the exchanged q, k, v (KV heads replicated to a multiple of cp) and its output
-        kv_dim *= kv_replication(m.n_kv_heads // tp, cp)
+    kv_dim, outputs = m.n_kv_heads * m.head_dim, 1
+    if cp > 1:  # attention saves the exchanged q, k, v (KV heads replicated to a multiple of cp) and output, and
+        kv_dim *= kv_replication(m.n_kv_heads // tp, cp)  # the output projection its input, exchanged back
+        outputs = 2
     norms = 2 * ((FP32 + 2 * dtype_b) * m.dim + 4)
-    attention = (dtype_b * (2 * m.dim + 2 * kv_dim) + 4 * m.n_heads) / tp
+    attention = (dtype_b * ((1 + outputs) * m.dim + 2 * kv_dim) + 4 * m.n_heads) / tp
     mlp = 4 * dtype_b * m.ffn_dim / tp
     return norms + attention + mlp
 
@@ -142,7 +146,8 @@ def saved_bytes_per_token(m: ModelConfig, tp: int, dtype_b: int, blocks: int, ch
         saved = math.ceil(blocks / checkpoint_interval) * dtype_b * m.dim
     else:
         saved = blocks * block_activation_bytes(m, tp, dtype_b, cp)
-    return saved + (8 if first else 0) + (head_activation_bytes(m, tp, dtype_b) if last else 0)
+    positions = 2 * dtype_b * m.head_dim if cp > 1 else 0  # RoPE's cos and sin at the slice's positions
+    return saved + positions + (8 if first else 0) + (head_activation_bytes(m, tp, dtype_b) if last else 0)
 
 
 def stage_activation_bytes(c: Config, checkpoint_interval: int) -> list[float]:

@@ -95,3 +95,41 @@ def test_tensor_parallel_activation_bytes_match_on_two_ranks():
     assert len(results) == 2
     for measured, predicted in results.values():
         assert predicted == pytest.approx(measured, rel=0.10)
+
+
+def _context_parallel_rank(rank: int, results: dict) -> None:
+    from distlm.model.parallelize import context_parallel
+
+    c = small_config()
+    torch.manual_seed(0)
+    layout = make_layout(tp=1, pp=1, cp=2)
+    model = Llama(c.model).to(torch.bfloat16).train()
+    for block in model.layers:
+        context_parallel(block, layout)
+    ids, labels = batch(c.model.vocab_size)
+    local = slice(rank * SEQ // 2, (rank + 1) * SEQ // 2)  # this rank's half of every sequence
+    positions = torch.arange(local.start, local.stop).expand(BATCH, -1)
+    skip = {t.untyped_storage().data_ptr() for t in itertools.chain(model.parameters(), model.buffers())}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in skip:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(ids[:, local], labels[:, local], position_ids=positions)
+    measured = sum(saved.values())
+    del loss
+    predicted = BATCH * SEQ // 2 * saved_bytes_per_token(c.model, 1, 2, c.model.n_layers, 0, first=True, last=True,
+                                                         cp=2)
+    print(f"bf16 cp 2: saved {measured:,} B, planner {predicted:,.0f} B ({predicted / measured - 1:+.2%})")
+    results[rank] = (measured, predicted)
+
+
+def test_context_parallel_activation_bytes_match_on_two_ranks():
+    results = torch.multiprocessing.Manager().dict()
+    run_ranks(_context_parallel_rank, 2, results)
+    assert len(results) == 2
+    for measured, predicted in results.values():
+        assert predicted == pytest.approx(measured, rel=0.10)

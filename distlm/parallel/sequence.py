@@ -43,11 +43,12 @@ def heads_to_sequence(x: torch.Tensor, group, cp: int) -> torch.Tensor:
 
 
 def sequence_to_heads(y: torch.Tensor, group, cp: int) -> torch.Tensor:
-    """The inverse of heads_to_sequence."""
+    """The inverse of heads_to_sequence. The result is laid out [batch, seq / cp, heads, dim] in memory (a
+    transposed view), so the attention's output projection reads it without another copy to keep for backward."""
     b, h, full, d = y.shape
     y = y.reshape(b, h, cp, full // cp, d).permute(2, 0, 1, 3, 4)  # [cp: token slice, b, h, s, d]
     y = all_to_all_first_dim(group, y.contiguous())  # [cp: the rank whose heads these are, ...]
-    return y.transpose(0, 1).reshape(b, cp * h, full // cp, d)
+    return y.permute(1, 3, 0, 2, 4).reshape(b, full // cp, cp * h, d).transpose(1, 2)
 
 
 class SequenceParallelAttention:
