@@ -38,6 +38,7 @@ LAYOUTS = {
     "tp2_tied": (2, ["parallel=tp2", "trainer.micro_batch_size=8", "model.tie_embeddings=true"]),
     "pp2_tied": (2, ["parallel=pp2", "trainer.micro_batch_size=4", "trainer.grad_accum=2",
                      "model.tie_embeddings=true"]),
+    "cp2": (2, ["parallel.cp=2", "trainer.micro_batch_size=8"]),
 }
 
 
@@ -94,7 +95,8 @@ def written(bible_shards, tmp_path_factory):
     return make
 
 
-@pytest.mark.parametrize("was, now", [("dp2", "single"), ("tp2_pp2", "single"), ("single", "tp2_pp2"), ("zero3_dp2", "zero3_single")])
+@pytest.mark.parametrize("was, now", [("dp2", "single"), ("tp2_pp2", "single"), ("single", "tp2_pp2"), ("zero3_dp2", "zero3_single"),
+                                     ("cp2", "single"), ("single", "cp2")])
 def test_resume_at_another_layout_continues_the_run(was, now, written, straight, bible_shards, tmp_path):
     run_dir = tmp_path / "run"
     tag_dir = run_dir / "checkpoints" / store.tag_for_step(STOP)
