@@ -20,7 +20,7 @@ SMALL = [f"trainer.max_steps={STEPS}", "trainer.micro_batch_size=2", "trainer.gr
          "trainer.eval_batches=1", "trainer.checkpoint_every=100", "logger.samples=0", "optimizer.warmup_steps=1"]
 # The last: after a PipelineModule, DeepSpeed's global state breaks the next non-pipeline engine in a process.
 LAYOUTS = {"zero0": ["parallel.zero_stage=0"], "zero1": ["parallel.zero_stage=1"], "zero2": ["parallel.zero_stage=2"],
-           "zero3": ["parallel=zero3"], "tp2": ["parallel=tp2"], "pp2": ["parallel=pp2"]}
+           "zero3": ["parallel=zero3"], "tp2": ["parallel=tp2"], "cp2": ["parallel.cp=2"], "pp2": ["parallel=pp2"]}
 
 
 def _eager_and_compiled(rank: int, data_dir: Path, root: Path) -> None:

@@ -117,14 +117,22 @@ def drop_accumulated_gradients(engine, micro_steps: int) -> None:
 
 def all_to_all_first_dim(group, x: torch.Tensor) -> torch.Tensor:
     """Differentiable all-to-all over dim 0 of `x` ([group size, ...]: slice j goes to rank j, and slice j of the
-    result came from rank j), which torch.compile traces with its gradient.
+    result came from rank j), which torch.compile traces with its gradient. `group` must have been registered
+    with `register_all_to_all_group` first, outside any compiled code.
 
     Gap: an autograd.Function around a collective that fills a buffer compiles to a graph whose gradient is zero
     (DeepSpeed's own note in deepspeed/sequence/layer.py, where its DistributedAttention still uses one); the
     operator `deepspeed::dim_zero_all_to_all`, registered with torch.library and a declared backward, is traced
-    correctly. DeepSpeed exposes it only as the private `_dim_zero_all_to_all` (and its group registry)."""
-    from deepspeed.sequence.layer import _all_to_all_groups, _dim_zero_all_to_all, register_all_to_all_group
+    correctly. DeepSpeed exposes it only as the private `_dim_zero_all_to_all`."""
+    from deepspeed.sequence.layer import _dim_zero_all_to_all
 
-    if group.group_name not in _all_to_all_groups:
-        register_all_to_all_group(group)
     return _dim_zero_all_to_all(group, x)
+
+
+def register_all_to_all_group(group) -> None:
+    """Make `group` known to the exchange operator (it names groups by string: a process group cannot be an
+    operator argument). A registration made inside a compiled region does not land before the operator reads it,
+    so this runs when the model is built."""
+    from deepspeed.sequence.layer import register_all_to_all_group as register
+
+    register(group)

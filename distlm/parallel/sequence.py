@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from distlm.compat.deepspeed import all_to_all_first_dim
+from distlm.compat.deepspeed import all_to_all_first_dim, register_all_to_all_group
 
 
 def kv_replication(kv_heads: int, cp: int) -> int:
@@ -56,6 +56,7 @@ class SequenceParallelAttention:
 
     def __init__(self, attend: Callable, group, cp: int):
         self.attend, self.group, self.cp = attend, group, cp
+        register_all_to_all_group(group)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None) -> torch.Tensor:
         copies = kv_replication(k.shape[1], self.cp)

@@ -95,8 +95,9 @@ def build_engine(c: Config, layout: Layout, load_universal: bool = False, weight
             model=module,
             model_parameters=param_groups(module, c.optimizer.weight_decay),
             config=config,
-            # The pipeline module brings its own grid; a one-stage model needs ours for its TP and DP groups.
-            mpu=layout.grid if layout.pp == 1 and layout.tp > 1 else None,
+            # The pipeline module brings its own grid; a one-stage model needs ours for its TP and data (x context)
+            # groups. Always given: DeepSpeed keeps the last engine's grid in deepspeed.utils.groups otherwise.
+            mpu=layout.grid if layout.pp == 1 else None,
         )
     return engine
 
