@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 import ray
+from conftest import by_step, train_config, train_overrides
 from distributed import run_ranks
-from test_train import train_config, train_overrides
 
 from distlm.checkpoint import store
 from distlm.config import CheckpointError, compose_config
@@ -40,10 +40,6 @@ def ray_config(data_dir: Path, run_dir: Path, *overrides: str):
 
 def losses(run_dir: Path) -> dict[int, float]:
     return dict(last_per_step(read_metrics(run_dir), "loss"))  # a restart logs its steps again: the newest wins
-
-
-def by_step(run_dir: Path, key: str) -> dict[int, float]:
-    return dict(last_per_step(read_metrics(run_dir), key))
 
 
 def wait_for_step(run_dir: Path, step: int, timeout: float = 600) -> None:

@@ -7,8 +7,8 @@ import math
 from pathlib import Path
 
 import pytest
+from conftest import train_config
 from distributed import run_ranks
-from test_train import train_config
 
 from distlm.config import Precision, compose_config
 from distlm.model.llama import Block

@@ -1,31 +1,13 @@
 """Training on 2 real gloo ranks (Ray Train + DeepSpeed ZeRO-1) lowers the loss, checkpoints, and resumes
 exactly where an uninterrupted run would be."""
 
-from pathlib import Path
-
 import pytest
+from conftest import TRAIN_STEPS as STEPS
+from conftest import by_step, train_config
 
 from distlm.checkpoint import store
-from distlm.config import ConfigError, compose_config
+from distlm.config import ConfigError
 from distlm.train.driver.launch import train
-from distlm.train.worker.metrics import read_metrics
-
-STEPS = 12
-
-
-def train_overrides(data_dir: Path, run_dir: Path, *overrides: str) -> list[str]:
-    return ["model=test", "data.seq_len=64", "data.tokenizer.vocab_size=512", f"data.dir={data_dir}",
-            f"run_dir={run_dir}", f"trainer.max_steps={STEPS}", "trainer.micro_batch_size=4", "optimizer.warmup_steps=2",
-            "trainer.eval_every=6", "trainer.eval_batches=2", "trainer.checkpoint_every=4", "trainer.log_every=4",
-            "logger.wandb=false", *overrides]
-
-
-def train_config(data_dir: Path, run_dir: Path, *overrides: str):
-    return compose_config(*train_overrides(data_dir, run_dir, *overrides))
-
-
-def by_step(run_dir: Path, key: str) -> dict[int, float]:
-    return {r["step"]: r[key] for r in read_metrics(run_dir) if key in r}
 
 
 @pytest.fixture(scope="module")
