@@ -44,13 +44,16 @@ def ray_local():
         ray.shutdown()
 
 
-@pytest.fixture(scope="session")
-def kjv_chapters(tmp_path_factory) -> list[dict]:
+def make_kjv_chapters(out: Path) -> list[dict]:
     """The demo corpus, written by tools/make_demo_corpus.py: one {"text", "id"} per Bible chapter."""
-    out = tmp_path_factory.mktemp("kjv") / "kjv.jsonl"
     subprocess.run([sys.executable, str(REPO / "tools" / "make_demo_corpus.py"), str(out)], check=True,
                    capture_output=True)
     return [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.fixture(scope="session")
+def kjv_chapters(tmp_path_factory) -> list[dict]:
+    return make_kjv_chapters(tmp_path_factory.mktemp("kjv") / "kjv.jsonl")
 
 
 @pytest.fixture(scope="session")
@@ -116,6 +119,28 @@ def train_overrides(data_dir: Path, run_dir: Path, *overrides: str) -> list[str]
 
 def train_config(data_dir: Path, run_dir: Path, *overrides: str) -> Config:
     return compose_config(*train_overrides(data_dir, run_dir, *overrides))
+
+
+# ---------------------------------------------------------------- the recorded loss curve (tests/data)
+
+TINY_CURVE = REPO / "tests" / "data" / "tiny_cpu_fp32_curve.json"
+
+
+def tiny_curve_config(data_dir: Path, run_dir: Path, *overrides: str) -> Config:
+    """The run whose CPU fp32 loss curve tests/data/record_tiny_curve.py records: model=tiny on bible_shards, one
+    rank, 40 steps of 16 x 64 tokens; `cluster.use_gpu=true` makes it the GPU's bf16 run (tests/test_gpu.py)."""
+    return compose_config("model=tiny", "data.seq_len=64", "data.tokenizer.vocab_size=512", f"data.dir={data_dir}",
+                          f"run_dir={run_dir}", "cluster.num_workers=1", "trainer.max_steps=40",
+                          "trainer.micro_batch_size=16", "optimizer.warmup_steps=5", "trainer.eval_every=1000",
+                          "trainer.eval_batches=1", "trainer.checkpoint_every=1000", "trainer.log_every=10",
+                          "logger.wandb=false", "logger.samples=0", *overrides)
+
+
+def fit(rank: int, c: Config) -> None:
+    """One Trainer's run (for run_ranks)."""
+    from distlm.train.worker.trainer import Trainer
+
+    Trainer(c).fit()
 
 
 def by_step(run_dir: Path, key: str) -> dict[int, float]:
