@@ -4,7 +4,9 @@ ranks (the same losses as eager), GPU-right defaults in the config, and the loop
 from __future__ import annotations
 
 import math
+import os
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -96,24 +98,34 @@ def test_a_stop_request_saves_and_stops_and_a_due_time_only_saves():
     assert after_step(3, 10, t, False, True) == AfterStep(evaluate=False, save=True, stop=False)
 
 
-def test_the_gpu_check_runs_end_to_end_on_cpu():
-    # benchmarks/gpu_check.sh is the one GPU measurement; this keeps it runnable where no GPU is lent.
+def test_the_gpu_suite_runs_end_to_end_on_cpu(tmp_path):
+    """benchmarks/gpu_suite.sh (pytest -m gpu, then gpu_check.sh) gives every GPU number in one run; --tiny keeps
+    it, and gpu_check.sh --tiny inside it, runnable where no GPU is lent."""
     import subprocess
 
     root = Path(__file__).resolve().parents[1]
-    done = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--tiny"], cwd=root, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    # Its table: a row per variant whose numbers agree with each other (--tiny: 2 x 64 tokens a step).
-    rows = dict(re.findall(r"^(DeepSpeed engine, compile o(?:n|ff))\s+(.*)$", done.stdout, flags=re.M))
+    done = subprocess.run(["bash", "benchmarks/gpu_suite.sh", "--tiny", str(tmp_path)], cwd=root, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "PYTHON": sys.executable})  # this interpreter
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = (tmp_path / "summary.txt").read_text()
+    assert done.stdout.endswith(summary) and "-- pytest -m gpu: passed" in summary and "-- gpu_check.sh: passed" in summary
+    # Every gpu test was collected and skipped, saying why.
+    collected = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "--collect-only", "-q", "tests/test_gpu.py"],
+                               cwd=root, capture_output=True, text=True).stdout
+    count = int(re.search(r"(\d+) tests? collected", collected).group(1))
+    assert count >= 5 and f"{count} skipped" in summary and "needs CUDA" in summary
+    # gpu_check's table: a row per variant whose numbers agree with each other (--tiny: 2 x 64 tokens a step).
+    check = (tmp_path / "gpu_check.log").read_text()
+    rows = dict(re.findall(r"^(DeepSpeed engine, compile o(?:n|ff))\s+(.*)$", check, flags=re.M))
     rows = {name: numbers.split() for name, numbers in rows.items()}
-    assert list(rows) == ["DeepSpeed engine, compile off", "DeepSpeed engine, compile on"], done.stdout
+    assert list(rows) == ["DeepSpeed engine, compile off", "DeepSpeed engine, compile on"], check
     tokens_per_s = {}
     for name, (tok_s, step_s, _mfu, _memory, _plan, loss, compile_s, _warmup_s) in rows.items():
         tokens_per_s[name] = float(tok_s.replace(",", ""))
         assert abs(tokens_per_s[name] * float(step_s) - 2 * 64) <= tokens_per_s[name] * 0.0005 + 1, name  # rounding
         assert 0 < float(loss) < math.log(512) + 1, name  # random tokens over a 512-token vocabulary
         assert (float(compile_s) > 0) == name.endswith("on"), name
-    speedup = float(done.stdout.split("speed-up from compile: ")[1].split("x")[0])
+    speedup = float(check.split("speed-up from compile: ")[1].split("x")[0])
     assert speedup == pytest.approx(tokens_per_s["DeepSpeed engine, compile on"] /
                                     tokens_per_s["DeepSpeed engine, compile off"], abs=0.01)
+    assert all(line in summary for line in check.splitlines() if line.startswith("DeepSpeed engine"))
