@@ -94,6 +94,7 @@ def _scenarios(rank: int, out: Path) -> None:
         losses = [train_step(engine, batch(100 * step + rank)) for step in range(6)]
         results[name] = {"losses": losses, "initial": initial, "final": gathered(engine, lay),
                          "cpu_offload": bool(getattr(engine.optimizer, "cpu_offload", False))}
+
     # Gradient clipping: one step with a clip far below the gradient's norm, no weight decay. TP last: after a TP
     # engine DeepSpeed's global model-parallel state breaks the next engine without TP in this process.
     for name, layout in LAYOUTS.items():
@@ -107,7 +108,6 @@ def _scenarios(rank: int, out: Path) -> None:
         train_step(engine, ids)
         results[f"clip_{name}"] = {"lr": lr, "before": before, "after": gathered(engine, lay),
                                    "grad_norm": float(engine.get_global_grad_norm())}
-
     if rank == 0:
         torch.save(results, out)
     dist.barrier()

@@ -1,5 +1,6 @@
-"""Start-up without the whole model: each rank builds only its part, and the initial weights are the same
-numbers in every layout as in one process, bit for bit (real gloo ranks, real DeepSpeed engines)."""
+"""Start-up without the whole model: each rank builds only its part (for a pipeline, the layers
+parallel.pipeline_partition gives its stage), and the initial weights are the same numbers in every layout as in one
+process, bit for bit (real gloo ranks, real DeepSpeed engines)."""
 
 from pathlib import Path
 
