@@ -26,8 +26,9 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	PATH=$(CURDIR)/$(BIN):$$PATH bash tools/demo.sh
 
+# DISTLM_TEST_EXTRAS=required: a test whose optional dependency (lm-eval) is missing fails instead of skipping.
 test: install
-	$(BIN)/python -m pytest -q --durations=30 tests
+	DISTLM_TEST_EXTRAS=required $(BIN)/python -m pytest -q --durations=30 tests
 
 clean:
 	rm -rf runs data outputs wandb build .pytest_cache

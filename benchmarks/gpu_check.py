@@ -123,6 +123,14 @@ def main() -> None:
         memory = torch.cuda.max_memory_allocated() / GiB if use_cuda else float("nan")
         return tokens_per_step / seconds, seconds, memory, loss, compile_seconds() - before, warmup_s
 
+    def print_row(name, tok_s, seconds, memory, loss, compile_s, warmup_s) -> None:
+        mfu = f"{flops_per_token * tok_s / peak:7.1%}" if peak else "    n/a"
+        print(f"{name:28s} {tok_s:13,.0f} {seconds:8.3f} {mfu} {memory:9.1f} {estimate.device_total / GiB:9.1f} {loss:7.3f} "
+              f"{compile_s:10.1f} {warmup_s:10.1f}")
+
+    # Each row as soon as its variant is done: a run cut short by a time limit keeps the rows it finished.
+    print(f"\n{'variant':28s} {'tokens/s/GPU':>13s} {'step s':>8s} {'MFU':>7s} {'peak GiB':>9s} {'plan GiB':>9s} "
+          f"{'loss':>7s} {'compile s':>10s} {'warm-up s':>10s}")
     rows = []
     for compiled in (False, True):
         name = f"DeepSpeed engine, compile {'on ' if compiled else 'off'}"
@@ -136,16 +144,11 @@ def main() -> None:
                     raise
                 print(f"{name}: the flash SDPA kernel was not taken ({str(e).splitlines()[0]}); again with SDPA's choice")
                 rows.append((name + " (no flash)", *timed_variant(contextlib.nullcontext)))
+            print_row(*rows[-1])
         except Exception as e:  # report it and go on: the other variant's numbers still count
             print(f"{name}: FAILED: {type(e).__name__}: {str(e)[:2000]}")
         gc.collect()
 
-    print(f"\n{'variant':28s} {'tokens/s/GPU':>13s} {'step s':>8s} {'MFU':>7s} {'peak GiB':>9s} {'plan GiB':>9s} "
-          f"{'loss':>7s} {'compile s':>10s} {'warm-up s':>10s}")
-    for name, tok_s, seconds, memory, loss, compile_s, warmup_s in rows:
-        mfu = f"{flops_per_token * tok_s / peak:7.1%}" if peak else "    n/a"
-        print(f"{name:28s} {tok_s:13,.0f} {seconds:8.3f} {mfu} {memory:9.1f} {estimate.device_total / GiB:9.1f} {loss:7.3f} "
-              f"{compile_s:10.1f} {warmup_s:10.1f}")
     if len(rows) == 2:
         print(f"speed-up from compile: {rows[1][1] / rows[0][1]:.2f}x", end="; ")
     print("MFU target >= 50 %")

@@ -28,7 +28,8 @@ Activations: the bytes autograd saves for backward, per token, b = bytes of the 
 The last stage adds the final norm and the fp32 log-probabilities (4 * vocab / tp), the first and last
 stage 8 B of token ids. Context parallelism (cp) divides the tokens a rank holds by cp; per token it saves one
 more output (the attention's, exchanged back: the projection's input), its k and v with the KV heads
-replicated to a multiple of cp (parallel/sequence.py), and RoPE's cos and sin at its positions (2 b head_dim).
+replicated to a multiple of cp (parallel/sequence.py), and RoPE's cos and sin at its positions (2 b head_dim)
+with the positions (8 B).
 ZeRO partitions over data x context ranks. Activation checkpointing every k blocks keeps each segment's input (b * dim)
 and recomputes one segment (k blocks) at a time in backward. A 1F1B pipeline's stage s keeps
 min(pp - s, grad_accum) micro-batches in flight, and its input and output (b * dim each) for each.
@@ -146,7 +147,7 @@ def saved_bytes_per_token(m: ModelConfig, tp: int, dtype_b: int, blocks: int, ch
         saved = math.ceil(blocks / checkpoint_interval) * dtype_b * m.dim
     else:
         saved = blocks * block_activation_bytes(m, tp, dtype_b, cp)
-    positions = 2 * dtype_b * m.head_dim if cp > 1 else 0  # RoPE's cos and sin at the slice's positions
+    positions = 2 * dtype_b * m.head_dim + 8 if cp > 1 else 0  # RoPE's cos and sin at the slice's positions, and them
     return saved + positions + (8 if first else 0) + (head_activation_bytes(m, tp, dtype_b) if last else 0)
 
 

@@ -1,6 +1,7 @@
 """Config composition and validation: bad values fail on the driver, naming the key, before any worker."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -58,8 +59,13 @@ def test_cli_prints_composed_config_and_rejects_bad_values(tmp_path):
                          text=True, env=env, cwd=tmp_path)
     assert bad.returncode == 2
     assert "model.n_kv_heads=3" in bad.stdout + bad.stderr
+    # The usage lists exactly the commands the CLI dispatches (those its refusal of an unknown one names).
     usage = subprocess.run([*DISTLM, "--help"], capture_output=True, text=True, env=env, check=True)
-    assert all(cmd in usage.stdout for cmd in ("preprocess", "train", "export", "generate", "report"))
+    listed = re.findall(r"^    distlm ([a-z-]+) ", usage.stdout, flags=re.M)
+    unknown = subprocess.run([*DISTLM, "trian"], capture_output=True, text=True, env=env)
+    assert unknown.returncode == 2 and "distlm: unknown command 'trian'; choose from: " in unknown.stderr
+    dispatched = unknown.stderr.split("choose from: ")[1].strip().split(", ")
+    assert sorted(listed) == sorted(dispatched)
 
 
 def test_the_models_vocabulary_is_the_datas_tokenizer(tmp_path):

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import psutil
 import pytest
+from conftest import train_overrides
 from ray_nodes import REPO, LocalRayCluster, started
-from test_train import train_overrides
 
 from distlm.checkpoint import store
 from distlm.config import ConfigError, compose_config, raise_if

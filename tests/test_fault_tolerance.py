@@ -4,10 +4,13 @@ failed (disk-full) save, and corrupt checkpoints that are detected before loadin
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import resource
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -16,8 +19,8 @@ from pathlib import Path
 
 import pytest
 import ray
+from conftest import by_step, train_config, train_overrides
 from distributed import run_ranks
-from test_train import train_config, train_overrides
 
 from distlm.checkpoint import store
 from distlm.config import CheckpointError, compose_config
@@ -40,10 +43,6 @@ def ray_config(data_dir: Path, run_dir: Path, *overrides: str):
 
 def losses(run_dir: Path) -> dict[int, float]:
     return dict(last_per_step(read_metrics(run_dir), "loss"))  # a restart logs its steps again: the newest wins
-
-
-def by_step(run_dir: Path, key: str) -> dict[int, float]:
-    return dict(last_per_step(read_metrics(run_dir), key))
 
 
 def wait_for_step(run_dir: Path, step: int, timeout: float = 600) -> None:
@@ -168,15 +167,17 @@ SMALL = ["trainer.max_steps=6", "trainer.micro_batch_size=2", "trainer.grad_accu
          "trainer.eval_batches=1", "trainer.checkpoint_every=100", "logger.samples=0"]
 
 
-class NanLossOnRank0:
-    """Test-only loss function, installed on a built trainer's model: rank 0's training loss becomes NaN at
-    the given STEP or STEP:MICRO_BATCH (comma-separated), after the forward pass, as a bad batch would make it."""
+class PoisonedLoss:
+    """Test-only loss function, installed on a built trainer's model: the training loss of one rank is multiplied
+    by `factor` (NaN: a bad batch; 10: a spike) at the given STEP or STEP:MICRO_BATCH (comma-separated), after
+    the forward pass. The rank is 0, or in a pipeline the last stage (the only one that computes the loss)."""
 
-    def __init__(self, trainer, at: str):
-        self.trainer, self.model = trainer, trainer.engine.module
+    def __init__(self, trainer, at: str, factor: float = float("nan")):
+        self.trainer, self.model, self.factor = trainer, trainer.engine.module, factor
         self.loss_fn = self.model.loss_fn
         self.at = {tuple(map(int, (s + ":0").split(":")[:2])) for s in at.split(",")}
         self.step, self.micro = 0, -1
+        self.poisons = trainer.layout.is_last_stage if trainer.pipelined else trainer.rank == 0
 
     def __call__(self, logits, labels):
         loss = self.loss_fn(logits, labels)
@@ -184,8 +185,8 @@ class NanLossOnRank0:
             return loss
         step = self.trainer.state.step + 1
         self.step, self.micro = step, (self.micro + 1 if step == self.step else 0)
-        if (step, self.micro) in self.at and self.trainer.rank == 0:
-            loss = loss * float("nan")
+        if (step, self.micro) in self.at and self.poisons:
+            loss = loss * self.factor
         return loss
 
 
@@ -196,10 +197,10 @@ def _scenarios(rank: int, data_dir: Path, root: Path) -> None:
     def config(name, *overrides):
         return train_config(data_dir, root / name, *SMALL, *overrides)
 
-    def fit(c, nan_at: str = "") -> Trainer:
+    def fit(c, nan_at: str = "", factor: float = float("nan")) -> Trainer:
         trainer = Trainer(c)
         if nan_at:
-            trainer.engine.module.loss_fn = NanLossOnRank0(trainer, nan_at)
+            trainer.engine.module.loss_fn = PoisonedLoss(trainer, nan_at, factor)
         trainer.fit()
         return trainer
 
@@ -238,6 +239,24 @@ def _scenarios(rank: int, data_dir: Path, root: Path) -> None:
         fit(config(f"{name}_straight", *layout))
         fit(config(f"{name}_split", *layout, "trainer.stop_at_step=3"))
         fit(config(f"{name}_split", *layout))
+    # A pipeline step updates before its loss is known (trainer.py, _pipeline_step): a NaN under ZeRO-1 is caught by
+    # DeepSpeed's overflow check and skipped; under ZeRO-0 it stops the run; a spike is applied and logged.
+    fit(config("pp2_nan_z1", "parallel=pp2", "trainer.max_steps=5"), nan_at="3")
+    try:
+        fit(config("pp2_nan_z0", "parallel=pp2", "parallel.zero_stage=0", "trainer.max_steps=5",
+                   "trainer.checkpoint_every=1"), nan_at="3")
+        error = "no error"
+    except FloatingPointError as e:
+        error = str(e)
+    (root / "pp2_nan_z0" / f"error_rank{rank}.txt").write_text(error)
+    log = logging.FileHandler(root / f"pp2_spike_rank{rank}.log")
+    logging.getLogger("distlm").addHandler(log)
+    try:
+        fit(config("pp2_spike", "parallel=pp2", "trainer.max_steps=5", "trainer.spike_min_history=2"),
+            nan_at="4:0,4:1", factor=10.0)
+    finally:
+        logging.getLogger("distlm").removeHandler(log)
+        log.close()
 
 
 @pytest.fixture(scope="module")
@@ -253,7 +272,7 @@ def test_a_nan_step_is_skipped_without_touching_the_model(scenarios, stage):
     for run in (first, second):
         val, lr, skipped = by_step(run, "val_loss"), by_step(run, "lr"), by_step(run, "skipped_steps")
         assert val[3] == val[2] and val[4] != val[3]  # step 3 left the weights as they were; step 4 trained
-        assert lr[3] == lr[2] and lr[4] != lr[3]  # nor was the LR schedule advanced
+        assert lr[4] == lr[3] != lr[2]  # nor was the LR schedule advanced: step 4 uses the lr step 3 did not
         assert skipped == {1: 0, 2: 0, 3: 1, 4: 1, 5: 1, 6: 1}
         assert by_step(run, "grad_norm").get(3) is None
     # A NaN after one micro-batch's backward: its gradients were dropped too, so the run goes on exactly as
@@ -276,6 +295,38 @@ def test_resume_is_exact_under_zero3_and_a_pipeline(scenarios, name):
     assert sorted(split) == sorted(straight) == list(range(1, 7))
     assert split == straight
     assert by_step(scenarios / f"{name}_split", "val_loss")[6] == by_step(scenarios / f"{name}_straight", "val_loss")[6]
+
+
+def test_a_nan_pipeline_step_under_zero1_is_skipped_by_deepspeed_without_touching_the_model(scenarios):
+    run = scenarios / "pp2_nan_z1"
+    val, lr, skipped, loss = (by_step(run, k) for k in ("val_loss", "lr", "skipped_steps", "loss"))
+    assert math.isnan(loss[3]) and all(math.isfinite(loss[s]) for s in (1, 2, 4, 5))
+    assert val[3] == val[2] and val[4] != val[3]  # step 3 left the weights as they were; step 4 trained
+    assert lr[4] == lr[3] != lr[2]  # nor was the LR schedule advanced: step 4 uses the lr step 3 did not
+    assert skipped == {1: 0, 2: 0, 3: 1, 4: 1, 5: 1}
+
+
+def test_a_nan_pipeline_step_under_zero0_stops_the_run_before_a_checkpoint_keeps_it(scenarios):
+    run = scenarios / "pp2_nan_z0"
+    errors = {p.name: p.read_text() for p in run.glob("error_rank*.txt")}
+    assert errors.keys() == {"error_rank0.txt", "error_rank1.txt"} and len(set(errors.values())) == 1  # every stage
+    assert errors["error_rank0.txt"].startswith("step 3: loss is nan and the pipeline engine applied the update "
+                                                "(ZeRO-0 has no overflow check)")
+    assert "with parallel.zero_stage=1 to have such steps skipped" in errors["error_rank0.txt"]
+    ckpt_dir = run / "checkpoints"
+    assert store.find_latest(ckpt_dir) == "step00000002"  # the damaged weights of step 3 were never saved
+    assert store.verify(ckpt_dir / "step00000002").step == 2
+
+
+def test_a_loss_spike_in_a_pipeline_step_is_applied_and_logged(scenarios):
+    run = scenarios / "pp2_spike"
+    val, lr, skipped, loss = (by_step(run, k) for k in ("val_loss", "lr", "skipped_steps", "loss"))
+    assert loss[4] > 3 * statistics.fmean(loss[s] for s in (1, 2, 3))  # the spike, as the loop saw it
+    assert val[4] != val[3] and lr[5] != lr[4]  # the update was applied and the schedule advanced
+    assert set(skipped.values()) == {0}
+    warning = (scenarios / "pp2_spike_rank0.log").read_text()
+    assert f"step 4: loss {loss[4]:.4f} is above 3 x the recent mean" in warning
+    assert "a pipeline step cannot be skipped before its update, so it was applied" in warning
 
 
 def test_time_based_and_permanent_checkpoints(scenarios):

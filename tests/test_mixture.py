@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import ray
 import yaml
+from conftest import by_step
 
 from distlm.config import ConfigError, MixSource, compose_config
 from distlm.data.loading.loader import ShardLoader
@@ -225,10 +226,6 @@ def two_sources(ray_local, kjv_chapters, tmp_path_factory) -> dict[str, Path]:
 
 def mix_override(dirs: dict[str, Path]) -> str:
     return f"data.mix=[{{name:law,dir:{dirs['law']},weight:0.6}},{{name:gospels,dir:{dirs['gospels']},weight:0.4}}]"
-
-
-def by_step(run_dir: Path, key: str) -> dict[int, float]:
-    return {r["step"]: r[key] for r in read_metrics(run_dir) if key in r}
 
 
 def test_a_two_source_mixture_trains_through_the_cli_with_document_masking(two_sources, tmp_path):

@@ -10,6 +10,7 @@ import logging
 import math
 import secrets
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -19,6 +20,7 @@ import psutil
 import pytest
 import torch
 import wandb
+from conftest import by_step
 
 from distlm.checkpoint import store
 from distlm.config import WandbMode, compose_config, to_dict
@@ -87,11 +89,39 @@ def test_every_step_records_the_training_metrics(monitored_run):
         assert r["tokens_seen"] == r["step"] * 8 * 64
 
 
+# Training FLOPs per token of model=test (dim 64, 2 layers, 4 heads / 2 KV heads of 16, ffn 176, vocabulary 512)
+# at 64 tokens, by hand: 6 per non-embedding parameter + 12 x layers x dim x seq_len (PaLM, appendix B).
+BLOCK = 2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 176 + 2 * 64       # q, o; k, v; SwiGLU; two norm gains = 46,208
+NON_EMBEDDING = 2 * BLOCK + 64 + 512 * 64                         # + final norm, lm_head = 125,248
+TEST_MODEL_FLOPS_PER_TOKEN = 6 * NON_EMBEDDING + 12 * 2 * 64 * 64  # 849,792
+
+
 def test_mfu_is_model_flops_per_second_over_the_peak_of_all_devices(monitored_run):
-    c = monitored_config(Path("."), monitored_run)
-    flops_per_step = Llama(c.model).flops_per_token(64) * 8 * 64   # global batch 8 x 64 tokens
+    flops_per_step = TEST_MODEL_FLOPS_PER_TOKEN * 8 * 64   # global batch 8 x 64 tokens
     for r in records_with(monitored_run, "loss"):
         assert r["mfu"] == pytest.approx(flops_per_step / r["step_seconds"] / (0.001e12 * 2), rel=1e-6)
+
+
+def test_flops_per_token_is_what_a_flop_counter_counts_in_forward_and_backward():
+    """torch's FlopCounterMode counts every matmul of a real forward and backward pass of model=tiny (SDPA's math
+    kernel, so attention runs as countable matmuls; like the formula it computes the whole seq x seq square, not
+    the causal half). The only difference from 6N + 12 L d T: N counts the norm gains, which do no matmul."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    seq, batch = 256, 2
+    m = compose_config("model=tiny", "data.tokenizer.vocab_size=512", f"data.seq_len={seq}").model
+    model = Llama(m)
+    ids = torch.randint(0, m.vocab_size, (batch, seq + 1), generator=torch.Generator().manual_seed(0))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(ids[:, :-1], ids[:, 1:]).backward()
+    counted = counter.get_total_flops() / (batch * seq)
+    norm_gains = (2 * m.n_layers + 1) * m.dim
+    assert model.flops_per_token(seq) - 6 * norm_gains == counted
+    # The count can tell a wrong formula: without attention's term, or with the embedding among the N.
+    attention = 12 * m.n_layers * m.dim * seq
+    assert abs(counted - (model.flops_per_token(seq) - attention)) > 0.2 * counted
+    assert abs(counted - (model.flops_per_token(seq) + 6 * m.vocab_size * m.dim)) > 0.05 * counted
 
 
 def test_evaluations_log_validation_loss_perplexity_and_checkpoint_time(monitored_run):
@@ -137,12 +167,28 @@ def test_api_key_is_written_nowhere(monitored_run):
     assert leaked == []
 
 
-def test_report_prints_a_summary_and_writes_a_plot(monitored_run):
+def test_report_prints_a_summary_of_the_records_and_writes_a_plot(monitored_run):
     out = subprocess.run([sys.executable, "-m", "distlm.cli", "report", str(monitored_run)], capture_output=True,
-                         text=True, check=True)
-    assert f"steps          {STEPS}" in out.stdout
-    for line in ("MFU ", "data-loader wait", "peak RSS memory", "median save", "sample @6"):
-        assert line in out.stdout, line
+                         text=True, check=True).stdout
+    # The numbers, computed here from metrics.jsonl and samples.jsonl as the docs describe them.
+    loss, val, step_seconds = (by_step(monitored_run, k) for k in ("loss", "val_loss", "step_seconds"))
+    median = {k: statistics.median(by_step(monitored_run, k).values()) for k in ("tokens_per_s", "mfu")}
+    wait = sum(by_step(monitored_run, "data_wait_seconds").values()) / sum(step_seconds.values())
+    last_ten = statistics.fmean(loss[s] for s in sorted(loss)[-10:])
+    expected = [
+        f"steps          {STEPS}   tokens seen {STEPS * 8 * 64:,}   median {median['tokens_per_s']:,.0f} tokens/s, "
+        f"{statistics.median(step_seconds.values()):.2f} s/step",
+        f"train loss     {loss[1]:.3f} -> {last_ten:.3f} (mean of the last 10 steps)",
+        f"val loss       {val[0]:.3f} -> {val[STEPS]:.3f}   (perplexity {math.exp(val[STEPS]):.1f})",
+        f"efficiency     MFU {median['mfu']:.1%}   data-loader wait {wait:.1%} of step time   peak RSS memory "
+        f"{max(by_step(monitored_run, 'rss_gib').values()):.2f} GiB",
+        f"checkpoints    median save {statistics.median(by_step(monitored_run, 'checkpoint_seconds').values()):.1f} s"
+        f"   skipped steps 0",
+        *(f"sample @{STEPS:<6} {r['prompt']!r} -> {r['continuation']!r}"
+          for r in read_metrics(monitored_run, "samples.jsonl") if r["step"] == STEPS),
+    ]
+    for line in expected:
+        assert line in out.splitlines(), f"{line!r} not in:\n{out}"
     png = monitored_run / "loss.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 

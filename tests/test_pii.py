@@ -7,7 +7,7 @@ import json
 
 import pyarrow as pa
 import pytest
-from test_preprocess import decoded_documents
+from conftest import decoded_documents
 
 from distlm.config import ConfigError, compose_config
 from distlm.data.preprocess.pii import Redactor

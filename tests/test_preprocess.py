@@ -20,11 +20,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import zstandard
+from conftest import decoded_documents
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from distlm.config import ConfigError, compose_config
 from distlm.data.loading.loader import ShardLoader
-from distlm.data.loading.reading import read_samples
 from distlm.data.preprocess import dedup, minhash
 from distlm.data.preprocess.clean import alpha_fraction
 from distlm.data.preprocess.clean import clean_text as clean_with
@@ -105,15 +105,6 @@ def processed(ray_local, corpus, data_config, tmp_path_factory):
 
 def removed(manifest: Manifest) -> dict[str, int]:
     return {row["stage"]: row.get("docs_removed", row.get("files")) for row in manifest.stats["removals"]}
-
-
-def decoded_documents(manifest: Manifest, split: str) -> list[str]:
-    """The split's documents as the shards hold them (the last one may be cut by the dropped tail)."""
-    tokenizer = Tokenizer.from_file(str(manifest.tokenizer_path))
-    stream = np.concatenate([read_samples(str(manifest.shard_path(s)), s, manifest.record, np.arange(s.samples),
-                                          verify=True)[0].ravel() for s in manifest.shards(split)])
-    ends = np.flatnonzero(stream == manifest.eos_id)
-    return [tokenizer.decode(doc.tolist()) for doc in np.split(stream, ends + 1)[:-1]] + ["<cut>"]
 
 
 def test_each_kind_of_bad_input_is_counted_per_reason_and_skipped(processed, corpus):

@@ -4,11 +4,14 @@ ranks (the same losses as eager), GPU-right defaults in the config, and the loop
 from __future__ import annotations
 
 import math
+import os
+import re
+import sys
 from pathlib import Path
 
 import pytest
+from conftest import train_config
 from distributed import run_ranks
-from test_train import train_config
 
 from distlm.config import Precision, compose_config
 from distlm.model.llama import Block
@@ -79,19 +82,6 @@ def test_precision_auto_is_bf16_on_gpus_and_fp32_on_cpus():
     assert compose_config("cluster.use_gpu=true", "trainer.precision=fp32").trainer.precision == Precision.fp32
 
 
-def test_fused_adamw_on_cpu_and_cuda_unless_turned_off():
-    from distlm.train.worker.engine import deepspeed_config
-
-    def optimizer(*overrides: str, use_cuda: bool) -> dict:
-        return deepspeed_config(compose_config(*overrides), use_cuda)["optimizer"]
-
-    assert optimizer(use_cuda=True)["params"]["fused"] is True
-    assert optimizer(use_cuda=False)["params"]["fused"] is True
-    assert optimizer("optimizer.fused=false", use_cuda=False)["params"]["fused"] is False
-    assert optimizer(use_cuda=True) == {"type": "AdamW", "params": optimizer(use_cuda=True)["params"]}
-    assert optimizer("optimizer.type=Adam", use_cuda=True)["params"]["adam_w_mode"] is False
-
-
 # ---------------------------------------------------------------- what the loop does after a step
 
 def test_evaluate_and_save_on_their_schedule_and_at_the_end():
@@ -108,12 +98,34 @@ def test_a_stop_request_saves_and_stops_and_a_due_time_only_saves():
     assert after_step(3, 10, t, False, True) == AfterStep(evaluate=False, save=True, stop=False)
 
 
-def test_the_gpu_check_runs_end_to_end_on_cpu():
-    # benchmarks/gpu_check.sh is the one GPU measurement; this keeps it runnable where no GPU is lent.
+def test_the_gpu_suite_runs_end_to_end_on_cpu(tmp_path):
+    """benchmarks/gpu_suite.sh (pytest -m gpu, then gpu_check.sh) gives every GPU number in one run; --tiny keeps
+    it, and gpu_check.sh --tiny inside it, runnable where no GPU is lent."""
     import subprocess
 
     root = Path(__file__).resolve().parents[1]
-    done = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--tiny"], cwd=root, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "DeepSpeed engine, compile off" in done.stdout and "speed-up from compile" in done.stdout
+    done = subprocess.run(["bash", "benchmarks/gpu_suite.sh", "--tiny", str(tmp_path)], cwd=root, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "PYTHON": sys.executable})  # this interpreter
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = (tmp_path / "summary.txt").read_text()
+    assert done.stdout.endswith(summary) and "-- pytest -m gpu: passed" in summary and "-- gpu_check.sh: passed" in summary
+    # Every gpu test was collected and skipped, saying why.
+    collected = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "--collect-only", "-q", "tests/test_gpu.py"],
+                               cwd=root, capture_output=True, text=True).stdout
+    count = int(re.search(r"(\d+) tests? collected", collected).group(1))
+    assert count >= 5 and f"{count} skipped" in summary and "needs CUDA" in summary
+    # gpu_check's table: a row per variant whose numbers agree with each other (--tiny: 2 x 64 tokens a step).
+    check = (tmp_path / "gpu_check.log").read_text()
+    rows = dict(re.findall(r"^(DeepSpeed engine, compile o(?:n|ff))\s+(.*)$", check, flags=re.M))
+    rows = {name: numbers.split() for name, numbers in rows.items()}
+    assert list(rows) == ["DeepSpeed engine, compile off", "DeepSpeed engine, compile on"], check
+    tokens_per_s = {}
+    for name, (tok_s, step_s, _mfu, _memory, _plan, loss, compile_s, _warmup_s) in rows.items():
+        tokens_per_s[name] = float(tok_s.replace(",", ""))
+        assert abs(tokens_per_s[name] * float(step_s) - 2 * 64) <= tokens_per_s[name] * 0.0005 + 1, name  # rounding
+        assert 0 < float(loss) < math.log(512) + 1, name  # random tokens over a 512-token vocabulary
+        assert (float(compile_s) > 0) == name.endswith("on"), name
+    speedup = float(check.split("speed-up from compile: ")[1].split("x")[0])
+    assert speedup == pytest.approx(tokens_per_s["DeepSpeed engine, compile on"] /
+                                    tokens_per_s["DeepSpeed engine, compile off"], abs=0.01)
+    assert all(line in summary for line in check.splitlines() if line.startswith("DeepSpeed engine"))

@@ -1,5 +1,6 @@
-"""Start-up without the whole model: each rank builds only its part, and the initial weights are the same
-numbers in every layout as in one process, bit for bit (real gloo ranks, real DeepSpeed engines)."""
+"""Start-up without the whole model: each rank builds only its part (for a pipeline, the layers
+parallel.pipeline_partition gives its stage), and the initial weights are the same numbers in every layout as in one
+process, bit for bit (real gloo ranks, real DeepSpeed engines)."""
 
 from pathlib import Path
 
@@ -10,9 +11,10 @@ from distributed import run_ranks
 from safetensors.torch import save_file
 
 from distlm.config import compose_config
-from distlm.model.materialize import InitialWeights, SafetensorsWeights, full_shapes
+from distlm.model.materialize import InitialWeights, SafetensorsWeights, canonical_name, full_shapes
 from distlm.model.parallelize import full_state_dict
 from distlm.parallel.layout import make_layout
+from distlm.plan import stage_blocks
 from distlm.train.worker.engine import build_engine
 
 # name: (world size, overrides)
@@ -94,6 +96,41 @@ def test_imported_weights_of_another_shape_are_refused_naming_the_file(one_proce
     save_file(imported, tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match=r"model.safetensors.*wrong shape \['norm.weight \(7,\)"):
         SafetensorsWeights(tmp_path / "model.safetensors", model_config(1).model)
+
+
+# ---------------------------------------------------------------- parallel.pipeline_partition: who builds which layer
+
+def _stage_layers(rank: int, out: Path) -> None:
+    """Build model=test with 4 blocks and a 4,096-token vocabulary as 3 pipeline stages, once per partition method;
+    write the layers this rank holds. Pipelines last: DeepSpeed's global state then breaks other engines."""
+    held = {}
+    for method in ("blocks", "parameters", "uniform"):
+        c = model_config(3, "model.n_layers=4", "model.vocab_size=4096", "parallel.pp=3", "trainer.micro_batch_size=1",
+                         "trainer.grad_accum=3", f"parallel.pipeline_partition={method}")
+        engine = build_engine(c, make_layout(1, 3))
+        held[method] = sorted({layer_of(canonical_name(name)) for name, _ in engine.module.named_parameters()})
+    torch.save(held, out / f"rank{rank}.pt")
+
+
+def layer_of(name: str) -> str:
+    """`layers.2.mlp.up_proj.weight` -> `layers.2`; `embed_tokens.weight` -> `embed_tokens`."""
+    parts = name.split(".")
+    return ".".join(parts[:2]) if parts[0] == "layers" else parts[0]
+
+
+def test_pipeline_partition_decides_which_layers_each_stage_builds(tmp_path):
+    """The layers are the embedding, 4 blocks and the head (norm + lm_head). With a 4,096 x 64 embedding (262 k
+    parameters) against blocks of 46 k: `blocks` spreads the blocks evenly (the first stage takes the extra one),
+    `parameters` balances counts (each embedding outweighs the four blocks together), `uniform` gives every stage
+    2 of the 6 layers."""
+    run_ranks(_stage_layers, 3, tmp_path)
+    stages = [torch.load(tmp_path / f"rank{r}.pt") for r in range(3)]
+    embed, head, block = "embed_tokens", ["lm_head", "norm"], lambda *i: [f"layers.{k}" for k in i]
+    assert [s["blocks"] for s in stages] == [[embed, *block(0, 1)], block(2), [*block(3), *head]]
+    assert [s["parameters"] for s in stages] == [[embed], block(0, 1, 2, 3), head]
+    assert [s["uniform"] for s in stages] == [[embed, *block(0)], block(1, 2), [*block(3), *head]]
+    # distlm plan assumes the `blocks` split when it sizes a stage.
+    assert stage_blocks(4, 3) == [sum(n.startswith("layers.") for n in s["blocks"]) for s in stages]
 
 
 def _zero3_partitions(rank: int, c, out: Path) -> None:

@@ -1,31 +1,17 @@
 """Training on 2 real gloo ranks (Ray Train + DeepSpeed ZeRO-1) lowers the loss, checkpoints, and resumes
 exactly where an uninterrupted run would be."""
 
-from pathlib import Path
+import json
 
 import pytest
+from conftest import TINY_CURVE, by_step, fit, tiny_curve_config, train_config
+from conftest import TRAIN_STEPS as STEPS
+from distributed import run_ranks
 
 from distlm.checkpoint import store
-from distlm.config import ConfigError, compose_config
+from distlm.config import ConfigError
+from distlm.data.shards import Manifest
 from distlm.train.driver.launch import train
-from distlm.train.worker.metrics import read_metrics
-
-STEPS = 12
-
-
-def train_overrides(data_dir: Path, run_dir: Path, *overrides: str) -> list[str]:
-    return ["model=test", "data.seq_len=64", "data.tokenizer.vocab_size=512", f"data.dir={data_dir}",
-            f"run_dir={run_dir}", f"trainer.max_steps={STEPS}", "trainer.micro_batch_size=4", "optimizer.warmup_steps=2",
-            "trainer.eval_every=6", "trainer.eval_batches=2", "trainer.checkpoint_every=4", "trainer.log_every=4",
-            "logger.wandb=false", *overrides]
-
-
-def train_config(data_dir: Path, run_dir: Path, *overrides: str):
-    return compose_config(*train_overrides(data_dir, run_dir, *overrides))
-
-
-def by_step(run_dir: Path, key: str) -> dict[int, float]:
-    return {r["step"]: r[key] for r in read_metrics(run_dir) if key in r}
 
 
 @pytest.fixture(scope="module")
@@ -83,3 +69,18 @@ def test_resume_refuses_a_global_batch_that_does_not_divide_its_position(straigh
     with pytest.raises(ConfigError, match=r"stopped after 96 samples, not a multiple of the global batch 10 .* e.g. "
                                           r"the checkpoint's 8"):
         train(train_config(bible_shards, run_dir, "trainer.micro_batch_size=5", "trainer.max_steps=20"))
+
+
+RERECORD = "re-record it if the change is meant: python tests/data/record_tiny_curve.py"
+
+
+def test_cpu_training_still_gives_the_recorded_loss_curve(bible_shards, tmp_path):
+    """tests/data/tiny_cpu_fp32_curve.json is the reference of tests/test_gpu.py's bf16 run: it must stay what fp32
+    training on the CPU gives (to ~1e-5 on another CPU after 40 steps; a change to the model, the data order or the
+    LR schedule moves it by 1e-2 or more), so the GPU test fails only for what the GPU does."""
+    recorded = json.loads(TINY_CURVE.read_text())
+    assert Manifest.load(bible_shards).tokenizer_sha256 == recorded["tokenizer_sha256"], f"other shards: {RERECORD}"
+    run_ranks(fit, 1, tiny_curve_config(bible_shards, tmp_path))
+    losses = by_step(tmp_path, "loss")
+    assert [losses[s] for s in sorted(losses)] == pytest.approx(recorded["losses"], abs=1e-3), RERECORD
+    assert recorded["losses"][-1] < recorded["losses"][0] - 1  # a curve that trains, not a flat line

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
 import deepspeed
 import torch
 import torch.nn as nn
+from torch.optim.lr_scheduler import LambdaLR
 
 from distlm.compat.deepspeed import shared_fp32_partitions
-from distlm.config import Config, OptimizerType, Precision
+from distlm.config import Config, OptimizerConfig, OptimizerType, Precision, WarmupType
 from distlm.model.llama import Block
 from distlm.model.materialize import InitialWeights, SafetensorsWeights
 from distlm.model.parallelize import build_model
@@ -39,21 +41,38 @@ def deepspeed_config(c: Config, use_cuda: bool, load_universal: bool = False) ->
                 "fused": o.fused,
             },
         },
-        "scheduler": {
-            "type": "WarmupCosineLR",
-            "params": {
-                "total_num_steps": t.max_steps,
-                "warmup_num_steps": o.warmup_steps,
-                "warmup_type": o.warmup_type.value,
-                "warmup_min_ratio": 0.0,
-                "cos_min_ratio": o.min_lr / o.lr,
-            },
-        },
         # Resuming a checkpoint of another layout reads its universal (layout-free) form.
         "checkpoint": {"load_universal": load_universal},
         "steps_per_print": 10**9,  # distlm logs its own metrics
         "wall_clock_breakdown": False,
     }
+
+
+def learning_rate(step: int, o: OptimizerConfig, max_steps: int) -> float:
+    """The learning rate optimizer step `step` (1-based) uses: it rises from 0 to optimizer.lr over warmup_steps
+    (linearly, or as log(1 + step) with warmup_type=log), then follows a cosine down to min_lr at max_steps."""
+    if step <= o.warmup_steps:
+        rise = step / o.warmup_steps if o.warmup_type == WarmupType.linear else \
+            math.log1p(step) / math.log1p(o.warmup_steps)
+        return o.lr * rise
+    progress = min(1.0, (step - o.warmup_steps) / (max_steps - o.warmup_steps))
+    return o.min_lr + (o.lr - o.min_lr) * (1 + math.cos(math.pi * progress)) / 2
+
+
+class WarmupCosine(LambdaLR):
+    """`learning_rate` as a torch scheduler, stepped by DeepSpeed after every update it applies (not after a
+    skipped one): after k updates the optimizer holds the lr of update k + 1. Written here rather than DeepSpeed's
+    WarmupCosineLR, which starts at iteration -1: its first two updates used lr 0 and its warmup and decay lagged
+    one to two steps (tests/test_optimizer.py)."""
+
+    def __init__(self, optimizer, o: OptimizerConfig, max_steps: int):
+        super().__init__(optimizer, lambda done: learning_rate(done + 1, o, max_steps) / o.lr)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "last_batch_iteration" in state:  # a checkpoint written while DeepSpeed's WarmupCosineLR was used
+            state = {"last_epoch": state["last_batch_iteration"] + 1, "_step_count": state["last_batch_iteration"] + 2}
+        super().load_state_dict(state)
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
 
 def zero_config(c: Config, use_cuda: bool) -> dict[str, Any]:
@@ -94,6 +113,7 @@ def build_engine(c: Config, layout: Layout, load_universal: bool = False, weight
         engine, *_ = deepspeed.initialize(
             model=module,
             model_parameters=param_groups(module, c.optimizer.weight_decay),
+            lr_scheduler=lambda optimizer: WarmupCosine(optimizer, c.optimizer, c.trainer.max_steps),
             config=config,
             # The pipeline module brings its own grid; a one-stage model needs ours for its TP and data (x context)
             # groups. Always given: DeepSpeed keeps the last engine's grid in deepspeed.utils.groups otherwise.

@@ -267,6 +267,7 @@ class Trainer:
         self.ds_skipped = self.engine.skipped_steps
         self.compile_seconds_logged = 0.0
         while self.state.step < end:
+            lr = self.engine.get_lr()[0]  # what this step's update uses (the schedule moves after it)
             start = time.perf_counter()
             loss, skipped, (stop_requested, save_due) = self._train_step(batches, self._rank0_flags)
             seconds = time.perf_counter() - start
@@ -274,7 +275,7 @@ class Trainer:
             self.state.samples_seen += c.global_batch_size
             self.state.tokens_seen += self.tokens_per_step
             self._count(loss, skipped)
-            self._log_step(loss, seconds, skipped)
+            self._log_step(loss, lr, seconds, skipped)
             self._raise_if_diverging(skipped)
             todo = after_step(self.state.step, end, t, bool(stop_requested), bool(save_due))
             if todo.evaluate:
@@ -334,13 +335,13 @@ class Trainer:
         return {**{f"tokens_seen/{name}": samples * self.c.data.seq_len for name, (samples, _) in now.items()},
                 **{f"epoch/{name}": epoch for name, (_, epoch) in now.items()}}
 
-    def _log_step(self, loss: float, seconds: float, skipped: str | None) -> None:
+    def _log_step(self, loss: float, lr: float, seconds: float, skipped: str | None) -> None:
         if self.metrics is None:
             return
         step = self.state.step
         tokens_per_s = self.tokens_per_step / seconds
         grad_norm = None if skipped else self.engine.get_global_grad_norm()  # a skipped step has none
-        record = {"loss": loss, "lr": self.engine.get_lr()[0], "grad_norm": grad_norm,
+        record = {"loss": loss, "lr": lr, "grad_norm": grad_norm,
                   "tokens_per_s": tokens_per_s, "step_seconds": seconds,
                   "data_wait_seconds": self.train_data.wait_seconds(), **memory_metrics(self.device)}
         if self.peak_flops:
