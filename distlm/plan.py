@@ -288,13 +288,15 @@ def valid_layouts(c: Config):
 
 def suggest_layout(c: Config) -> tuple[dict[str, int], MemoryPlan] | None:
     """A layout of the same GPUs that fits, with the fewest changed keys; among those the least model
-    parallelism (tp x pp x cp), the lowest ZeRO stage, then no recomputation. None if nothing fits."""
+    parallelism (tp x pp x cp), the lowest ZeRO stage, no recomputation, fewer pipeline stages, then context
+    rather than tensor parallelism (it divides every activation, TP leaves norms and residuals whole). None if
+    nothing fits."""
     best = None
     for layout in valid_layouts(c):
         changes = {k: getattr(layout.parallel, k) for k in SEARCHED_KEYS
                    if getattr(layout.parallel, k) != getattr(c.parallel, k)}
         p = layout.parallel
-        rank = (len(changes), p.tp * p.pp * p.cp, p.zero_stage, p.activation_checkpoint_interval != 0, p.pp, p.cp)
+        rank = (len(changes), p.tp * p.pp * p.cp, p.zero_stage, p.activation_checkpoint_interval != 0, p.pp, p.tp)
         if best is not None and rank >= best[0]:
             continue
         memory = plan(layout)

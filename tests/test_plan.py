@@ -14,7 +14,8 @@ from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem
 from distlm.config import ConfigError, compose_config
 from distlm.model.llama import Llama
 from distlm.plan import (GiB, SEARCHED_KEYS, largest_layer_params, plan, rank_params, suggest_layout, total_params,
-                         valid_layouts)
+                         valid_layouts, with_layout)
+from distlm.validation import validate_layout
 
 
 def config(*overrides: str):
@@ -199,3 +200,31 @@ def test_host_memory_null_means_this_machines():
 def test_wrong_memory_settings_are_refused_naming_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         plan(config("model=1.3b", "cluster.num_workers=8", override))
+
+
+# ---------------------------------------------------------------- long context (parallel.cp)
+
+@pytest.mark.parametrize("gpus", [8, 64])
+def test_a_7b_context_of_128k_tokens_gets_a_context_parallel_layout_that_fits(gpus):
+    c = gpu_cluster("model=7b_128k", "data.seq_len=131072", "model.vocab_size=128256", "trainer.grad_accum=1",
+                    f"cluster.num_workers={gpus}")
+    assert not plan(c).fits  # one GPU's activations for 131,072 tokens far exceed 80 GiB
+    changes, fit = suggest_layout(c)
+    assert changes.get("cp", 1) > 1 and fit.fits, changes
+    cp = changes["cp"]
+    # Context parallelism divides the activations of a rank: cp x fewer tokens, (nearly) the same bytes per token.
+    halved = plan(with_layout(c, cp=2, activation_checkpoint_interval=changes.get("activation_checkpoint_interval", 0)))
+    assert 2 * halved.activations == pytest.approx(plan(with_layout(c, activation_checkpoint_interval=changes.get(
+        "activation_checkpoint_interval", 0))).activations, rel=0.05)
+    assert gpus % cp == 0
+
+
+@pytest.mark.parametrize("override, message", [
+    ("parallel.cp=3", "parallel.cp=3 must divide the query heads of a tensor-parallel rank (model.n_heads / "
+                      "parallel.tp = 4/1) and data.seq_len=64; valid cp: [1, 2, 4]"),
+    ("parallel.cp=8", "parallel.cp=8 must divide the query heads"),
+])
+def test_a_context_parallel_size_that_cannot_split_the_heads_or_the_sequence_is_refused(override, message):
+    c = compose_config("model=test", "data.seq_len=64", "cluster.num_workers=24", override)
+    problems = validate_layout(c)
+    assert any(message in p for p in problems), problems
