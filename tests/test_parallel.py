@@ -38,11 +38,12 @@ LAYOUTS = {
 
 def layout_config(data_dir: Path, run_dir: Path, world: int, *overrides: str):
     # A vocabulary of 515 (the data uses 512) is odd: tensor parallelism pads it, and the padding must not count.
-    # Adam's eps 1e-6, not 1e-8: an element whose gradient is ~1e-8 moves by ~lr either way with 1e-8, so the
-    # summation order of another layout would decide its direction; with 1e-6 the comparison measures layouts.
+    # Adam's eps 1e-5, not 1e-8: an element whose gradient is ~1e-8 moves by ~lr either way with 1e-8, so the
+    # summation order of another layout would decide its direction (a change of d in it moves the weight by
+    # ~lr d / eps); with 1e-5 the comparison measures layouts.
     return compose_config(
         "model=test", "model.vocab_size=515", "data.seq_len=64", f"data.dir={data_dir}", f"run_dir={run_dir}",
-        f"cluster.num_workers={world}", f"trainer.max_steps={STEPS}", "optimizer.warmup_steps=1", "optimizer.eps=1e-6",
+        f"cluster.num_workers={world}", f"trainer.max_steps={STEPS}", "optimizer.warmup_steps=1", "optimizer.eps=1e-5",
         "trainer.eval_batches=1", "trainer.eval_every=100", "logger.wandb=false", *overrides)
 
 
