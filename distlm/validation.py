@@ -234,6 +234,9 @@ def validate_cluster(c: Config) -> list[str]:
     _check(p, lg.sample_tokens > 0, f"logger.sample_tokens={lg.sample_tokens} must be positive")
     _check(p, lg.sample_prompt_tokens > 0, f"logger.sample_prompt_tokens={lg.sample_prompt_tokens} must be positive")
     env_mode = os.environ.get("WANDB_MODE")
+    _check(p, not (lg.wandb and lg.mode != WandbMode.disabled and env_mode == ""),
+           "WANDB_MODE is set but empty in the environment: W&B refuses an empty mode, whatever logger.mode says; "
+           f"unset it or set one of {', '.join(WANDB_ENV_MODES)}")
     _check(p, not (lg.wandb and lg.mode == WandbMode.auto and env_mode and env_mode not in WANDB_ENV_MODES),
            f"WANDB_MODE={env_mode!r} in the environment (logger.mode=auto follows it): use one of "
            f"{', '.join(WANDB_ENV_MODES)}, or unset it")
