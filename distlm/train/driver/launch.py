@@ -41,9 +41,9 @@ def _worker_main(loop_config: dict[str, Any]) -> None:
     rank = ray.train.get_context().get_world_rank()
     pids = Path(c.run_dir) / "pids"  # which process is which rank, for people and tests
     pids.mkdir(exist_ok=True)
-    store.write_atomic(pids / f"rank{rank}.pid", str(os.getpid()))
     if rank == 0:  # the driver's sign that this attempt's workers have started (supervisor.Supervisor.training)
         store.write_atomic(Path(c.run_dir) / supervisor.STARTED_FILE, str(loop_config["attempt"]["attempt"]))
+    store.write_atomic(pids / f"rank{rank}.pid", str(os.getpid()))
     Trainer(c, loop_config["resume"], attempt=loop_config["attempt"]).fit()  # both made on the driver
 
 
