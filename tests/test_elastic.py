@@ -19,7 +19,7 @@ from test_train import train_overrides
 from distlm.checkpoint import store
 from distlm.config import ConfigError, compose_config, raise_if
 from distlm.train.driver.nodes import Capacity, avoid_selector
-from distlm.train.driver.supervisor import Blocked, Supervisor, plan_workers
+from distlm.train.driver.supervisor import Attempt, Blocked, StartTimeout, Supervisor, plan_workers
 from distlm.train.worker.metrics import last_per_step, read_metrics
 from distlm.validation import data_parallel_for, validate_train
 
@@ -96,6 +96,19 @@ def test_a_size_that_did_not_start_is_planned_again_only_once_a_new_node_joins()
     assert run._ceiling(Capacity(4, frozenset({"a", "b"}))) == 3
     assert run._ceiling(Capacity(2, frozenset({"a"}))) == 3
     assert run._ceiling(Capacity(4, frozenset({"a", "c"}))) == 4
+
+
+def test_an_attempt_is_ended_when_its_start_takes_too_long_or_a_stop_has_nothing_to_save():
+    run = Supervisor(compose_config(*GLOBAL, "cluster.start_timeout_seconds=10"), prepare=None)
+    attempt = Attempt(1, run.c, "start", at_launch_layout=True, start_timeout=30)
+    assert run._reason_to_end(attempt, fit_at=None) is None, "still preparing: no start to time"
+    assert run._reason_to_end(attempt, fit_at=time.monotonic() - 39) is None
+    late = run._reason_to_end(attempt, fit_at=time.monotonic() - 41)
+    assert isinstance(late, StartTimeout) and "did not start training within 40s" in str(late)
+    attempt.started = True
+    assert run._reason_to_end(attempt, fit_at=time.monotonic() - 41) is None, "training: no watchdog"
+    run.request_stop("SIGTERM")  # nothing trains (no attempt runs): the run ends now
+    assert run._reason_to_end(attempt, fit_at=None) == "stopped"
 
 
 def test_unanswering_nodes_are_kept_out_by_a_label_selector():

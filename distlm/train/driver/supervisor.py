@@ -178,7 +178,7 @@ class Supervisor:
             if outcome == "finished" or self.stop.is_set():
                 break
             if outcome == "grow":
-                reason, patient = "grow: capacity returned", True
+                reason, patient = "grow: capacity returned", False  # to what is there: it trains meanwhile
                 capacity = nodes.live_capacity(cl, cl.node_probe_seconds, self.stop)
                 continue
             what = _what_failed(error)
@@ -207,7 +207,6 @@ class Supervisor:
     def _run(self, attempt: Attempt) -> tuple[str, BaseException | None]:
         """One attempt in a thread of its own; returns how it ended: finished, grow, stopped, start_failed or
         failed (with the error). Other errors (a bad checkpoint, a config problem) are raised."""
-        cl = self.c.cluster
         (self.run_dir / STARTED_FILE).unlink(missing_ok=True)
         (self.run_dir / store.STOP_FILE).unlink(missing_ok=True)  # a grow's request, done with
         groups_before = set(ray.util.placement_group_table())
@@ -232,14 +231,8 @@ class Supervisor:
                 if not attempt.started and not ended and self.training():
                     attempt.started = True
                     watcher = self._watch_for_capacity(attempt, grow) if is_elastic(self.c) else None
-                if self.stop.is_set() and not self.stop_saves and not ended:
-                    ended, ending_since = "stopped", time.monotonic()
-                elif not attempt.started and not ended and "fit_at" in box and \
-                        time.monotonic() - box["fit_at"] > attempt.start_timeout + cl.start_timeout_seconds:
-                    ended, ending_since = StartTimeout(
-                        f"attempt {attempt.number}'s workers did not start training within "
-                        f"{attempt.start_timeout + cl.start_timeout_seconds:g}s (cluster.start_timeout_seconds)"), \
-                        time.monotonic()
+                if not ended:
+                    ended, ending_since = self._reason_to_end(attempt, box.get("fit_at")), time.monotonic()
                 if ended:
                     if "fit_at" not in box and ended == "stopped":
                         break  # still preparing (a conversion): nothing of Ray Train's to end
@@ -263,6 +256,17 @@ class Supervisor:
             remove_placement_groups(groups_before)
             return "failed", error
         raise error
+
+    def _reason_to_end(self, attempt: Attempt, fit_at: float | None) -> str | StartTimeout | None:
+        """Why the driver ends a running attempt now: a stop that has nothing to save, or a start that has taken
+        longer than its bound (Ray Train's placement wait, then as long again until rank 0 runs)."""
+        if self.stop.is_set() and not self.stop_saves:
+            return "stopped"
+        limit = attempt.start_timeout + self.c.cluster.start_timeout_seconds
+        if attempt.started or fit_at is None or time.monotonic() - fit_at <= limit:
+            return None
+        return StartTimeout(f"attempt {attempt.number}'s workers did not start training within {limit:g}s "
+                            f"(cluster.start_timeout_seconds)")
 
     def _watch_for_capacity(self, attempt: Attempt, grow: threading.Event) -> threading.Event | None:
         """A thread that sets `grow` and stops the workers once more workers would make a larger layout."""
