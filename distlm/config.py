@@ -171,6 +171,9 @@ class ClusterConfig:
     max_failures: int = MISSING
     min_workers: Optional[int] = MISSING
     elastic_check_seconds: float = MISSING
+    start_timeout_seconds: float = MISSING
+    replace_wait_seconds: float = MISSING
+    node_probe_seconds: float = MISSING
     workers_per_node: Optional[int] = MISSING
     submit_env: list[str] = MISSING
     forward_env: list[str] = MISSING

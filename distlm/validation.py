@@ -231,11 +231,20 @@ def validate_cluster(c: Config) -> list[str]:
            f"cluster.host_mem_gb={cl.host_mem_gb} must be positive, or null for this machine's memory")
     _check(p, cl.host_overhead_gb >= 0, f"cluster.host_overhead_gb={cl.host_overhead_gb} must be >= 0")
     _check(p, 0 < cl.plan_headroom <= 1, f"cluster.plan_headroom={cl.plan_headroom} must be in (0, 1]")
+    _check(p, cl.start_timeout_seconds > 0,
+           f"cluster.start_timeout_seconds={cl.start_timeout_seconds} must be positive (a start that never ends holds "
+           f"the run)")
+    _check(p, cl.replace_wait_seconds >= 0,
+           f"cluster.replace_wait_seconds={cl.replace_wait_seconds} must be >= 0 (0 on a cluster that does not autoscale)")
+    _check(p, cl.node_probe_seconds > 0, f"cluster.node_probe_seconds={cl.node_probe_seconds} must be positive")
     p += elastic_problems(c)
     _check(p, lg.samples >= 0, f"logger.samples={lg.samples} must be >= 0 (0 = no generated samples)")
     _check(p, lg.sample_tokens > 0, f"logger.sample_tokens={lg.sample_tokens} must be positive")
     _check(p, lg.sample_prompt_tokens > 0, f"logger.sample_prompt_tokens={lg.sample_prompt_tokens} must be positive")
     env_mode = os.environ.get("WANDB_MODE")
+    _check(p, not (lg.wandb and lg.mode != WandbMode.disabled and env_mode == ""),
+           "WANDB_MODE is set but empty in the environment: W&B refuses an empty mode, whatever logger.mode says; "
+           f"unset it or set one of {', '.join(WANDB_ENV_MODES)}")
     _check(p, not (lg.wandb and lg.mode == WandbMode.auto and env_mode and env_mode not in WANDB_ENV_MODES),
            f"WANDB_MODE={env_mode!r} in the environment (logger.mode=auto follows it): use one of "
            f"{', '.join(WANDB_ENV_MODES)}, or unset it")

@@ -258,10 +258,34 @@ def test_unreachable_wandb_server_at_start_turns_the_run_offline_with_a_warning(
     logger.close()
     wandb.teardown()  # finish() returns before wandb's service has written everything; its shutdown flushes
     warning = caplog.text
-    assert f"W&B could not start online at {UNREACHABLE_WANDB} (CommError" in warning and "logs W&B offline" in warning
-    assert f"wandb sync {tmp_path / 'wandb'}/offline-run-*" in warning
     offline = list(tmp_path.glob("wandb/offline-run-*-unreachable-1/run-unreachable-1.wandb"))
     assert len(offline) == 1 and b"loss" in offline[0].read_bytes()
+    assert f"W&B could not start online at {UNREACHABLE_WANDB} (CommError" in warning
+    assert f"logs W&B offline to {offline[0].parent}; upload it later with `wandb sync {offline[0].parent}`" in warning
+    assert read_metrics(tmp_path)[0]["loss"] == 2.5
+
+
+def test_an_empty_wandb_mode_is_refused_before_launch(monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "")
+    assert validate_cluster(compose_config("logger.mode=offline")) == [
+        "WANDB_MODE is set but empty in the environment: W&B refuses an empty mode, whatever logger.mode says; unset "
+        "it or set one of online, offline, disabled"]
+    assert validate_cluster(compose_config("logger.wandb=false")) == []
+
+
+def test_when_wandb_cannot_start_at_all_the_warning_says_metrics_go_to_the_jsonl_only(tmp_path, caplog, monkeypatch):
+    """WANDB_MODE set but empty where a worker runs: W&B refuses online and offline alike (a validation error);
+    the warning must not promise an offline run that does not exist."""
+    monkeypatch.setenv("WANDB_MODE", "")
+    c = compose_config("model=test", f"run_dir={tmp_path}", "logger.mode=auto")
+    with caplog.at_level(logging.WARNING, logger="distlm.train.worker.metrics"):
+        logger = MetricsLogger(c, wandb_run_id="empty-mode-1")
+    logger.log(1, loss=2.5)
+    logger.close()
+    assert logger.wandb is None and not list(tmp_path.glob("wandb/offline-run-*"))
+    assert "ValidationError" in caplog.text and "nor offline" in caplog.text
+    assert f"training goes on without W&B; metrics go to {tmp_path / 'metrics.jsonl'} only" in caplog.text
+    assert "logs W&B offline" not in caplog.text and "wandb sync" not in caplog.text
     assert read_metrics(tmp_path)[0]["loss"] == 2.5
 
 

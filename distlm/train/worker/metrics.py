@@ -121,7 +121,6 @@ class MetricsLogger:
         import wandb
 
         lg, c = self.c.logger, self.c
-        sync_hint = f"upload it later with `wandb sync {Path(c.run_dir).resolve() / 'wandb'}/offline-run-*`"
 
         def init(mode: str):
             # One W&B run per training run: a resumed job continues the run id saved in its checkpoint. The
@@ -137,24 +136,30 @@ class MetricsLogger:
             self._wandb_dir = Path(run.dir).parent
             return run
 
+        def failed(e: Exception) -> str:
+            with contextlib.suppress(Exception):
+                wandb.teardown()  # the failed run still holds its id in wandb's service
+            return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
         try:
             return init(mode)
         except Exception as e:  # noqa: BLE001 - whatever W&B raises, training goes on
-            error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            with contextlib.suppress(Exception):
-                wandb.teardown()  # the failed run still holds its id in wandb's service
-        if mode == "online":
-            server = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
-            log.warning("W&B could not start online at %s (%s): training goes on and logs W&B offline; %s",
-                        server, error, sync_hint)
-            try:
-                return init("offline")
-            except Exception as e:  # noqa: BLE001
-                error = f"{type(e).__name__}: {e}"
-                with contextlib.suppress(Exception):
-                    wandb.teardown()
-        log.warning("W&B could not start (%s): training goes on without it; metrics are in %s", error, self.path)
-        return None
+            error = failed(e)
+        if mode != "online":
+            log.warning("W&B could not start %s (%s): training goes on without W&B; metrics go to %s only", mode,
+                        error, self.path)
+            return None
+        server = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+        try:
+            run = init("offline")
+        except Exception as e:  # noqa: BLE001 - e.g. the same bad setting fails offline too
+            log.warning("W&B could not start online at %s (%s) nor offline (%s): training goes on without W&B; "
+                        "metrics go to %s only", server, error, failed(e), self.path)
+            return None
+        # Only now that the offline run exists does the warning point at it.
+        log.warning("W&B could not start online at %s (%s): training goes on and logs W&B offline to %s; upload "
+                    "it later with `wandb sync %s`", server, error, self._wandb_dir, self._wandb_dir)
+        return run
 
     def log(self, step: int, **metrics: Any) -> None:
         record = {"step": step, "time": round(time.time(), 3), **metrics}
