@@ -237,8 +237,13 @@ def test_ray_train_forwards_its_start_timeout_from_the_driver_environment():
 
 def test_ray_train_still_retries_start_failures_unless_told_not_to_and_they_are_recognized():
     from ray.train import ControllerError, WorkerGroupError
-    from ray.train.v2._internal.exceptions import WorkerGroupStartupFailedError, WorkerGroupStartupTimeoutError
-    from ray.train.v2._internal.execution.failure_handling.default import RETRYABLE_CONTROLLER_ERRORS
+    from ray.train.v2._internal.exceptions import (
+        WorkerGroupStartupFailedError,
+        WorkerGroupStartupTimeoutError,
+    )
+    from ray.train.v2._internal.execution.failure_handling.default import (
+        RETRYABLE_CONTROLLER_ERRORS,
+    )
     from ray.train.v2.api.config import FailureConfig
 
     from distlm.compat.ray import is_start_failure
