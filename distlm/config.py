@@ -63,6 +63,21 @@ class RopeScaling:
 
 
 @dataclass
+class MoeConfig:
+    """Sparse blocks: each token's SwiGLU MLP is the weighted sum of `top_k` of `experts` experts that a router
+    picks (docs/parallelism.md, mixture of experts)."""
+    experts: int = MISSING
+    top_k: int = MISSING
+    expert_ffn_dim: int = MISSING
+    every: int = MISSING             # layer i is sparse when (i + 1) % every == 0 (1: every layer, as Mixtral)
+    aux_loss_weight: float = MISSING  # load balancing (Switch Transformer's loss)
+    z_loss_weight: float = MISSING    # router z-loss (ST-MoE): keeps the router's logits small
+
+    def is_sparse(self, layer: int) -> bool:
+        return (layer + 1) % self.every == 0
+
+
+@dataclass
 class ModelConfig:
     dim: int = MISSING
     n_layers: int = MISSING
@@ -76,6 +91,7 @@ class ModelConfig:
     norm_eps: float = MISSING
     tie_embeddings: bool = MISSING
     init_std: float = MISSING
+    moe: Optional[MoeConfig] = None  # None: every block dense
 
     @property
     def head_dim(self) -> int:
@@ -83,9 +99,10 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, saved: dict[str, Any]) -> "ModelConfig":
-        """The model config a checkpoint saved (to_dict's form; written before rope_scaling existed, too)."""
-        scaling = saved.get("rope_scaling")
-        return cls(**{**saved, "rope_scaling": RopeScaling(**scaling) if scaling else None})
+        """The model config a checkpoint saved (to_dict's form; written before rope_scaling and moe existed, too)."""
+        scaling, moe = saved.get("rope_scaling"), saved.get("moe")
+        return cls(**{**saved, "rope_scaling": RopeScaling(**scaling) if scaling else None,
+                      "moe": MoeConfig(**moe) if moe else None})
 
 
 @dataclass

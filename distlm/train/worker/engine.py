@@ -108,7 +108,7 @@ def build_engine(c: Config, layout: Layout, load_universal: bool = False, weight
     source = SafetensorsWeights(weights, c.model) if weights else InitialWeights(c.model, c.seed)
     module = build_model(c.model, layout, source, c.parallel.pipeline_partition.value,
                          c.parallel.activation_checkpoint_interval,
-                         zero3_config=config if c.parallel.zero_stage == 3 else None)
+                         zero3_config=config if c.parallel.zero_stage == 3 else None, grad_accum=c.trainer.grad_accum)
     with shared_fp32_partitions():  # distlm/compat/deepspeed.py: one fp32 copy under ZeRO-3
         engine, *_ = deepspeed.initialize(
             model=module,

@@ -4,7 +4,10 @@ distlm/train/driver/progress.py).
 Per step rank 0 records loss, lr, grad_norm, tokens_per_s, tokens_seen, step_seconds, data_wait_seconds
 (time spent waiting for the next batch), rss_gib (and gpu_mem_gib / gpu_mem_reserved_gib, the step's peak,
 on GPUs) and mfu where the device's peak is known; at evaluations val_loss and val_ppl, plus a few greedy
-continuations of validation prompts (samples.jsonl and a W&B table); at checkpoints checkpoint_seconds.
+continuations of validation prompts (samples.jsonl and a W&B table); at checkpoints checkpoint_seconds. With
+sparse blocks (model.moe) also moe_aux_loss and moe_z_loss (means over the sparse blocks and micro-batches of the
+step) and moe_load_max_over_mean (the busiest expert's tokens over the mean per expert: 1 is perfect balance; mean
+over blocks, and its worst block as moe_load_max_over_mean_worst).
 
 MFU (model FLOPs utilization) = achieved model FLOP/s / peak FLOP/s of all devices, where achieved =
 flops_per_token * tokens per step / step seconds, flops_per_token = 6 N + 12 L d T (N non-embedding
@@ -25,8 +28,10 @@ from typing import Any
 
 import psutil
 import torch
+import torch.distributed as dist
 
 from distlm.config import WANDB_ENV_MODES, Config, WandbMode, to_dict
+from distlm.model.llama import MoE
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +72,23 @@ def memory_metrics(device: torch.device) -> dict[str, float]:
         record["gpu_mem_reserved_gib"] = torch.cuda.max_memory_reserved(device) / gib
         torch.cuda.reset_peak_memory_stats(device)
     return record
+
+
+def moe_metrics(model: torch.nn.Module, device: torch.device) -> dict[str, float]:
+    """The step's router statistics over the sparse blocks of every rank (each rank holds some of them), and
+    clears them. Collective: every rank calls it after each step."""
+    blocks = [m for m in model.modules() if isinstance(m, MoE)]
+    stats = [s for m in blocks for s in m.stats]
+    for m in blocks:
+        m.stats.clear()
+    local = torch.stack(stats).float() if stats else torch.zeros(0, 3)
+    sums = torch.cat([local.sum(dim=0), torch.tensor([float(len(stats))])]).to(device)
+    worst = (local[:, 2].max() if stats else torch.tensor(0.0)).to(device)
+    dist.all_reduce(sums)
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    aux, z, balance, n = sums.tolist()
+    return {"moe_aux_loss": aux / n, "moe_z_loss": z / n, "moe_load_max_over_mean": balance / n,
+            "moe_load_max_over_mean_worst": worst.item()}
 
 
 @torch.no_grad()

@@ -24,7 +24,7 @@ from distlm.parallel.layout import make_layout
 from distlm.train import resume
 from distlm.train.resume import ResumePlan
 from distlm.train.worker.engine import build_engine, compile_blocks, compile_seconds
-from distlm.train.worker.metrics import MetricsLogger, memory_metrics, mfu, peak_flops
+from distlm.train.worker.metrics import MetricsLogger, memory_metrics, mfu, moe_metrics, peak_flops
 from distlm.train.worker.step import accumulate_and_step, after_step, why_skip
 
 log = logging.getLogger(__name__)
@@ -76,6 +76,7 @@ class Trainer:
         c = self.c
         with torch.device("meta"):
             model = Llama(c.model)
+        # MFU counts the parameters a token uses (with sparse blocks: top_k of the experts).
         self.num_params, self.flops_per_token = model.num_params(), model.flops_per_token(c.data.seq_len)
         self.tokens_per_step = c.global_batch_size * c.data.seq_len
         self.flops_per_step = self.flops_per_token * self.tokens_per_step
@@ -275,7 +276,8 @@ class Trainer:
             self.state.samples_seen += c.global_batch_size
             self.state.tokens_seen += self.tokens_per_step
             self._count(loss, skipped)
-            self._log_step(loss, lr, seconds, skipped)
+            self._log_step(loss, lr, seconds, skipped,
+                           moe_metrics(self.engine.module, self.device) if c.model.moe else {})
             self._raise_if_diverging(skipped)
             todo = after_step(self.state.step, end, t, bool(stop_requested), bool(save_due))
             if todo.evaluate:
@@ -335,7 +337,7 @@ class Trainer:
         return {**{f"tokens_seen/{name}": samples * self.c.data.seq_len for name, (samples, _) in now.items()},
                 **{f"epoch/{name}": epoch for name, (_, epoch) in now.items()}}
 
-    def _log_step(self, loss: float, lr: float, seconds: float, skipped: str | None) -> None:
+    def _log_step(self, loss: float, lr: float, seconds: float, skipped: str | None, extra: dict[str, float]) -> None:
         if self.metrics is None:
             return
         step = self.state.step
@@ -343,7 +345,7 @@ class Trainer:
         grad_norm = None if skipped else self.engine.get_global_grad_norm()  # a skipped step has none
         record = {"loss": loss, "lr": lr, "grad_norm": grad_norm,
                   "tokens_per_s": tokens_per_s, "step_seconds": seconds,
-                  "data_wait_seconds": self.train_data.wait_seconds(), **memory_metrics(self.device)}
+                  "data_wait_seconds": self.train_data.wait_seconds(), **memory_metrics(self.device), **extra}
         if self.peak_flops:
             record["mfu"] = mfu(self.flops_per_step, seconds, self.peak_flops, self.world)
         if self.c.trainer.compile:
