@@ -1,7 +1,8 @@
-"""Export a distlm checkpoint as a Hugging Face `LlamaForCausalLM` directory, checked against distlm's model.
+"""Export a distlm checkpoint as a Hugging Face `LlamaForCausalLM` directory (`MixtralForCausalLM` with sparse
+blocks), checked against distlm's model.
 
-distlm's parameter names and rotate-half RoPE already follow HF's Llama, so the weights only gain the
-`model.` prefix. The weights stream from the checkpoint to the output files one tensor at a time (read,
+distlm's parameter names and rotate-half RoPE already follow HF's Llama, so dense weights only gain the
+`model.` prefix; experts are cut into Mixtral's per-expert matrices (names.py). The weights stream from the checkpoint to the output files one tensor at a time (read,
 cast to the export's dtype, appended to its safetensors file), so the export holds a few tensors, not the
 model; above `export.max_shard_mb` they are split over several files with an index, as transformers does.
 The export is written into a hidden sibling directory, verified there (`verify.py`, layer by layer as well),
@@ -21,12 +22,13 @@ from typing import Callable
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
 from tokenizers import Tokenizer
-from transformers import GenerationConfig, LlamaConfig, PreTrainedTokenizerFast
+from transformers import GenerationConfig, LlamaConfig, MixtralConfig, PretrainedConfig, PreTrainedTokenizerFast
 
 from distlm.checkpoint import store
 from distlm.checkpoint.store import RunState
 from distlm.checkpoint.weights import CheckpointWeights, find_checkpoint
 from distlm.config import CheckpointError, Config, ExportDtype, ModelConfig, raise_if
+from distlm.hf.names import expert_part, hf_tensors
 from distlm.hf.verify import TORCH_DTYPE, verify
 from distlm.validation import validate_export
 
@@ -45,6 +47,9 @@ def export(c: Config) -> Path:
     tag_dir = find_checkpoint(Path(c.export.checkpoint_dir), c.export.tag)
     state = store.read_state(tag_dir)
     model_cfg = ModelConfig.from_dict(state.config["model"])
+    if model_cfg.moe and model_cfg.moe.every != 1:
+        raise CheckpointError(f"checkpoint {tag_dir}: model.moe.every={model_cfg.moe.every} mixes dense and sparse "
+                              f"blocks, which Mixtral (the export's format) cannot hold; only every=1 exports")
     eos_token = state.config["data"]["tokenizer"]["eos_token"]
     dtype = TORCH_DTYPE[c.export.dtype]
 
@@ -69,17 +74,17 @@ def export_memory_bytes(m: ModelConfig, max_shard_mb: float) -> int:
     """Host memory an export of model `m` needs: the process (Python, torch, transformers; 3 GiB), one output
     file, and the largest module four times over (its fp32 tensors, their converted copies, the checkpoint
     pages they came from, and the exported copy verification reads)."""
-    block = 2 * m.dim * m.n_heads * m.head_dim + 2 * m.dim * m.n_kv_heads * m.head_dim + 3 * m.dim * m.ffn_dim
+    mlp = 3 * m.dim * (m.moe.experts * m.moe.expert_ffn_dim if m.moe else m.ffn_dim)
+    block = 2 * m.dim * m.n_heads * m.head_dim + 2 * m.dim * m.n_kv_heads * m.head_dim + mlp
     largest = max(block, m.vocab_size * m.dim) * 4
     return 3 * 2**30 + int(max_shard_mb * 1e6) + 4 * largest
 
 
-def hf_config(m: ModelConfig, eos_id: int, dtype: torch.dtype) -> LlamaConfig:
-    return LlamaConfig(
-        architectures=["LlamaForCausalLM"],
+def hf_config(m: ModelConfig, eos_id: int, dtype: torch.dtype) -> PretrainedConfig:
+    """transformers' config of the model: a LlamaConfig, or a MixtralConfig with sparse blocks."""
+    common = dict(
         vocab_size=m.vocab_size,
         hidden_size=m.dim,
-        intermediate_size=m.ffn_dim,
         num_hidden_layers=m.n_layers,
         num_attention_heads=m.n_heads,
         num_key_value_heads=m.n_kv_heads,
@@ -88,8 +93,6 @@ def hf_config(m: ModelConfig, eos_id: int, dtype: torch.dtype) -> LlamaConfig:
         rms_norm_eps=m.norm_eps,
         rope_parameters=rope_parameters(m),
         hidden_act="silu",
-        attention_bias=False,
-        mlp_bias=False,
         initializer_range=m.init_std,
         tie_word_embeddings=m.tie_embeddings,
         # Documents are separated by EOS only, so EOS also serves as BOS and padding (as in GPT-2).
@@ -98,6 +101,29 @@ def hf_config(m: ModelConfig, eos_id: int, dtype: torch.dtype) -> LlamaConfig:
         pad_token_id=eos_id,
         dtype=dtype,
     )
+    if m.moe:
+        return MixtralConfig(architectures=["MixtralForCausalLM"], intermediate_size=m.moe.expert_ffn_dim,
+                             num_local_experts=m.moe.experts, num_experts_per_tok=m.moe.top_k,
+                             router_aux_loss_coef=m.moe.aux_loss_weight, **common)
+    return LlamaConfig(architectures=["LlamaForCausalLM"], intermediate_size=m.ffn_dim, attention_bias=False,
+                       mlp_bias=False, **common)
+
+
+def hf_reader(m: ModelConfig, tensors: dict[str, tuple[str, int | None]], get: Callable[[str], torch.Tensor]):
+    """HF name -> its tensor (fp32), from distlm's `get(name)`; the last expert tensor read is kept, so an
+    expert's matrices cost one read of their block's tensor, not one per expert."""
+    last: dict[str, torch.Tensor] = {}
+
+    def read(hf: str) -> torch.Tensor:
+        name, expert = tensors[hf]
+        if expert is None:
+            return get(name)
+        if name not in last:
+            last.clear()
+            last[name] = get(name)
+        return expert_part(name, last[name], expert, m.moe.expert_ffn_dim)
+
+    return read
 
 
 def rope_parameters(m: ModelConfig) -> dict:
@@ -107,11 +133,6 @@ def rope_parameters(m: ModelConfig) -> dict:
         return {"rope_type": "default", "rope_theta": m.rope_theta}
     return {"rope_type": "llama3", "rope_theta": m.rope_theta, "factor": s.factor, "low_freq_factor": s.low_freq_factor,
             "high_freq_factor": s.high_freq_factor, "original_max_position_embeddings": s.original_max_seq_len}
-
-
-def to_hf_name(name: str) -> str:
-    """distlm name -> HF name (the `model.` prefix)."""
-    return name if name == "lm_head.weight" else "model." + name
 
 
 def _write_tokenizer(tag_dir: Path, eos_token: str, m: ModelConfig, out_dir: Path) -> int:
@@ -138,15 +159,17 @@ def _write_model(weights: CheckpointWeights, m: ModelConfig, eos_id: int, dtype:
     `model-0000i-of-0000n.safetensors` files and `model.safetensors.index.json` as transformers writes them."""
     hf_config(m, eos_id, dtype).save_pretrained(out_dir)
     GenerationConfig(bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id).save_pretrained(out_dir)
-    names = {to_hf_name(k): k for k in weights.shapes}  # tied embeddings: one matrix, no lm_head.weight
-    shapes = {hf: weights.shapes[k] for hf, k in names.items()}
+    tensors = hf_tensors(m, weights.shapes)  # tied embeddings: one matrix, no lm_head.weight
+    read = hf_reader(m, tensors, weights.get)
+    shapes = {hf: weights.shapes[k] if e is None else expert_part(k, torch.empty(weights.shapes[k], device="meta"), e,
+                                                                  m.moe.expert_ffn_dim).shape
+              for hf, (k, e) in tensors.items()}
     # huggingface_hub plans the files and the index as transformers does; meta tensors give it sizes, no data.
     split = split_torch_state_dict_into_shards({hf: torch.empty(s, dtype=dtype, device="meta")
                                                 for hf, s in shapes.items()},
                                                max_shard_size=int(max_shard_mb * 1e6))  # MB as HF's "5GB": powers of 10
     for file, names_in_file in split.filename_to_tensors.items():
-        write_safetensors(out_dir / file, {k: shapes[k] for k in names_in_file}, dtype,
-                          lambda hf: weights.get(names[hf]).to(dtype))
+        write_safetensors(out_dir / file, {k: shapes[k] for k in names_in_file}, dtype, lambda hf: read(hf).to(dtype))
         weights.release()  # the checkpoint pages this file read leave memory
     if split.is_sharded:
         index = {"metadata": {"total_parameters": sum(s.numel() for s in shapes.values()), **split.metadata},
