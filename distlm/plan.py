@@ -52,20 +52,37 @@ GiB = 2**30
 FP32 = 4  # bytes: start-up builds every weight in fp32
 
 
-def block_params(m: ModelConfig) -> int:
+def is_sparse(m: ModelConfig, layer: int) -> bool:
+    return m.moe is not None and m.moe.is_sparse(layer)
+
+
+def expert_params(m: ModelConfig) -> int:
+    """One sparse block's experts (SwiGLU's three matrices each)."""
+    return 3 * m.dim * m.moe.experts * m.moe.expert_ffn_dim
+
+
+def block_params(m: ModelConfig, layer: int = 0) -> int:
     kv_dim = m.n_kv_heads * m.head_dim
     attention = m.dim * m.n_heads * m.head_dim * 2 + m.dim * kv_dim * 2  # q, o and k, v
-    return attention + 3 * m.dim * m.ffn_dim + 2 * m.dim  # SwiGLU's three matrices, two norms
+    mlp = expert_params(m) + m.dim * m.moe.experts if is_sparse(m, layer) else 3 * m.dim * m.ffn_dim  # (+ router)
+    return attention + mlp + 2 * m.dim  # two norms
 
 
 def total_params(m: ModelConfig) -> int:
     embeddings = m.vocab_size * m.dim * (1 if m.tie_embeddings else 2)
-    return m.n_layers * block_params(m) + embeddings + m.dim
+    return sum(block_params(m, i) for i in range(m.n_layers)) + embeddings + m.dim
+
+
+def active_params(m: ModelConfig) -> int:
+    """The parameters one token uses: top_k of each sparse block's experts."""
+    sparse = sum(is_sparse(m, i) for i in range(m.n_layers))
+    return total_params(m) - (sparse and sparse * expert_params(m) * (m.moe.experts - m.moe.top_k) // m.moe.experts)
 
 
 def largest_tensor_params(m: ModelConfig) -> int:
-    """The largest single weight, whole: the embedding (or head) or an MLP matrix."""
-    return max(m.vocab_size * m.dim, m.ffn_dim * m.dim, m.n_heads * m.head_dim * m.dim)
+    """The largest single weight, whole: the embedding (or head), an MLP matrix or a sparse block's experts."""
+    experts = m.moe.experts * m.moe.expert_ffn_dim * m.dim if m.moe else 0
+    return max(m.vocab_size * m.dim, m.ffn_dim * m.dim, m.n_heads * m.head_dim * m.dim, experts)
 
 
 def stage_blocks(n_layers: int, pp: int) -> list[int]:
@@ -76,9 +93,10 @@ def stage_blocks(n_layers: int, pp: int) -> list[int]:
 def stage_params(m: ModelConfig, tp: int, pp: int) -> list[int]:
     """Parameters held by one rank of each pipeline stage (its TP slice)."""
     vocab_rows = padded_vocab_size(m.vocab_size, tp) // tp
-    per_stage = []
+    per_stage, first_block = [], 0
     for s, blocks in enumerate(stage_blocks(m.n_layers, pp)):
-        n = blocks * block_params(m) // tp
+        n = sum(block_params(m, i) for i in range(first_block, first_block + blocks)) // tp
+        first_block += blocks
         if s == 0:
             n += vocab_rows * m.dim
         if s == pp - 1:
@@ -93,7 +111,7 @@ def rank_params(m: ModelConfig, tp: int, pp: int) -> int:
 
 
 def largest_layer_params(m: ModelConfig, tp: int) -> int:
-    return max(block_params(m), m.vocab_size * m.dim) // tp
+    return max(*(block_params(m, i) for i in range(m.n_layers)), m.vocab_size * m.dim) // tp
 
 
 def model_states(n: int, dp: int, zero: int, mixed: bool, offload_optimizer: bool, offload_params: bool,
@@ -132,6 +150,10 @@ def block_activation_bytes(m: ModelConfig, tp: int, dtype_b: int, cp: int = 1) -
     norms = 2 * ((FP32 + 2 * dtype_b) * m.dim + 4)
     attention = (dtype_b * ((1 + outputs) * m.dim + 2 * kv_dim) + 4 * m.n_heads) / tp
     mlp = 4 * dtype_b * m.ffn_dim / tp
+    if m.moe:  # the larger of a dense and a sparse block's: each token's top_k expert activations, the gathered
+        k = m.moe.top_k  # inputs (one per expert) and outputs, the router's fp32 logits and probabilities
+        sparse = 4 * dtype_b * k * m.moe.expert_ffn_dim / tp + dtype_b * k * m.dim * (1 + 1 / tp) + 8 * m.moe.experts
+        mlp = max(mlp, sparse) if m.moe.every > 1 else sparse
     return norms + attention + mlp
 
 
@@ -305,6 +327,16 @@ def suggest_layout(c: Config) -> tuple[dict[str, int], MemoryPlan] | None:
     return None if best is None else (best[1], best[2])
 
 
+def _expert_share(m: ModelConfig, tp: int) -> str:
+    """Which experts a rank of a TP group of `tp` holds, and their parameters per sparse block."""
+    e, params = m.moe.experts, expert_params(m) // tp
+    if tp == 1:
+        return f"all {e} on every rank, {params / 1e6:,.1f} M parameters per sparse block (parallel.tp splits them)"
+    held = f"{e // tp} of {e}" if e % tp == 0 else f"1/{tp // e} of one"
+    # expert parallelism is the TP group's: tokens stay, the block ends in the all-reduce a dense block has too
+    return f"{held} per rank (expert parallelism = tp: no all-to-all), {params / 1e6:,.1f} M parameters per sparse block"
+
+
 def _gib(b: float) -> str:
     return f"{b / GiB:9,.2f} GiB"
 
@@ -316,7 +348,10 @@ def print_plan(c: Config) -> MemoryPlan:
     ok = lambda fits: "fits" if fits else "does NOT fit"  # noqa: E731
     lines = [
         f"model        {p.params / 1e9:.3f} B parameters ({m.n_layers} layers, dim {m.dim}, "
-        f"{m.n_heads} heads / {m.n_kv_heads} KV heads, ffn {m.ffn_dim}, vocab {m.vocab_size})",
+        f"{m.n_heads} heads / {m.n_kv_heads} KV heads, "
+        + (f"top-{m.moe.top_k} of {m.moe.experts} experts of ffn {m.moe.expert_ffn_dim} every {m.moe.every} "
+           f"layer(s): {active_params(m) / 1e9:.3f} B active per token, " if m.moe else f"ffn {m.ffn_dim}, ")
+        + f"vocab {m.vocab_size})",
         f"layout       {cl.num_workers} GPUs = tp {par.tp} x pp {par.pp} x cp {par.cp} x dp {c.data_parallel_size} on "
         f"{nodes} "
         f"node(s) of {p.workers_per_node} workers; ZeRO-{par.zero_stage}; {c.trainer.precision.value}; micro-batch "
@@ -324,7 +359,8 @@ def print_plan(c: Config) -> MemoryPlan:
         f"per rank     {p.params_per_rank / 1e6:,.1f} M parameters held"
         + (f" (ZeRO-3: 1/{c.data_parallel_size * par.cp} of each)" if par.zero_stage >= 3 else "")
         + (f"; context parallel: {c.data.seq_len // par.cp:,} of every {c.data.seq_len:,} tokens"
-           if par.cp > 1 else ""),
+           if par.cp > 1 else "")
+        + (f"; experts: {_expert_share(m, par.tp)}" if m.moe else ""),
         "host         per rank at start-up = 4 B x parameters it builds + 4 B x largest full tensor + allowance",
         f"  weights built   {_gib(p.startup_weights)}   its share, fp32 (built on the meta device, only its slice)",
         f"  largest tensor  {_gib(p.startup_largest_tensor)}   {largest_tensor_params(m) / 1e6:,.1f} M parameters, "

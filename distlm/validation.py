@@ -32,6 +32,15 @@ def validate_model(m: ModelConfig) -> list[str]:
            f"model.n_heads={m.n_heads} must be divisible by model.n_kv_heads={m.n_kv_heads} "
            f"(valid n_kv_heads: {[d for d in range(1, m.n_heads + 1) if m.n_heads % d == 0]})")
     _check(p, m.head_dim % 2 == 0, f"head size model.dim / model.n_heads = {m.head_dim} must be even for RoPE")
+    if m.moe:
+        e = m.moe
+        _check(p, e.experts >= 1 and e.expert_ffn_dim >= 1 and e.every >= 1,
+               f"model.moe.experts={e.experts}, expert_ffn_dim={e.expert_ffn_dim} and every={e.every} must be positive")
+        _check(p, 1 <= e.top_k <= e.experts,
+               f"model.moe.top_k={e.top_k} must be between 1 and model.moe.experts={e.experts}; e.g. top_k="
+               f"{min(2, max(e.experts, 1))}")
+        _check(p, e.aux_loss_weight >= 0 and e.z_loss_weight >= 0,
+               f"model.moe.aux_loss_weight={e.aux_loss_weight} and z_loss_weight={e.z_loss_weight} must be >= 0")
     return p
 
 
@@ -173,6 +182,12 @@ def validate_layout(c: Config) -> list[str]:
            f"parallel.tp={tp} must divide model.n_heads={m.n_heads} and model.n_kv_heads={m.n_kv_heads} "
            f"(each rank holds whole heads); valid tp: "
            f"{[d for d in range(1, m.n_kv_heads + 1) if m.n_heads % d == 0 and m.n_kv_heads % d == 0]}")
+    if m.moe and m.moe.experts >= 1:  # experts are split over the TP group (expert parallelism): whole experts per
+        e, ffn = m.moe.experts, m.moe.expert_ffn_dim  # rank, or an equal part of each expert's hidden units
+        valid = [d for d in range(1, 2 * e + 1) if e % d == 0 or (d % e == 0 and ffn % (d // e) == 0)]
+        _check(p, e % tp == 0 or (tp % e == 0 and ffn % (tp // e) == 0),
+               f"parallel.tp={tp} (= expert parallelism) must divide model.moe.experts={e}, or be a multiple of it "
+               f"that divides each expert's model.moe.expert_ffn_dim={ffn}; valid tp for the experts: {valid}")
     if cp > 1:  # attention splits heads by tp, then by cp; each rank holds an equal slice of every sequence
         heads = m.n_heads // tp if m.n_heads % tp == 0 else 0
         valid = [d for d in range(1, heads + 1) if heads % d == 0 and c.data.seq_len % d == 0]

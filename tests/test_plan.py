@@ -11,11 +11,11 @@ import pytest
 from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
-from distlm.config import ConfigError, compose_config
+from distlm.config import ConfigError, compose_config, raise_if
 from distlm.model.llama import Llama
-from distlm.plan import (GiB, SEARCHED_KEYS, largest_layer_params, plan, rank_params, suggest_layout, total_params,
-                         valid_layouts, with_layout)
-from distlm.validation import validate_layout
+from distlm.plan import (GiB, SEARCHED_KEYS, active_params, largest_layer_params, plan, rank_params, stage_params,
+                         suggest_layout, total_params, valid_layouts, with_layout)
+from distlm.validation import validate_layout, validate_model
 
 
 def config(*overrides: str):
@@ -228,3 +228,41 @@ def test_a_context_parallel_size_that_cannot_split_the_heads_or_the_sequence_is_
     c = compose_config("model=test", "data.seq_len=64", "cluster.num_workers=24", override)
     problems = validate_layout(c)
     assert any(message in p for p in problems), problems
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_a_mixture_of_experts_counts_its_total_and_active_parameters_as_the_model_does(every):
+    c = compose_config("model=tiny-moe", f"model.moe.every={every}", "data.tokenizer.vocab_size=300")
+    model = Llama(c.model)
+    assert total_params(c.model) == model.num_params() == rank_params(c.model, tp=1, pp=1)
+    assert active_params(c.model) == model.num_params(active=True) < model.num_params()
+    # rank shares: tp splits the experts, pp the blocks, and a stage's sparse blocks are counted where they are
+    assert sum(stage_params(c.model, tp=1, pp=2)) == total_params(c.model)
+    dense = compose_config("model=tiny", "data.tokenizer.vocab_size=300").model
+    if every == 1:  # tiny-moe's active parameters are tiny's and 8 x 128 router weights per block
+        assert active_params(c.model) == total_params(dense) + 4 * 8 * 128
+
+
+def test_mixtral_8x7b_is_46_7b_parameters_12_9b_active_and_fits_64_gpus(tmp_path):
+    c = gpu_cluster("model=mixtral-8x7b", "cluster.num_workers=64")
+    assert total_params(c.model) / 1e9 == pytest.approx(46.70, abs=0.01)
+    assert active_params(c.model) / 1e9 == pytest.approx(12.88, abs=0.01)
+    out = distlm_plan(tmp_path, "cluster=gpu", "model=mixtral-8x7b", "model.vocab_size=32000", "data.seq_len=4096",
+                      "trainer.precision=bf16", "trainer.micro_batch_size=1", "trainer.grad_accum=16",
+                      "cluster.num_workers=64", "parallel.tp=8", "parallel.zero_stage=1",
+                      "parallel.activation_checkpoint_interval=1")
+    assert "12.880 B active per token" in out and "1 of 8 per rank (expert parallelism = tp" in out
+    assert "verdict      fits" in out
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.moe.experts=3", "parallel.tp=2 (= expert parallelism) must divide model.moe.experts=3, or be a multiple "
+                            "of it that divides each expert's model.moe.expert_ffn_dim=192; valid tp for the experts: "
+                            "[1, 3, 6]"),
+    ("model.moe.top_k=9", "model.moe.top_k=9 must be between 1 and model.moe.experts=8; e.g. top_k=2"),
+])
+def test_experts_that_the_layout_cannot_split_or_a_top_k_beyond_them_are_refused(override, message):
+    c = compose_config("model=tiny-moe", "data.tokenizer.vocab_size=300", "cluster.num_workers=2", "parallel.tp=2",
+                       override)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        raise_if(validate_layout(c) + validate_model(c.model))
