@@ -25,6 +25,12 @@ Activations: the bytes autograd saves for backward, per token, b = bytes of the 
     split by TP: q and k after RoPE, v, attention output                             b * (2 dim + 2 kv_dim) / tp
                  and SDPA's fp32 log-sum-exp (no seq x seq scores)                    4 * n_heads / tp
     split by TP: gate, silu(gate), up, silu(gate) * up                                4 * b * ffn_dim / tp
+    a sparse block (model.moe, top_k = k experts of ffn f each) instead of the MLP, for the k (token, expert)
+    pairs of each token that reach this rank's experts (1/tp of them on average):
+           the token's input, the SwiGLU activations and the expert's output              b * k * (4 f + 2 dim) / tp
+           and the pairs' fp32 weights and int64 token indices                           12 * k / tp
+    and for every token: the router's fp32 logits and probabilities, their logsumexp and
+    the top-k's sum, top-k values and int64 indices, the sort order and its inverse       8 * experts + 8 + 28 * k
 The last stage adds the final norm and the fp32 log-probabilities (4 * vocab / tp), the first and last
 stage 8 B of token ids. Context parallelism (cp) divides the tokens a rank holds by cp; per token it saves one
 more output (the attention's, exchanged back: the projection's input), its k and v with the KV heads
@@ -150,9 +156,9 @@ def block_activation_bytes(m: ModelConfig, tp: int, dtype_b: int, cp: int = 1) -
     norms = 2 * ((FP32 + 2 * dtype_b) * m.dim + 4)
     attention = (dtype_b * ((1 + outputs) * m.dim + 2 * kv_dim) + 4 * m.n_heads) / tp
     mlp = 4 * dtype_b * m.ffn_dim / tp
-    if m.moe:  # the larger of a dense and a sparse block's: each token's top_k expert activations, the gathered
-        k = m.moe.top_k  # inputs (one per expert) and outputs, the router's fp32 logits and probabilities
-        sparse = 4 * dtype_b * k * m.moe.expert_ffn_dim / tp + dtype_b * k * m.dim * (1 + 1 / tp) + 8 * m.moe.experts
+    if m.moe:  # the larger of a dense and a sparse block's (see the module docstring)
+        k, f = m.moe.top_k, m.moe.expert_ffn_dim
+        sparse = (dtype_b * k * (4 * f + 2 * m.dim) + 12 * k) / tp + 8 * m.moe.experts + 8 + 28 * k
         mlp = max(mlp, sparse) if m.moe.every > 1 else sparse
     return norms + attention + mlp
 
@@ -352,7 +358,8 @@ def print_plan(c: Config) -> MemoryPlan:
         + (f"top-{m.moe.top_k} of {m.moe.experts} experts of ffn {m.moe.expert_ffn_dim} every {m.moe.every} "
            f"layer(s): {active_params(m) / 1e9:.3f} B active per token, " if m.moe else f"ffn {m.ffn_dim}, ")
         + f"vocab {m.vocab_size})",
-        f"layout       {cl.num_workers} GPUs = tp {par.tp} x pp {par.pp} x cp {par.cp} x dp {c.data_parallel_size} on "
+        f"layout       {cl.num_workers} GPUs = tp {par.tp} x pp {par.pp}{f' x cp {par.cp}' if par.cp > 1 else ''} x dp "
+        f"{c.data_parallel_size} on "
         f"{nodes} "
         f"node(s) of {p.workers_per_node} workers; ZeRO-{par.zero_stage}; {c.trainer.precision.value}; micro-batch "
         f"{c.trainer.micro_batch_size} x {c.data.seq_len} tokens, grad accum {c.trainer.grad_accum}",

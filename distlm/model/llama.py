@@ -180,24 +180,27 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """sum_j weights[t, j] * expert_{experts[t, j]}(x[t]) for tokens x [tokens, dim], over the units held here.
-        The token-expert pairs are sorted by expert, so each expert runs one matmul over all of its tokens."""
-        k = experts.shape[1]
+        The (token, expert) pairs are sorted by expert, so each expert runs one matmul over all of its tokens; the
+        experts held here are consecutive, so their pairs are one run of the sorted order."""
+        tokens, k = experts.shape
         order = experts.reshape(-1).argsort(stable=True)
         counts = torch.bincount(experts.reshape(-1), minlength=self.n).tolist()
-        tokens = order // k
-        x_sorted, w_sorted = x[tokens], weights.reshape(-1)[order].unsqueeze(1)
-        out = torch.zeros_like(x)
-        units, start = self.gate_proj.shape[0], 0
-        for e, count in enumerate(counts):
-            lo = max(e * self.ffn, self.first_unit) - self.first_unit
-            hi = min((e + 1) * self.ffn, self.first_unit + units) - self.first_unit
-            if lo < hi:  # even with no tokens: every parameter held gets a gradient (zeros)
-                h = x_sorted[start:start + count]
-                a = F.silu(h @ self.gate_proj[lo:hi].T) * (h @ self.up_proj[lo:hi].T)
-                y = (a @ self.down_proj[:, lo:hi].T) * w_sorted[start:start + count]
-                out = out.index_add(0, tokens[start:start + count], y.to(out.dtype))
-            start += count
-        return out
+        units = self.gate_proj.shape[0]
+        first, last = self.first_unit // self.ffn, (self.first_unit + units - 1) // self.ffn
+        begin, end = sum(counts[:first]), sum(counts[:last + 1])
+        mine = order[begin:end]
+        h_all, outputs, start = x[mine // k], [], 0
+        for e in range(first, last + 1):  # even with no tokens: every parameter held gets a gradient (zeros)
+            lo, hi = max(e * self.ffn, self.first_unit) - self.first_unit, min((e + 1) * self.ffn - self.first_unit, units)
+            h = h_all[start:start + counts[e]]
+            a = F.silu(h @ self.gate_proj[lo:hi].T) * (h @ self.up_proj[lo:hi].T)
+            outputs.append(a @ self.down_proj[:, lo:hi].T)
+            start += counts[e]
+        y = torch.cat(outputs) * weights.reshape(-1)[mine].unsqueeze(1)
+        # Back to (token, choice) order, zeros for the pairs of other ranks' experts, summed over the choices.
+        # (Indexing keeps only the indices for backward; index_add would keep its summands too.)
+        y = torch.cat([y.new_zeros(begin, y.shape[1]), y, y.new_zeros(tokens * k - end, y.shape[1])])
+        return y[order.argsort()].view(tokens, k, -1).sum(dim=1).to(x.dtype)
 
 
 class _WithAuxiliaryLoss(torch.autograd.Function):
