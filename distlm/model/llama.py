@@ -189,12 +189,15 @@ class Experts(nn.Module):
         first, last = self.first_unit // self.ffn, (self.first_unit + units - 1) // self.ffn
         begin, end = sum(counts[:first]), sum(counts[:last + 1])
         mine = order[begin:end]
+        # Each held expert's units, split in one op: its backward assembles the gradients in one copy (a slice
+        # per expert would add a parameter-sized gradient per expert).
+        sizes = [min((e + 1) * self.ffn - self.first_unit, units) - max(e * self.ffn - self.first_unit, 0)
+                 for e in range(first, last + 1)]
+        gates, ups, downs = self.gate_proj.split(sizes), self.up_proj.split(sizes), self.down_proj.split(sizes, dim=1)
         h_all, outputs, start = x[mine // k], [], 0
-        for e in range(first, last + 1):  # even with no tokens: every parameter held gets a gradient (zeros)
-            lo, hi = max(e * self.ffn, self.first_unit) - self.first_unit, min((e + 1) * self.ffn - self.first_unit, units)
+        for i, e in enumerate(range(first, last + 1)):  # even with no tokens: each expert's units get a gradient
             h = h_all[start:start + counts[e]]
-            a = F.silu(h @ self.gate_proj[lo:hi].T) * (h @ self.up_proj[lo:hi].T)
-            outputs.append(a @ self.down_proj[:, lo:hi].T)
+            outputs.append((F.silu(h @ gates[i].T) * (h @ ups[i].T)) @ downs[i].T)
             start += counts[e]
         y = torch.cat(outputs) * weights.reshape(-1)[mine].unsqueeze(1)
         # Back to (token, choice) order, zeros for the pairs of other ranks' experts, summed over the choices.
