@@ -177,6 +177,7 @@ class ClusterConfig:
     gpu_mem_gb: float = MISSING
     host_mem_gb: Optional[float] = MISSING
     host_overhead_gb: float = MISSING
+    malloc_mmap_threshold_kb: Optional[int] = MISSING
     plan_headroom: float = MISSING
 
 

@@ -230,6 +230,9 @@ def validate_cluster(c: Config) -> list[str]:
     _check(p, cl.host_mem_gb is None or cl.host_mem_gb > 0,
            f"cluster.host_mem_gb={cl.host_mem_gb} must be positive, or null for this machine's memory")
     _check(p, cl.host_overhead_gb >= 0, f"cluster.host_overhead_gb={cl.host_overhead_gb} must be >= 0")
+    _check(p, cl.malloc_mmap_threshold_kb is None or 0 < cl.malloc_mmap_threshold_kb <= 32768,
+           f"cluster.malloc_mmap_threshold_kb={cl.malloc_mmap_threshold_kb} must be in [1, 32768] (glibc's limit is "
+           f"32 MiB), or null for glibc's adaptive threshold")
     _check(p, 0 < cl.plan_headroom <= 1, f"cluster.plan_headroom={cl.plan_headroom} must be in (0, 1]")
     p += elastic_problems(c)
     _check(p, lg.samples >= 0, f"logger.samples={lg.samples} must be >= 0 (0 = no generated samples)")

@@ -31,9 +31,11 @@ def _worker_main(loop_config: dict[str, Any]) -> None:
     import ray.train
     import torch
 
+    from distlm.memory import limit_heap_retention
     from distlm.train.worker.trainer import Trainer
 
     c: Config = loop_config["config"]
+    limit_heap_retention(c.cluster.malloc_mmap_threshold_kb)  # before the model: freed tensors go back to the OS
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     torch.set_num_threads(c.cluster.cpus_per_worker)
     cluster.check_worker_node(c)  # TP group within a node, shared run_dir and data.dir
