@@ -160,6 +160,12 @@ class ParallelConfig:
     offload_params: bool = MISSING
     pipeline_partition: PipelinePartition = MISSING
     activation_checkpoint_interval: int = MISSING
+    # ZeRO's buffers, in blocks' worth of a rank's parameters (engine.zero_config turns them into elements)
+    reduce_bucket_blocks: float = MISSING
+    zero3_prefetch_blocks: float = MISSING
+    zero3_max_live_blocks: float = MISSING
+    zero3_reuse_distance_blocks: float = MISSING
+    zero3_sub_group_blocks: float = MISSING
 
 
 @dataclass

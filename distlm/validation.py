@@ -193,6 +193,12 @@ def validate_layout(c: Config) -> list[str]:
     _check(p, not par.offload_params or par.zero_stage == 3, "parallel.offload_params=true needs parallel.zero_stage=3")
     _check(p, par.activation_checkpoint_interval >= 0,
            f"parallel.activation_checkpoint_interval={par.activation_checkpoint_interval} must be >= 0 (0 = off)")
+    for key in ("reduce_bucket_blocks", "zero3_sub_group_blocks"):
+        _check(p, getattr(par, key) > 0, f"parallel.{key}={getattr(par, key)} must be positive (blocks' worth of "
+                                         f"parameters, e.g. 0.5 or 2)")
+    for key in ("zero3_prefetch_blocks", "zero3_max_live_blocks", "zero3_reuse_distance_blocks"):
+        _check(p, getattr(par, key) >= 0, f"parallel.{key}={getattr(par, key)} must be >= 0 (blocks' worth of "
+                                          f"parameters; 0 = none)")
     return p
 
 

@@ -18,6 +18,8 @@ from distlm.checkpoint import store
 from distlm.config import Config, ConfigError, raise_if, to_dict
 from distlm.data.loading.mixture import main_dir
 from distlm.files import write_atomic
+from distlm.plan import plan as plan_memory
+from distlm.plan import verdict
 from distlm.train import resume
 from distlm.train.driver import supervisor
 from distlm.train.driver.progress import ProgressBar, summarize
@@ -51,6 +53,10 @@ def check_before_launch(c: Config) -> resume.ResumePlan:
     from distlm.data.shards import Manifest
 
     raise_if(validate_train(c))
+    memory = plan_memory(c)  # the planner's verdict, as `distlm plan` prints it: a layout that cannot fit never starts
+    if not memory.fits:
+        raise ConfigError("\n".join(["the run does not fit (distlm plan):", *verdict(c, memory),
+                                     "(the budgets: cluster.host_mem_gb, cluster.gpu_mem_gb, cluster.plan_headroom)"]))
     try:
         manifest = Manifest.load(main_dir(c.data))
     except ValueError as e:  # a manifest from an older distlm, or unreadable
