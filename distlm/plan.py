@@ -36,16 +36,19 @@ steps, Adam's m and v of its partition, and F, DeepSpeed's fixed state on a CPU 
 needs at its peak:
 
 ZeRO-0      held  w n + 8 n (+ bf16: 4 n master, 4 n fp32 gradients)
+            forward   A (+ w n gradients of earlier micro-batches, with gradient accumulation in fp32)
             backward  w n gradients + DeepSpeed's all-reduce flattens them in one copy of up to 5e8 elements
             step      the gradients (freed after it)
 ZeRO-1      held  w n + 12 n/d
+            forward   A (+ w n gradients of earlier micro-batches, with gradient accumulation)
             backward  w n gradients + the flattened copy of one reduce bucket (CPU; GPUs reduce in place), or,
                       in a pipeline, w n gradients + the activations of the other (m - 1) micro-batches in flight
             step      the rank's gradient partition flattened next to its source (2 w n/d, + 4 n/d in fp32 for
                       bf16), or gloo's temporary copy of the whole flat weights in the all-gather that follows
                       (w n, when d > 1)
-ZeRO-2      held  w n + 12 n/d + w n/d (the reduced gradient partition)
-            backward  A + the bucket's gradients, their flattened copy and gloo's copy (3 w b)
+ZeRO-2      held  w n + 12 n/d
+            backward  the gradient partition (w n/d) + the larger of: A + the bucket's gradients and their flattened
+                      copy (2 w b), and the embedding's whole gradient at the end (w P; tied: 3 w P)
             step      as ZeRO-1
 ZeRO-3      held  w n/d + 4 n/d master (bf16 only) + w n/d gradient partition + 8 n/d + (GPU) w b bucket
             forward   A + the module gathered whole (w L) + gloo's all-gather copy (w L) + prefetched and reused
@@ -232,6 +235,7 @@ class RankShape:
     weight_bytes: int       # w
     activations: float      # A
     in_flight: int          # m: micro-batches a pipeline stage holds at once (1 without a pipeline)
+    accumulating: bool      # several micro-batches per step outside a pipeline: their gradients wait through forwards
     largest: int            # P (ZeRO-3: L)
     largest_other: int      # Q: the largest parameter other than the embedding and head
     tied: bool              # ZeRO-3: one weight is embedding and head
@@ -301,7 +305,9 @@ def _zero012(r: RankShape) -> StepMemory:
             held = {"weights": w * n, "Adam m, v": ADAM * n}
             backward = {"gradients": w * n, **_largest(flat, others)}
             step = {"gradients": w * n}
-        phases = {"forward": {"activations": r.activations}, "backward": backward, "optimizer step": step}
+        forward = {"activations": r.activations, **({"gradients of earlier micro-batches": w * n}
+                                                     if r.accumulating and not mixed else {})}
+        phases = {"forward": forward, "backward": backward, "optimizer step": step}
         return StepMemory({**held, **fixed}, phases)
     held = {"weights": w * n, "fp32 master partition": FP32 * n / d, "Adam m, v": ADAM * n / d}
     if r.offload_optimizer:  # host memory: plan.offloaded_host_bytes
@@ -326,7 +332,9 @@ def _zero012(r: RankShape) -> StepMemory:
     flattened = {"gradient partition and its flat copy": 2 * w * n / d + (FP32 * n / d if mixed else 0)}
     gather = {"gloo's copy of the weights in the all-gather": w * n} if r.gloo and d > 1 else {}
     norm = {**partition, "gradient norm's fp64 copy of the largest gradient": 8 * P}
-    phases = {"forward": {"activations": r.activations}, "backward": backward,
+    # gradient accumulation: ZeRO-1 keeps every gradient until the step (ZeRO-2's partition: no more, measured)
+    kept = {"gradients of earlier micro-batches": w * n} if r.accumulating and z == 1 else {}
+    phases = {"forward": {"activations": r.activations, **kept}, "backward": backward,
               "optimizer step": _largest(flattened, gather, norm)}
     return StepMemory({**held, **fixed}, phases)
 
@@ -391,6 +399,7 @@ def rank_shapes(c: Config) -> list[RankShape]:
         shapes.append(RankShape(
             params=n, partition=c.data_parallel_size * par.cp, zero_stage=par.zero_stage, weight_bytes=w,
             activations=acts[s], in_flight=min(par.pp - s, t.grad_accum) if par.pp > 1 else 1,
+            accumulating=t.grad_accum > 1 and par.pp == 1,
             largest=max(vocab, other) if holds_vocab else other, largest_other=other,
             tied=m.tie_embeddings and par.pp == 1, buffers=buffers, gloo=not c.cluster.use_gpu,
             offload_optimizer=par.offload_optimizer, offload_params=par.offload_params))

@@ -117,6 +117,12 @@ def test_zero1_holds_every_gradient_in_backward_that_zero2_partitions():
     assert zero2.peak < zero1.peak
 
 
+def test_zero1_gradient_accumulation_keeps_every_gradient_through_the_next_forward():
+    one, two = (plan(cpu("cluster.num_workers=2", f"trainer.grad_accum={a}")).training[0] for a in (1, 2))
+    assert two.total("forward") - one.total("forward") == 4 * total_params(cpu().model)  # fp32 gradients
+    assert two.total("backward") == one.total("backward")
+
+
 def test_a_cpu_run_is_checked_in_host_memory_in_training_and_a_gpu_run_in_device_memory():
     on_cpu = plan(cpu("parallel=zero3", "cluster.num_workers=8", "cluster.gpu_mem_gb=1"))
     assert not on_cpu.on_gpu and on_cpu.fits_device  # no GPU: its memory is not checked
