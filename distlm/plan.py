@@ -352,16 +352,17 @@ def _zero3(r: RankShape) -> StepMemory:
     if r.offload_params:
         held.pop("weight partition")
     bucket = min(max(b.reduce_bucket, r.largest_other), n)  # at least one whole gradient
-    if not r.gloo:
-        held["reduce bucket (contiguous)"] = w * b.reduce_bucket
     if r.gloo:
         held["DeepSpeed's fixed state"] = CPU_FIXED
+    else:
+        held["reduce bucket (contiguous)"] = w * b.reduce_bucket
     copies = 2 if r.gloo else 1  # the gathered module, and gloo's all-gather output copy
     forward = {"activations": r.activations, "largest module, gathered": copies * w * r.largest,
                "prefetched parameters": w * min(b.prefetch, b.max_live),
                "parameters kept for reuse": w * min(b.reuse_distance / 2, n)}
     # the bucket's whole gradients, reduce-scatter's interleaved copy and gloo's copy of it (GPUs: reduced in place)
-    reduce = {"reduce bucket: gradients, interleaved copy, gloo's copy": (3 if r.gloo else 1) * w * bucket}
+    reduce = ({"reduce bucket: gradients, interleaved copy, gloo's copy": 3 * w * bucket} if r.gloo
+              else {"reduce bucket's gradients": w * bucket})
     if r.tied:  # the head's gradient waits for the embedding's, all backward
         during = {"activations": r.activations, "tied weight's gradient": w * r.largest, **reduce}
     else:  # the head's gradient is reduced first, alone
