@@ -1,7 +1,7 @@
 """Training memory: each rank's peak RSS during training steps, above a bare process of the same layout, against
 what `distlm plan` predicts for that rank (distlm/plan.py), phase by phase.
 
-    python benchmarks/bench_train_memory.py      # the issue's three layouts at 379 M parameters (~15 min, ~14 GiB)
+    python benchmarks/bench_train_memory.py      # 1, 2, 4, 8 ranks at 378 M parameters (~22 min, <= 14 GiB)
     python benchmarks/bench_train_memory.py --layers 12 --layouts zero3_dp2 zero1_dp2   # 124 M, ~3 min
     python benchmarks/bench_train_memory.py --layouts zero2_dp2 --layers 12 --set trainer.precision=bf16
 
@@ -48,7 +48,7 @@ LAYOUTS = {  # name: (world size, overrides)
     "pp2_dp1": (2, ["parallel=pp2", "trainer.grad_accum=4"]),
     "tp2_dp1": (2, ["parallel=tp2"]),
 }
-DEFAULT_LAYOUTS = ["zero1_dp2", "tp2_pp4", "zero3_dp8"]
+DEFAULT_LAYOUTS = ["zero1_dp1", "zero1_dp2", "zero3_dp2", "zero3_dp4", "tp2_pp4", "zero3_dp8"]  # the issue's 3 and more
 
 
 def compare(name: str, base: list[str], extra: list[str], steps: int, limit_gib: float) -> list[dict]:
