@@ -5,7 +5,8 @@
     distlm export     [overrides]   a checkpoint -> a Hugging Face LlamaForCausalLM directory
     distlm generate   [overrides]   continue a prompt with an exported (or any local HF Llama) model
     distlm eval       [overrides]   validation perplexity of a checkpoint or a HF directory on the shards
-    distlm plan       [overrides]   per-GPU and per-node memory of a model and layout: does it fit, what would?
+    distlm plan       [overrides]   per-rank and per-node memory of a model and layout, at start-up and in a training
+                                    step: does it fit, what would? (exit status 1 when it does not fit)
     distlm report     RUN_DIR       summary of a run and a PNG plot of its loss curve
     distlm checkpoint info|reshape PATH
                                     validate and describe a checkpoint | make its any-layout (universal) form
@@ -62,7 +63,8 @@ def _eval(c) -> None:
 def _plan(c) -> None:
     from distlm.plan import print_plan
 
-    print_plan(c)
+    if not print_plan(c).fits:
+        sys.exit(1)  # `distlm train` refuses the same config before any worker starts
 
 
 HYDRA_COMMANDS: dict[str, Callable] = {

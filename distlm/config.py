@@ -177,6 +177,12 @@ class ParallelConfig:
     offload_params: bool = MISSING
     pipeline_partition: PipelinePartition = MISSING
     activation_checkpoint_interval: int = MISSING
+    # ZeRO's buffers, in blocks' worth of a rank's parameters (engine.zero_config turns them into elements)
+    reduce_bucket_blocks: float = MISSING
+    zero3_prefetch_blocks: float = MISSING
+    zero3_max_live_blocks: float = MISSING
+    zero3_reuse_distance_blocks: float = MISSING
+    zero3_sub_group_blocks: float = MISSING
 
 
 @dataclass
@@ -197,6 +203,7 @@ class ClusterConfig:
     gpu_mem_gb: float = MISSING
     host_mem_gb: Optional[float] = MISSING
     host_overhead_gb: float = MISSING
+    malloc_mmap_threshold_kb: Optional[int] = MISSING
     plan_headroom: float = MISSING
 
 

@@ -208,6 +208,12 @@ def validate_layout(c: Config) -> list[str]:
     _check(p, not par.offload_params or par.zero_stage == 3, "parallel.offload_params=true needs parallel.zero_stage=3")
     _check(p, par.activation_checkpoint_interval >= 0,
            f"parallel.activation_checkpoint_interval={par.activation_checkpoint_interval} must be >= 0 (0 = off)")
+    for key in ("reduce_bucket_blocks", "zero3_sub_group_blocks"):
+        _check(p, getattr(par, key) > 0, f"parallel.{key}={getattr(par, key)} must be positive (blocks' worth of "
+                                         f"parameters, e.g. 0.5 or 2)")
+    for key in ("zero3_prefetch_blocks", "zero3_max_live_blocks", "zero3_reuse_distance_blocks"):
+        _check(p, getattr(par, key) >= 0, f"parallel.{key}={getattr(par, key)} must be >= 0 (blocks' worth of "
+                                          f"parameters; 0 = none)")
     return p
 
 
@@ -245,6 +251,9 @@ def validate_cluster(c: Config) -> list[str]:
     _check(p, cl.host_mem_gb is None or cl.host_mem_gb > 0,
            f"cluster.host_mem_gb={cl.host_mem_gb} must be positive, or null for this machine's memory")
     _check(p, cl.host_overhead_gb >= 0, f"cluster.host_overhead_gb={cl.host_overhead_gb} must be >= 0")
+    _check(p, cl.malloc_mmap_threshold_kb is None or 0 < cl.malloc_mmap_threshold_kb <= 32768,
+           f"cluster.malloc_mmap_threshold_kb={cl.malloc_mmap_threshold_kb} must be in [1, 32768] (glibc's limit is "
+           f"32 MiB), or null for glibc's adaptive threshold")
     _check(p, 0 < cl.plan_headroom <= 1, f"cluster.plan_headroom={cl.plan_headroom} must be in (0, 1]")
     _check(p, cl.start_timeout_seconds > 0,
            f"cluster.start_timeout_seconds={cl.start_timeout_seconds} must be positive (a start that never ends holds "

@@ -19,6 +19,8 @@ from distlm.compat.ray import set_start_timeout
 from distlm.config import Config, ConfigError, raise_if, to_dict
 from distlm.data.loading.mixture import main_dir
 from distlm.files import write_atomic
+from distlm.plan import plan as plan_memory
+from distlm.plan import verdict
 from distlm.train import resume
 from distlm.train.driver import nodes, supervisor
 from distlm.train.driver.progress import ProgressBar, summarize
@@ -33,9 +35,11 @@ def _worker_main(loop_config: dict[str, Any]) -> None:
     import ray.train
     import torch
 
+    from distlm.memory import limit_heap_retention
     from distlm.train.worker.trainer import Trainer
 
     c: Config = loop_config["config"]
+    limit_heap_retention(c.cluster.malloc_mmap_threshold_kb)  # before the model: freed tensors go back to the OS
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     torch.set_num_threads(c.cluster.cpus_per_worker)
     cluster.check_worker_node(c)  # TP group within a node, shared run_dir and data.dir
@@ -53,6 +57,10 @@ def check_before_launch(c: Config) -> resume.ResumePlan:
     from distlm.data.shards import Manifest
 
     raise_if(validate_train(c))
+    memory = plan_memory(c)  # the planner's verdict, as `distlm plan` prints it: a layout that cannot fit never starts
+    if not memory.fits:
+        raise ConfigError("\n".join(["the run does not fit (distlm plan):", *verdict(c, memory),
+                                     "(the budgets: cluster.host_mem_gb, cluster.gpu_mem_gb, cluster.plan_headroom)"]))
     try:
         manifest = Manifest.load(main_dir(c.data))
     except ValueError as e:  # a manifest from an older distlm, or unreadable
