@@ -357,5 +357,6 @@ class Trainer:
         self.metrics.log(step, **record, tokens_seen=self.state.tokens_seen, skipped_steps=self.state.skipped_steps,
                          **self._source_metrics())
         if step % self.c.trainer.log_every == 0:
-            log.info("step %d: loss %.4f lr %.2e grad_norm %.3f tokens/s %.0f", step, loss, record["lr"],
-                     record["grad_norm"] or float("nan"), tokens_per_s)
+            moe = f" moe_aux {extra['moe_aux_loss']:.4f} load {extra['moe_load_max_over_mean']:.2f}" if extra else ""
+            log.info("step %d: loss %.4f lr %.2e grad_norm %.3f tokens/s %.0f%s", step, loss, record["lr"],
+                     record["grad_norm"] or float("nan"), tokens_per_s, moe)
