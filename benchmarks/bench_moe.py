@@ -112,7 +112,7 @@ def bench_train(data: str, steps: int) -> None:
         for name, overrides in runs.items():
             c = compose_config(*overrides, f"data.dir={data}", f"run_dir={tmp}/{len(results)}", "cluster.num_workers=1",
                                f"trainer.max_steps={steps}", f"trainer.eval_every={steps}", "logger.wandb=false",
-                               "trainer.checkpoint_every=0")
+                               f"trainer.checkpoint_every={steps}")
             out = torch.multiprocessing.Manager().dict()
             run_ranks(_train, 1, c, out)
             results[name] = out["result"]
