@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -34,6 +35,8 @@ log = logging.getLogger(__name__)
 
 SHARD_INDEX_FILE = "model.safetensors.index.json"  # transformers' name
 SAFETENSORS_DTYPE = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+PAD_TOKEN = "<|pad|>"   # added at export when preprocessing reserved no data.tokenizer.pad_token
+VOCAB_ROWS = ("embed_tokens.weight", "lm_head.weight")   # distlm names of the [vocab, dim] matrices
 
 
 def export(c: Config) -> Path:
@@ -45,7 +48,7 @@ def export(c: Config) -> Path:
     tag_dir = find_checkpoint(Path(c.export.checkpoint_dir), c.export.tag)
     state = store.read_state(tag_dir)
     model_cfg = ModelConfig.from_dict(state.config["model"])
-    eos_token = state.config["data"]["tokenizer"]["eos_token"]
+    tokens = state.config["data"]["tokenizer"]
     dtype = TORCH_DTYPE[c.export.dtype]
 
     tmp_dir = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
@@ -53,8 +56,8 @@ def export(c: Config) -> Path:
     tmp_dir.mkdir(parents=True)
     try:
         with CheckpointWeights(tag_dir, state, model_cfg) as weights:
-            eos_id = _write_tokenizer(tag_dir, eos_token, model_cfg, tmp_dir)
-            _write_model(weights, model_cfg, eos_id, dtype, tmp_dir, c.export.max_shard_mb)
+            ids = _write_tokenizer(tag_dir, tokens, model_cfg, tmp_dir)
+            _write_model(weights, model_cfg, ids, dtype, tmp_dir, c.export.max_shard_mb)
             max_diff = verify(tmp_dir, model_cfg, weights.get, c.export.dtype, weights.release) \
                 if c.export.verify else None
         _replace_dir(tmp_dir, out_dir)
@@ -74,10 +77,18 @@ def export_memory_bytes(m: ModelConfig, max_shard_mb: float) -> int:
     return 3 * 2**30 + int(max_shard_mb * 1e6) + 4 * largest
 
 
-def hf_config(m: ModelConfig, eos_id: int, dtype: torch.dtype) -> LlamaConfig:
+@dataclass(frozen=True)
+class SpecialIds:
+    bos: int
+    eos: int
+    pad: int
+    vocab_size: int   # the export's embedding rows: the model's, plus one when the pad token needed a new row
+
+
+def hf_config(m: ModelConfig, ids: SpecialIds, dtype: torch.dtype) -> LlamaConfig:
     return LlamaConfig(
         architectures=["LlamaForCausalLM"],
-        vocab_size=m.vocab_size,
+        vocab_size=ids.vocab_size,
         hidden_size=m.dim,
         intermediate_size=m.ffn_dim,
         num_hidden_layers=m.n_layers,
@@ -92,12 +103,22 @@ def hf_config(m: ModelConfig, eos_id: int, dtype: torch.dtype) -> LlamaConfig:
         mlp_bias=False,
         initializer_range=m.init_std,
         tie_word_embeddings=m.tie_embeddings,
-        # Documents are separated by EOS only, so EOS also serves as BOS and padding (as in GPT-2).
-        bos_token_id=eos_id,
-        eos_token_id=eos_id,
-        pad_token_id=eos_id,
+        bos_token_id=ids.bos,
+        eos_token_id=ids.eos,
+        pad_token_id=ids.pad,
         dtype=dtype,
     )
+
+
+def add_v4_keys(config_file: Path) -> None:
+    """Also write the keys transformers 4.x reads where 5.x renamed them (5.x reads both): `torch_dtype` beside
+    `dtype`, and `rope_theta` + `rope_scaling` (None, or the scaling without rope_theta) beside `rope_parameters`."""
+    config = json.loads(config_file.read_text())
+    rope = dict(config["rope_parameters"])
+    config["torch_dtype"] = config["dtype"]
+    config["rope_theta"] = rope.pop("rope_theta")
+    config["rope_scaling"] = None if rope["rope_type"] == "default" else rope
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def rope_parameters(m: ModelConfig) -> dict:
@@ -114,39 +135,64 @@ def to_hf_name(name: str) -> str:
     return name if name == "lm_head.weight" else "model." + name
 
 
-def _write_tokenizer(tag_dir: Path, eos_token: str, m: ModelConfig, out_dir: Path) -> int:
+def _write_tokenizer(tag_dir: Path, tokens: dict, m: ModelConfig, out_dir: Path) -> SpecialIds:
+    """tokenizer.json and a tokenizer_config.json that transformers 4.x and 5.x both load
+    (`PreTrainedTokenizerFast`, not 5.x's `TokenizersBackend`). BOS is data.tokenizer.bos_token, else EOS (documents
+    are separated by EOS only). The pad token differs from EOS, or collators that mask padding in the labels
+    (DataCollatorForLanguageModeling) would mask every EOS and a fine-tuned model would never learn to stop: it is
+    data.tokenizer.pad_token when preprocessing reserved one, else PAD_TOKEN, added on the first embedding row the
+    tokenizer does not use, or on one new row (_write_model appends it)."""
     tok_file = tag_dir / store.TOKENIZER_FILE
     try:
         raw = Tokenizer.from_file(str(tok_file))
     except Exception as e:
         raise CheckpointError(f"checkpoint {tag_dir}: cannot read {tok_file.name}: {e}") from e
-    eos_id = raw.token_to_id(eos_token)
-    if eos_id is None:
-        raise CheckpointError(f"checkpoint {tag_dir}: EOS token {eos_token!r} is not in {tok_file.name}")
-    if raw.get_vocab_size() > m.vocab_size:
+    named = {"eos": tokens["eos_token"], "bos": tokens.get("bos_token") or tokens["eos_token"],
+             "pad": tokens.get("pad_token") or PAD_TOKEN}
+    if named["pad"] == PAD_TOKEN and raw.token_to_id(PAD_TOKEN) is None:
+        raw.add_special_tokens([PAD_TOKEN])
+    found = {k: raw.token_to_id(t) for k, t in named.items()}
+    for k, i in found.items():
+        if i is None:
+            raise CheckpointError(f"checkpoint {tag_dir}: {k.upper()} token {named[k]!r} is not in {tok_file.name}")
+    if raw.get_vocab_size() > m.vocab_size + (named["pad"] == PAD_TOKEN):
         raise CheckpointError(f"checkpoint {tag_dir}: {tok_file.name} has {raw.get_vocab_size()} tokens but the "
                               f"model only {m.vocab_size} embeddings")
-    tok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token=eos_token, bos_token=eos_token,
-                                  pad_token=eos_token, model_max_length=m.max_seq_len)
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token=named["eos"], bos_token=named["bos"],
+                                  pad_token=named["pad"], model_max_length=m.max_seq_len)
     tok.save_pretrained(out_dir)
-    return eos_id
+    config_file = out_dir / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"   # 5.x writes TokenizersBackend, unknown to 4.x
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return SpecialIds(bos=found["bos"], eos=found["eos"], pad=found["pad"], vocab_size=max(m.vocab_size, found["pad"] + 1))
 
 
-def _write_model(weights: CheckpointWeights, m: ModelConfig, eos_id: int, dtype: torch.dtype,
+def _write_model(weights: CheckpointWeights, m: ModelConfig, ids: SpecialIds, dtype: torch.dtype,
                  out_dir: Path, max_shard_mb: float) -> None:
     """config.json, generation_config.json and the weights: `model.safetensors`, or, above `max_shard_mb`,
-    `model-0000i-of-0000n.safetensors` files and `model.safetensors.index.json` as transformers writes them."""
-    hf_config(m, eos_id, dtype).save_pretrained(out_dir)
-    GenerationConfig(bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id).save_pretrained(out_dir)
+    `model-0000i-of-0000n.safetensors` files and `model.safetensors.index.json` as transformers writes them.
+    A pad token on a new row gets the mean of the embedding (and output) rows, as transformers'
+    resize_token_embeddings does: its logit stays ordinary, and padded positions are masked anyway."""
+    hf_config(m, ids, dtype).save_pretrained(out_dir)
+    add_v4_keys(out_dir / "config.json")
+    GenerationConfig(bos_token_id=ids.bos, eos_token_id=ids.eos, pad_token_id=ids.pad).save_pretrained(out_dir)
     names = {to_hf_name(k): k for k in weights.shapes}  # tied embeddings: one matrix, no lm_head.weight
-    shapes = {hf: weights.shapes[k] for hf, k in names.items()}
+    extra = ids.vocab_size - m.vocab_size
+    shapes = {hf: torch.Size([s[0] + extra, *s[1:]]) if k in VOCAB_ROWS else s
+              for hf, k, s in ((hf, k, weights.shapes[k]) for hf, k in names.items())}
+
+    def tensor(hf: str) -> torch.Tensor:
+        t = weights.get(names[hf])
+        if extra and names[hf] in VOCAB_ROWS:
+            t = torch.cat([t, t.float().mean(0, keepdim=True).to(t.dtype).expand(extra, -1)])
+        return t.to(dtype)
     # huggingface_hub plans the files and the index as transformers does; meta tensors give it sizes, no data.
     split = split_torch_state_dict_into_shards({hf: torch.empty(s, dtype=dtype, device="meta")
                                                 for hf, s in shapes.items()},
                                                max_shard_size=int(max_shard_mb * 1e6))  # MB as HF's "5GB": powers of 10
     for file, names_in_file in split.filename_to_tensors.items():
-        write_safetensors(out_dir / file, {k: shapes[k] for k in names_in_file}, dtype,
-                          lambda hf: weights.get(names[hf]).to(dtype))
+        write_safetensors(out_dir / file, {k: shapes[k] for k in names_in_file}, dtype, tensor)
         weights.release()  # the checkpoint pages this file read leave memory
     if split.is_sharded:
         index = {"metadata": {"total_parameters": sum(s.numel() for s in shapes.values()), **split.metadata},
