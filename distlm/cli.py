@@ -15,8 +15,8 @@
                                     run preprocess/train/export/generate/eval as a job on a running Ray cluster
 
 The commands with [overrides] compose conf/ with Hydra: `key=value` or `group=option` (e.g. `model=tiny
-trainer.max_steps=500`); `distlm COMMAND --cfg job` prints the composed config, `distlm COMMAND --help` lists
-the groups. The others take plain arguments (`distlm COMMAND --help`).
+trainer.max_steps=500`); `distlm COMMAND --help` says what it does, the keys that matter and two examples,
+`distlm COMMAND --cfg job` prints the whole composed config. The others take plain arguments (`--help`).
 """
 
 from __future__ import annotations
@@ -172,13 +172,13 @@ def _leaf_keys(cfg, prefix: str = "") -> list[str]:
 
 def check_overrides(command: str, args: list[str]) -> None:
     """Compose the overrides as Hydra will, before Hydra runs: an unknown key gets "did you mean" (Hydra would
-    advise appending it with `+`, which only moves the error), any composition error a one-line message;
-    both exit 2 like every other usage error."""
+    advise appending it with `+`, which only moves the error), any composition error a one-line message.
+    Raises ConfigError (the command exits 2, as for every usage error)."""
     import difflib
 
     from omegaconf import OmegaConf
 
-    from distlm.config import CONF_DIR
+    from distlm.config import CONF_DIR, ConfigError
 
     overrides = [a for a in args if "=" in a and not a.startswith(("+", "~", "hydra.", "-"))]
     groups = {p.name for p in CONF_DIR.iterdir() if p.is_dir()}
@@ -187,12 +187,12 @@ def check_overrides(command: str, args: list[str]) -> None:
         options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
         if option not in options:
             close = difflib.get_close_matches(option, options, n=1)
-            _usage_error(command, f"no {group} '{option}'" + (f": did you mean {group}={close[0]}?" if close else "")
-                         + f" ({group} is one of: {', '.join(options)})")
+            raise ConfigError(f"no {group} '{option}'" + (f": did you mean {group}={close[0]}?" if close else "")
+                              + f" ({group} is one of: {', '.join(options)})")
     try:
         cfg = _compose(chosen)
     except Exception as e:  # noqa: BLE001 - Hydra raises its own kinds for a missing option
-        _usage_error(command, f"{e}".splitlines()[0])
+        raise ConfigError(f"{e}".splitlines()[0]) from None
     known = _leaf_keys(cfg)
     for override in overrides:
         key = override.split("=", 1)[0]
@@ -201,17 +201,12 @@ def check_overrides(command: str, args: list[str]) -> None:
         close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
         hint = f"did you mean {close[0]}?" if close else \
             f"`distlm {command} --help` lists the main keys, `distlm {command} --cfg job` all of them"
-        _usage_error(command, f"unknown config key '{key}': {hint}")
+        raise ConfigError(f"unknown config key '{key}': {hint}")
     try:
         OmegaConf.to_container(_compose([a for a in args if "=" in a and not a.startswith(("-", "hydra."))]),
                                resolve=False)
     except Exception as e:  # noqa: BLE001
-        _usage_error(command, f"{e}".splitlines()[0])
-
-
-def _usage_error(command: str, message: str) -> None:
-    print(f"distlm {command}: {message}", file=sys.stderr)
-    sys.exit(2)
+        raise ConfigError(f"{e}".splitlines()[0]) from None
 
 
 def _run_with_hydra(command: str, args: list[str]) -> None:
@@ -224,7 +219,11 @@ def _run_with_hydra(command: str, args: list[str]) -> None:
         print(_help(command))
         return
     args = ["--help" if a == "--hydra-help" else a for a in args]   # flags (--cfg job, ...) are Hydra's own
-    check_overrides(command, args)
+    try:
+        check_overrides(command, args)
+    except ConfigError as e:
+        print(f"distlm {command}: {e}", file=sys.stderr)
+        sys.exit(2)
 
     def task(cfg: DictConfig) -> None:
         before = _run_dir_state(command)
