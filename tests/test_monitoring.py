@@ -62,7 +62,8 @@ def monitored_config(data_dir: Path, run_dir: Path, *overrides: str):
         "model=test", "data.seq_len=64", "data.tokenizer.vocab_size=512", f"data.dir={data_dir}", f"run_dir={run_dir}",
         f"trainer.max_steps={STEPS}", "trainer.micro_batch_size=4", "optimizer.warmup_steps=1", "trainer.eval_every=3",
         "trainer.eval_batches=1", "trainer.checkpoint_every=3", "logger.mode=offline", "logger.name=monitor-test",
-        "logger.group=sweep-7", "logger.tags=[cpu,monitoring]", "logger.samples=2", "logger.sample_tokens=5",
+        "logger.group=sweep-7", "logger.tags=[cpu,monitoring]", "logger.notes=tries-notes", "logger.samples=2",
+        "logger.sample_tokens=5",
         "logger.peak_tflops=0.001", *overrides)
 
 
@@ -195,6 +196,9 @@ def wandb_rows(run_dir: Path) -> tuple[list[tuple[int, dict]], dict]:
 
 def test_wandb_gets_each_step_once_across_the_resume_with_best_and_last_and_numeric_layout(monitored_run):
     rows, summary = wandb_rows(monitored_run)
+    run = next(r.run for r in wandb_records(next(wandb_runs(monitored_run)[0].glob("run-*.wandb")))
+               if r.WhichOneof("record_type") == "run")
+    assert (run.notes, list(run.tags), run.run_group) == ("tries-notes", ["cpu", "monitoring"], "sweep-7")
     steps = [step for step, _ in rows]
     assert steps == sorted(set(steps)) and steps[-1] == STEPS, steps   # none repeated: W&B would drop it
     by_step = dict(rows)

@@ -131,7 +131,7 @@ class MetricsLogger:
             # One W&B run per training run: a resumed job continues the run id saved in its checkpoint. The
             # config holds no secrets (those come from the environment only), so it is logged whole.
             run = wandb.init(project=lg.project, entity=lg.entity, name=lg.name or c.run_name, group=lg.group,
-                             tags=list(lg.tags), id=run_id, resume="allow", dir=c.run_dir, mode=mode,
+                             tags=list(lg.tags), notes=lg.notes, id=run_id, resume="allow", dir=c.run_dir, mode=mode,
                              config=to_dict(c), settings=wandb.Settings(quiet=True, console="off",
                                                                         init_timeout=lg.init_timeout,
                                                                         finish_timeout=lg.finish_timeout))
