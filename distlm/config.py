@@ -269,6 +269,7 @@ class LoggerConfig:
     name: Optional[str] = MISSING
     group: Optional[str] = MISSING
     tags: list[str] = MISSING
+    notes: Optional[str] = MISSING
     samples: int = MISSING
     sample_tokens: int = MISSING
     sample_prompt_tokens: int = MISSING

@@ -105,6 +105,15 @@ def eos_token(hf_dir: Path, hf: dict, tokenizer: Tokenizer) -> str:
     return token
 
 
+def pad_token(hf_dir: Path, eos: str, tokenizer: Tokenizer) -> str | None:
+    """The model's own pad token when it has one other than EOS (the export keeps it; else it adds one)."""
+    tok_cfg = hf_dir / "tokenizer_config.json"
+    token = json.loads(tok_cfg.read_text()).get("pad_token") if tok_cfg.is_file() else None
+    if isinstance(token, dict):
+        token = token.get("content")
+    return token if token != eos and token is not None and tokenizer.token_to_id(token) is not None else None
+
+
 def import_hf(hf_dir: Path, out_dir: Path) -> Path:
     """Write `hf_dir` as a distlm checkpoints directory `out_dir` (tag step00000000); return the tag dir."""
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
@@ -128,7 +137,7 @@ def import_hf(hf_dir: Path, out_dir: Path) -> Path:
         # fp32 as training keeps its master weights; bf16/fp16 values convert exactly and back.
         save_file({k: w.float().contiguous() for k, w in weights.items()}, tmp / tag / store.WEIGHTS_FILE)
         shutil.copyfile(hf_dir / "tokenizer.json", tmp / tag / store.TOKENIZER_FILE)  # as is: the same sha256
-        config = {"model": asdict(m), "data": {"tokenizer": {"eos_token": eos}}, "imported_from": str(hf_dir.resolve())}
+        config = {"model": asdict(m), "data": {"tokenizer": {"eos_token": eos, "pad_token": pad_token(hf_dir, eos, tokenizer)}}, "imported_from": str(hf_dir.resolve())}
         state = RunState(config=config, tokenizer_sha256=file_sha256(hf_dir / "tokenizer.json"))
         write_atomic(tmp / tag / store.STATE_FILE, json.dumps(asdict(state), indent=1))
         write_atomic(tmp / store.LATEST_FILE, tag)

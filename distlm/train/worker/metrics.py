@@ -126,8 +126,12 @@ class MetricsLogger:
     mirroring, with a warning; at the end finish() waits at most logger.finish_timeout for uploads, and what is
     left stays on disk for `wandb sync`."""
 
-    def __init__(self, c: Config, wandb_run_id: str):
+    def __init__(self, c: Config, wandb_run_id: str, start_step: int = 0):
         self.c = c
+        # A resumed run's W&B run already has a row at its start step (the step of the checkpoint it resumes):
+        # what is logged at that step again goes to W&B with the next step's row, or W&B would drop it.
+        self._wandb_floor = start_step if start_step > 0 else -1
+        self._wandb_pending: dict[str, Any] = {}
         self.path = Path(c.run_dir) / METRICS_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.wandb = None
@@ -148,12 +152,12 @@ class MetricsLogger:
             # One W&B run per training run: a resumed job continues the run id saved in its checkpoint. The
             # config holds no secrets (those come from the environment only), so it is logged whole.
             run = wandb.init(project=lg.project, entity=lg.entity, name=lg.name or c.run_name, group=lg.group,
-                             tags=list(lg.tags), id=run_id, resume="allow", dir=c.run_dir, mode=mode,
+                             tags=list(lg.tags), notes=lg.notes, id=run_id, resume="allow", dir=c.run_dir, mode=mode,
                              config=to_dict(c), settings=wandb.Settings(quiet=True, console="off",
                                                                         init_timeout=lg.init_timeout,
                                                                         finish_timeout=lg.finish_timeout))
-            run.define_metric("val_loss", summary="min")
-            run.define_metric("val_ppl", summary="min")
+            for name in ("loss", "val_loss", "val_ppl", "val_loss/*"):   # the summary shows the best and the last
+                run.define_metric(name, summary="min,last")
             log.info("wandb %s run %s in %s", mode, run_id, run.dir)
             self._wandb_dir = Path(run.dir).parent
             return run
@@ -192,6 +196,11 @@ class MetricsLogger:
     def _to_wandb(self, metrics: dict[str, Any], step: int) -> None:
         if self.wandb is None:
             return
+        metrics = {k: v for k, v in metrics.items() if not isinstance(v, str)}   # W&B charts numbers only
+        if step <= self._wandb_floor:
+            self._wandb_pending.update(metrics)
+            return
+        metrics, self._wandb_pending = {**self._wandb_pending, **metrics}, {}
         try:
             self.wandb.log(metrics, step=step)
         except Exception as e:  # noqa: BLE001 - a W&B failure mid-run must not stop training

@@ -91,7 +91,7 @@ class Trainer:
         """Rank 0 logs; a resumed run keeps its W&B run id (from the checkpoint)."""
         if self.state.wandb_run_id is None:
             self.state.wandb_run_id = f"{self.c.run_name}-{int(time.time())}"
-        return MetricsLogger(self.c, self.state.wandb_run_id) if self.rank == 0 else None
+        return MetricsLogger(self.c, self.state.wandb_run_id, self.state.step) if self.rank == 0 else None
 
     def _loaders(self) -> tuple[ShardLoader, ShardLoader, dict[str, ShardLoader]]:
         """(training batches, validation batches, each mixture source's validation batches by name) of this rank.
@@ -261,7 +261,9 @@ class Trainer:
         if self.state.step >= end and self.rank == 0:
             log.info("already at step %d, nothing to train (stop at %d)", self.state.step, end)
         if self.metrics:
-            self.metrics.log(self.state.step, **self.attempt, layout=self.layout.describe())
+            lay = self.layout   # the string for people, the numbers for charts
+            self.metrics.log(self.state.step, **self.attempt, layout=lay.describe(),
+                             **{f"layout/{k}": getattr(lay, k) for k in ("dp", "tp", "pp", "cp")})
         if not self.resumed:
             self._log_eval()  # the starting point of the validation curve
         self.last_save = time.monotonic()
