@@ -98,7 +98,7 @@ def test_document_masking_changes_what_one_process_computes(single_process_maske
     assert abs(masked[0] - unmasked[0]) > 1e-4 and masked != pytest.approx(unmasked, rel=1e-5)
 
 
-@pytest.mark.parametrize("name", ["tp2", "pp2", "tp2_pp2", "cp2", "cp4", "cp2_tp2", "cp2_pp2"])
+@pytest.mark.parametrize("name", ["tp2", "pp2", "tp2_pp2", "cp2", "cp4", "cp2_tp2", "cp2_pp2", "cp2_dp2_zero3"])
 def test_masked_layout_matches_single_process(name, single_process_masked, verse_shards, tmp_path):
     assert_layout_matches(name, single_process_masked, verse_shards, tmp_path, "trainer.doc_masking=true")
 
