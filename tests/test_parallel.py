@@ -3,6 +3,7 @@ updated weights, from the same initial weights and the same global batches (fp32
 with document masking."""
 
 import json
+import os
 from pathlib import Path
 
 import deepspeed
@@ -16,7 +17,7 @@ from distlm.model.parallelize import full_state_dict
 from distlm.train.worker.metrics import read_metrics
 from distlm.train.worker.trainer import Trainer
 
-STEPS = 4
+STEPS = int(os.environ.get("DISTLM_LAYOUT_STEPS", "4"))  # 4 by default (time); longer runs: set it
 GLOBAL_BATCH = 8
 # name: (world size, overrides); every layout sees the same 8 samples per step.
 LAYOUTS = {
