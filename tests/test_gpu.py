@@ -9,7 +9,10 @@ test prints what it measured on a line starting `GPU-RESULT`, which the suite co
 - bf16 training of model=tiny follows the CPU fp32 loss curve recorded in tests/data/tiny_cpu_fp32_curve.json;
 - distlm plan's device memory for one GPU is the measured peak within 10 %;
 - a mixture-of-experts Llama computes on the GPU the loss and gradients it computes on the CPU, and its sparse block's
-  speed against a dense block of the same active parameters is printed (bf16).
+  speed against a dense block of the same active parameters is printed (bf16);
+- long context: one context-parallel rank's attention (the whole sequence, heads / cp heads) at 131,072 tokens
+  with document masking stays linear in memory and equals flash attention per document, and model=7b_128k at
+  32,768 tokens trains within 10 % of the planner's memory.
 """
 
 from __future__ import annotations
@@ -255,3 +258,85 @@ def test_the_planners_device_memory_is_the_measured_peak_within_10_percent(tmp_p
           f"fused={measured['fused']}")
     assert planned.device_total == pytest.approx(measured["peak"], rel=0.10)
     assert measured["optimizer"] == "AdamW" and measured["fused"] is True  # torch's fused kernel on CUDA too
+
+
+# ---------------------------------------------------------------- long context on one GPU
+# Context parallelism needs several GPUs (NCCL refuses two ranks on one device), but what each context-parallel rank
+# computes after Ulysses' exchange is one GPU's work: attention over the WHOLE sequence for heads / cp of the heads.
+# One GPU checks that this work stays linear in memory at 131,072 tokens (document-masked: the block mask and the
+# flex kernel; causal: SDPA's flash kernel inside the model), and that the planner counts a long-context model's
+# memory right.
+
+LONG_SEQ = 131072  # model=7b_128k's max_seq_len
+LONG_DOCUMENTS = [3000, 20000, 45000, LONG_SEQ - 68000]  # boundaries off the 128-token blocks
+
+
+def test_document_masked_attention_over_131072_tokens_holds_no_seq_squared_memory_and_equals_flash_per_document():
+    """One rank's attention at model=7b_128k x parallel.cp=8 (4 of the 32 heads; 2 KV heads for GQA), bf16: the
+    BlockMask built from the whole sequence's documents and flex-attention forward and backward. A [seq, seq] mask
+    alone would be 16 GiB; the reference is flash SDPA (causal) run on each document separately."""
+    torch.manual_seed(0)
+    heads, kv_heads, head_dim = 4, 2, 128
+    doc_ids = torch.cat([torch.full((n,), i) for i, n in enumerate(LONG_DOCUMENTS)])[None].cuda()
+    q = torch.randn(1, heads, LONG_SEQ, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(1, kv_heads, LONG_SEQ, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            for _ in range(2))
+    upstream = torch.randn_like(q)
+    flex = torch.compile(flex_attention, dynamic=False)  # as llama.py runs it
+
+    def masked_attention_and_grads():
+        out = flex(q, k, v, block_mask=flex_document_mask(doc_ids), enable_gqa=True)
+        return out, torch.autograd.grad(out, (q, k, v), upstream)
+
+    masked_attention_and_grads()  # compiles the mask builder and the kernels outside the measured run
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out, got = masked_attention_and_grads()
+    torch.cuda.synchronize()
+    peak_extra = torch.cuda.max_memory_allocated() - base
+    # The reference: causal flash SDPA on each document alone (KV heads repeated: no GQA path to depend on).
+    k_all, v_all = (t.repeat_interleave(heads // kv_heads, dim=1) for t in (k, v))
+    pieces, start = [], 0
+    for n in LONG_DOCUMENTS:
+        part = slice(start, start + n)
+        pieces.append(F.scaled_dot_product_attention(q[:, :, part], k_all[:, :, part], v_all[:, :, part],
+                                                     is_causal=True))
+        start += n
+    reference = torch.cat(pieces, dim=2)
+    expected = torch.autograd.grad(reference, (q, k, v), upstream)
+    scale = reference.float().abs().max().item()
+    output_gap = max_gap(out, reference) / scale
+    grad_gap = max(max_gap(a, b) / b.float().abs().max().item() for a, b in zip(got, expected))
+    with torch.no_grad():
+        whole_causal = F.scaled_dot_product_attention(q, k_all, v_all, is_causal=True)
+    print(f"GPU-RESULT document-masked flex attention, {LONG_SEQ} tokens, {len(LONG_DOCUMENTS)} documents, "
+          f"{heads}/{kv_heads} heads, bf16: peak {peak_extra / GiB:.2f} GiB above q/k/v (a [seq, seq] bool mask: "
+          f"{LONG_SEQ ** 2 / GiB:.0f} GiB); vs flash per document: max |d output| / scale {output_gap:.1e}, "
+          f"max |d grad| / scale {grad_gap:.1e}")
+    assert peak_extra < 2 * GiB, "something of [seq, seq] size was allocated"
+    assert output_gap <= 2e-2 and grad_gap <= 2e-2
+    assert max_gap(whole_causal, reference) / scale > 0.1  # the documents matter here: the comparison can fail
+
+
+def long_context_config():
+    """model=7b_128k at its documented 32k setting, 2 of its layers, 32,768 tokens, bf16, ZeRO-1 on one GPU."""
+    return compose_config("model=7b_128k", "model.n_layers=2", "model.max_seq_len=32768",
+                          "model.rope_scaling.factor=4", "data.seq_len=32768", "data.tokenizer.vocab_size=4096",
+                          "trainer.micro_batch_size=1", "cluster.num_workers=1", "cluster.use_gpu=true",
+                          f"cluster.gpu_mem_gb={torch.cuda.get_device_properties(0).total_memory / GiB:.1f}",
+                          "trainer.max_steps=100", "optimizer.warmup_steps=10")
+
+
+def test_a_long_context_model_trains_32768_tokens_within_10_percent_of_the_planners_memory(tmp_path):
+    """The planner counts activations per token (what each rank holds at seq_len / cp); at 32,768 tokens a
+    kernel that kept anything of [seq, seq] size (6 GiB per head in bf16) would break the bound."""
+    c = long_context_config()
+    assert c.model.rope_scaling is not None and c.parallel.cp == 1
+    planned = plan(c)
+    run_ranks(_measure_peak, 1, c, tmp_path / "peak.json", backend="nccl")
+    measured = json.loads((tmp_path / "peak.json").read_text())
+    print(f"GPU-RESULT distlm plan vs measured, model=7b_128k (32k RoPE scaling, 2 layers) bf16 ZeRO-1, 1 x 32768 "
+          f"tokens: planned {planned.device_total / GiB:.2f} GiB (activations {planned.activations / GiB:.2f}), "
+          f"measured peak {measured['peak'] / GiB:.2f} GiB ({planned.device_total / measured['peak'] - 1:+.1%})")
+    assert planned.device_total == pytest.approx(measured["peak"], rel=0.10)

@@ -3,6 +3,7 @@ updated weights, from the same initial weights and the same global batches (fp32
 with document masking."""
 
 import json
+import os
 from pathlib import Path
 
 import deepspeed
@@ -16,7 +17,7 @@ from distlm.model.parallelize import full_state_dict
 from distlm.train.worker.metrics import read_metrics
 from distlm.train.worker.trainer import Trainer
 
-STEPS = 4
+STEPS = int(os.environ.get("DISTLM_LAYOUT_STEPS", "4"))  # 4 by default (time); longer runs: set it
 GLOBAL_BATCH = 8
 # name: (world size, overrides); every layout sees the same 8 samples per step.
 LAYOUTS = {
@@ -106,7 +107,7 @@ def test_document_masking_changes_what_one_process_computes(single_process_maske
     assert abs(masked[0] - unmasked[0]) > 1e-4 and masked != pytest.approx(unmasked, rel=1e-5)
 
 
-@pytest.mark.parametrize("name", ["tp2", "pp2", "tp2_pp2", "cp2", "cp4", "cp2_tp2", "cp2_pp2"])
+@pytest.mark.parametrize("name", ["tp2", "pp2", "tp2_pp2", "cp2", "cp4", "cp2_tp2", "cp2_pp2", "cp2_dp2_zero3"])
 def test_masked_layout_matches_single_process(name, single_process_masked, verse_shards, tmp_path):
     assert_layout_matches(name, single_process_masked, verse_shards, tmp_path, "trainer.doc_masking=true")
 

@@ -93,12 +93,23 @@ def document_mask(doc_ids: torch.Tensor) -> torch.Tensor | BlockMask:
     return ((doc_ids[:, :, None] == doc_ids[:, None, :]) & causal)[:, None]
 
 
+@functools.cache
+def _compiled_create_block_mask():
+    return torch.compile(create_block_mask, dynamic=False)
+
+
 def flex_document_mask(doc_ids: torch.Tensor) -> BlockMask:
-    """document_mask for flex_attention: which (query, key) pairs may attend, per batch row, for all heads."""
+    """document_mask for flex_attention: which (query, key) pairs may attend, per batch row, for all heads.
+
+    On CUDA the block mask is built compiled: eager create_block_mask evaluates the mask for every (query, key)
+    pair at once into [batch, seq, seq] boolean tensors (16 GiB each at 131,072 tokens, on every context-parallel
+    rank, since each attends over the whole sequence); compiled, only per-block results are stored
+    (tests/test_gpu.py checks the peak at 131,072 tokens)."""
     def same_document_causal(b, h, q, kv):
         return (q >= kv) & (doc_ids[b, q] == doc_ids[b, kv])
     seq = doc_ids.shape[1]
-    return create_block_mask(same_document_causal, doc_ids.shape[0], None, seq, seq, device=doc_ids.device)
+    build = _compiled_create_block_mask() if doc_ids.is_cuda else create_block_mask
+    return build(same_document_causal, doc_ids.shape[0], None, seq, seq, device=doc_ids.device)
 
 
 def rope_and_mask(rope_cos: torch.Tensor, rope_sin: torch.Tensor, seq: int, doc_ids: torch.Tensor | None,
