@@ -8,7 +8,10 @@ a time (the full tensor is generated from a seed of its name and sliced), so a r
   + cluster.host_overhead_gb (CUDA context, torch and Ray processes, pinned buffers)
 DeepSpeed casts the built weights to bf16 and moves them to the GPU before it creates the optimizer, so
 offloaded optimizer states (16 B per parameter of the rank's ZeRO shard: fp32 weights, gradients, Adam
-m and v; + the 16-bit weights under parameter offload) replace, not add to, the built weights.
+m and v; + the 16-bit weights under parameter offload) replace, not add to, the built weights. In training,
+an asynchronous checkpoint (trainer.async_checkpoint) copies the states the rank writes to host memory: its
+weights (16-bit or fp32; none in ZeRO-3's model file) + 12 B per parameter of its optimizer shard (fp32 master,
+Adam m, v); the buffers are kept from one save to the next (checkpoint_snapshot_bytes).
 
 Device memory in training. Model states follow DeepSpeed's accounting (its
 `estimate_zero2/3_model_states_mem_needs`), per parameter held by a rank, in mixed 16-bit precision:
@@ -123,6 +126,16 @@ def offloaded_host_bytes(n: int, dp: int, zero: int, mixed: bool, offload_optimi
     return host
 
 
+def checkpoint_snapshot_bytes(n: int, dp: int, zero: int, mixed: bool) -> float:
+    """Host bytes an asynchronous checkpoint copies on the rank that writes the most: its stage's weights (written
+    by data-parallel rank 0; ZeRO-3 writes none in the model file, its weights are the fp32 partitions) and its
+    optimizer shard: fp32 master weights (ZeRO keeps its own fp32 partition even in fp32 training, and bf16 has them
+    anyway) and Adam's m and v, partitioned over data-parallel ranks under ZeRO and bf16's optimizer."""
+    weights = 0 if zero >= 3 else n * (2 if mixed else 4)
+    optimizer = n * ((4 if zero >= 1 or mixed else 0) + 8)
+    return weights + optimizer / (dp if zero >= 1 or mixed else 1)
+
+
 def block_activation_bytes(m: ModelConfig, tp: int, dtype_b: int, cp: int = 1) -> float:
     """Bytes one block saves for backward, per token of the rank's slice (see the module docstring)."""
     kv_dim, outputs = m.n_kv_heads * m.head_dim, 1
@@ -198,6 +211,7 @@ class MemoryPlan:
     startup_weights: float       # its share of the fp32 weights, as they are built
     startup_largest_tensor: float
     offloaded: float             # offloaded optimizer states (and parameters) in training
+    checkpoint_snapshot: float   # trainer.async_checkpoint: its model + optimizer states, copied while a save is written
     host_overhead: float
     workers_per_node: int
     host_budget: float           # plan_headroom x host_mem_gb, per node
@@ -207,8 +221,12 @@ class MemoryPlan:
         return self.weights + self.gradients + self.optimizer
 
     @property
+    def host_in_training(self) -> float:
+        return self.offloaded + self.checkpoint_snapshot
+
+    @property
     def host_per_rank(self) -> float:
-        return max(self.startup_weights + self.startup_largest_tensor, self.offloaded) + self.host_overhead
+        return max(self.startup_weights + self.startup_largest_tensor, self.host_in_training) + self.host_overhead
 
     @property
     def host_per_node(self) -> float:
@@ -230,7 +248,9 @@ class MemoryPlan:
         """What does not fit, each naming the memory, the need and the budget."""
         p = []
         if not self.fits_host:
-            when = "start-up" if self.startup_weights + self.startup_largest_tensor >= self.offloaded else "training"
+            when = "start-up" if self.startup_weights + self.startup_largest_tensor >= self.host_in_training \
+                else "training" + (" (with an asynchronous checkpoint's copy: trainer.async_checkpoint=false saves "
+                                   "without it)" if self.checkpoint_snapshot else "")
             p.append(f"host memory at {when}: {self.host_per_node / GiB:,.1f} GiB per node "
                      f"> {self.host_budget / GiB:,.1f} GiB budget")
         if not self.fits_device:
@@ -262,6 +282,8 @@ def plan(c: Config) -> MemoryPlan:
         device_budget=cl.plan_headroom * cl.gpu_mem_gb * GiB,
         startup_weights=FP32 * built, startup_largest_tensor=FP32 * largest_tensor_params(m),
         offloaded=offloaded_host_bytes(n_rank, dp, par.zero_stage, mixed, par.offload_optimizer, par.offload_params),
+        checkpoint_snapshot=checkpoint_snapshot_bytes(n_rank, dp, par.zero_stage, mixed)
+        if c.trainer.async_checkpoint else 0.0,
         host_overhead=cl.host_overhead_gb * GiB, workers_per_node=node_workers(c),
         host_budget=cl.plan_headroom * host_mem_bytes(c))
 
@@ -331,9 +353,12 @@ def print_plan(c: Config) -> MemoryPlan:
     ]
     if p.offloaded:
         lines.append(f"  offloaded       {_gib(p.offloaded)}   states in training; the built weights moved to the GPU")
+    if p.checkpoint_snapshot:
+        lines.append(f"  checkpoint copy {_gib(p.checkpoint_snapshot)}   in training: weights + optimizer states an "
+                     "asynchronous save copies (trainer.async_checkpoint); kept between saves")
     lines += [
         f"  per rank        {_gib(p.host_per_rank)}"
-        + ("   (the larger of the two, + allowance)" if p.offloaded else ""),
+        + ("   (the larger of start-up and training, + allowance)" if p.host_in_training else ""),
         f"  per node        {_gib(p.host_per_node)}   = {p.workers_per_node} x per rank, of {host_mem} "
         f"(budget {cl.plan_headroom:.0%}: {p.host_budget / GiB:,.1f} GiB)   {ok(p.fits_host)}",
         "training     device memory per GPU (the pipeline stage that needs the most)",
