@@ -4,6 +4,7 @@ newest complete checkpoint; retention and the object-storage mirror count only c
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import signal
@@ -12,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import torch.multiprocessing as mp
 from conftest import by_step, train_config
 from distributed import run_ranks
@@ -27,6 +29,42 @@ LAYOUTS = {"zero1": ["parallel.zero_stage=1"], "zero3": ["parallel=zero3"], "tp2
 
 def _files(tag_dir: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(tag_dir.iterdir()) if p.is_file()}
+
+
+# ---------------------------------------------------------------- the host copy (one process)
+
+Pair = collections.namedtuple("Pair", "a b")
+
+
+class Scaler:  # stands for DeepSpeed's small records in a state dict (LossScaler, fragment_address, ...)
+    def __init__(self):
+        self.scale = 1.0
+
+
+def test_a_host_copy_saves_to_the_bytes_of_the_original_and_keeps_them_after_it_changes(tmp_path):
+    from distlm.checkpoint.writer import HostBuffers, snapshot
+
+    flat = torch.randn(100)
+    scaler, shapes = Scaler(), collections.OrderedDict(w=torch.Size([4, 5]))
+    master = torch.randn(7).requires_grad_()  # ZeRO's fp32 partition: a leaf that requires grad
+    tagged = torch.randn(3)
+    tagged.ds_id = 5  # Python attributes are pickled with the tensor
+    state = {"module": collections.OrderedDict(w=flat[10:30].view(4, 5), b=flat[50:]),  # views of one storage
+             "param": torch.nn.Parameter(torch.randn(3)), "master": master, "tagged": tagged, "empty": torch.empty(0),
+             "pair": Pair(flat[:2], 3), "scalers": [scaler, scaler], "shapes": shapes, "again": shapes}
+    torch.save(state, tmp_path / "original.pt")
+    copied = snapshot(state, HostBuffers())
+    assert copied.nbytes == 100 * 4 + 3 * 4 + 7 * 4 + 3 * 4  # each storage once
+    with torch.no_grad():
+        flat.add_(1)
+        master.mul_(2)
+    scaler.scale = 2.0
+    (tmp_path / "copy").mkdir()
+    torch.save(copied.state, tmp_path / "copy" / "original.pt")  # the same file name: the zip archive's name
+    assert (tmp_path / "copy" / "original.pt").read_bytes() == (tmp_path / "original.pt").read_bytes()
+    (tmp_path / "now").mkdir()
+    torch.save(state, tmp_path / "now" / "original.pt")  # the check can fail: the original did change
+    assert (tmp_path / "now" / "original.pt").read_bytes() != (tmp_path / "original.pt").read_bytes()
 
 
 # ---------------------------------------------------------------- the files (4 ranks)
