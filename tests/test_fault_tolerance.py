@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import os
+import re
 import resource
 import shutil
 import signal
@@ -98,11 +99,17 @@ def test_a_killed_worker_restarts_the_group_from_the_newest_checkpoint(straight_
 
 
 def test_sigterm_saves_at_the_next_step_and_exits_cleanly(straight, bible_shards, tmp_path):
-    """`distlm train` (joined to this test's Ray cluster, as a submitted job's driver is) gets SIGTERM."""
+    """`distlm train` (joined to this test's Ray cluster, as a submitted job's driver is) gets SIGTERM. Its workers
+    write every checkpoint file 1 s late (tests/data/slow_checkpoint_writes): the stop's save is still being written
+    in the background when the loop ends, and the driver exits only once it is complete."""
     run_dir = tmp_path / "run"
     address = f"cluster.address={ray.get_runtime_context().gcs_address}"
-    proc = subprocess.Popen([sys.executable, "-m", "distlm.cli", "train", *ray_overrides(bible_shards, run_dir), address],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    slow = Path(__file__).parent / "data" / "slow_checkpoint_writes"
+    env = {**os.environ, "DISTLM_TEST_WRITE_DELAY": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(slow), os.environ.get("PYTHONPATH")]))}
+    forward = "cluster.forward_env=[TORCH_EXTENSIONS_DIR,HF_HUB_OFFLINE,WANDB_MODE,PYTHONPATH,DISTLM_TEST_WRITE_DELAY]"
+    proc = subprocess.Popen([sys.executable, "-m", "distlm.cli", "train", *ray_overrides(bible_shards, run_dir), address,
+                             forward], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         # Steps are fast here: signal once the workers have started, and they stop at the first step.
         deadline = time.monotonic() + 600
@@ -119,6 +126,10 @@ def test_sigterm_saves_at_the_next_step_and_exits_cleanly(straight, bible_shards
     assert "SIGTERM: the workers save a checkpoint at the next step and stop" in output
     stopped_at = max(losses(run_dir))
     assert stopped_at < STEPS
+    tag_dir = run_dir / "checkpoints" / store.tag_for_step(stopped_at)
+    written = re.search(re.escape(f"step {stopped_at}: checkpoint {tag_dir} complete (written in the background in ")
+                        + r"([\d.]+)s", output)  # logged by rank 0's worker before the driver exited
+    assert written and float(written.group(1)) >= 1.0  # the slow writes reached the workers
     assert store.find_latest(run_dir / "checkpoints") == store.tag_for_step(stopped_at)
     store.verify(run_dir / "checkpoints" / store.tag_for_step(stopped_at))
     assert not (run_dir / store.STOP_FILE).exists()

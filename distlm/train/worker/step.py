@@ -54,9 +54,9 @@ def accumulate_and_step(engine, loss_of, batches, grad_accum: int, control_flags
     host sync per step, not per micro-batch.
 
     The micro-batches' losses stay on the device until the last forward; then they and `control_flags()` (rank 0's
-    stop requested and save due, zeros on the other ranks, so the sum is rank 0's value; every rank's save in flight
-    failed) travel in one all-reduce, summed, read before the last backward. `why_skip_step(micro_losses)` (the same on every rank) says why the
-    step must be skipped, or None. A skipped step runs no last backward, no optimizer step and no LR-schedule
+    stop requested and save due, zeros on the other ranks, so the sum is rank 0's value; each rank's "my save in
+    flight failed") travel in one all-reduce, summed, read before the last backward. `why_skip_step(micro_losses)`
+    (the same on every rank) says why the step must be skipped, or None. A skipped step runs no last backward, no optimizer step and no LR-schedule
     step (as DeepSpeed's own fp16-overflow skip), and the gradients the earlier micro-batches accumulated are
     dropped; all its micro-batches were read, so the data position is the same as if it had run."""
     micro_losses = []
