@@ -4,7 +4,8 @@ distlm/train/driver/progress.py).
 Per step rank 0 records loss, lr, grad_norm, tokens_per_s, tokens_seen, step_seconds, data_wait_seconds
 (time spent waiting for the next batch), rss_gib (and gpu_mem_gib / gpu_mem_reserved_gib, the step's peak,
 on GPUs) and mfu where the device's peak is known; at evaluations val_loss and val_ppl, plus a few greedy
-continuations of validation prompts (samples.jsonl and a W&B table); at checkpoints checkpoint_seconds.
+continuations of validation prompts (samples.jsonl and a W&B table); at checkpoints checkpoint_seconds (how long
+the save stopped training) and checkpoint_wait_seconds (of it, waiting for the previous save to be written).
 
 MFU (model FLOPs utilization) = achieved model FLOP/s / peak FLOP/s of all devices, where achieved =
 flops_per_token * tokens per step / step seconds, flops_per_token = 6 N + 12 L d T (N non-embedding
