@@ -77,7 +77,7 @@ def mid_epoch(data_dir: Path, dp_size: int) -> int:
 
 
 def write_ms_per_mb(samples: np.ndarray, out: Path, repeats: int = 3) -> tuple[float, float]:
-    """(format 3, one tar member per sample): best ms to write the samples, per MB of tokens."""
+    """(write_shard, Python tarfile one member at a time): best ms to write the samples, per MB of tokens."""
     def one_member_each() -> None:
         with tarfile.open(out / "members.tar", "w") as tar:
             for i, sample in enumerate(samples):
@@ -129,7 +129,7 @@ def main() -> None:
             manifest = preprocess(compose_config(f"data.inputs=[{corpus}]", f"data.dir={data_dir}"))
         finally:
             ray.shutdown()
-        record = manifest.record.size
+        record = manifest.layout.stride
         print(f"demo data: {manifest.num_samples('train'):,} train samples of {manifest.sample_len} tokens "
               f"({record}-byte records) in {len(manifest.shards('train'))} shards")
         measure(data_dir, 1, 2)   # one-time imports and file opens are not the loader's reads
@@ -140,7 +140,7 @@ def main() -> None:
                                                             start_sample=mid_epoch(data_dir, 2))
         train = training_samples_per_s(data_dir, args.steps)
         shard = manifest.shards("train")[0]
-        samples = read_samples(str(manifest.shard_path(shard)), shard, manifest.record, np.arange(shard.samples), True)[0]
+        samples = read_samples(str(manifest.shard_path(shard)), shard, manifest.layout, np.arange(shard.samples), True)[0]
         (Path(tmp) / "written").mkdir()
         written, members = write_ms_per_mb(samples, Path(tmp) / "written")
     print(f"\nmicro-batch {MICRO}, shuffle window {compose_config().data.shuffle_window}, {batches} batches per "

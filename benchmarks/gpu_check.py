@@ -84,7 +84,8 @@ def main() -> None:
     print(f"{device_name}: model={a.model} {model.num_params() / 1e6:,.1f} M parameters, {c.trainer.precision.value},"
           f" ZeRO-{a.zero_stage}, micro-batch {a.micro_batch} x {a.seq} tokens, {flops_per_token / 1e9:.3f} GFLOP/token;"
           f" built in {time.perf_counter() - build_start:.0f}s")
-    print(f"distlm plan: {estimate.device_total / GiB:.1f} GiB per GPU (weights {estimate.weights / GiB:.1f}, gradients "
+    print(f"distlm plan: {estimate.training_peak / GiB:.1f} GiB per {'GPU' if use_cuda else 'rank (host)'} (weights "
+          f"{estimate.weights / GiB:.1f}, gradients "
           f"{estimate.gradients / GiB:.1f}, optimizer {estimate.optimizer / GiB:.1f}, activations "
           f"{estimate.activations / GiB:.1f}) of {gpu_gb:.0f} GiB")
 
@@ -125,7 +126,7 @@ def main() -> None:
 
     def print_row(name, tok_s, seconds, memory, loss, compile_s, warmup_s) -> None:
         mfu = f"{flops_per_token * tok_s / peak:7.1%}" if peak else "    n/a"
-        print(f"{name:28s} {tok_s:13,.0f} {seconds:8.3f} {mfu} {memory:9.1f} {estimate.device_total / GiB:9.1f} {loss:7.3f} "
+        print(f"{name:28s} {tok_s:13,.0f} {seconds:8.3f} {mfu} {memory:9.1f} {estimate.training_peak / GiB:9.1f} {loss:7.3f} "
               f"{compile_s:10.1f} {warmup_s:10.1f}")
 
     # Each row as soon as its variant is done: a run cut short by a time limit keeps the rows it finished.

@@ -54,14 +54,16 @@ def forwarded_env(names: list[str]) -> dict | None:
     return {"env_vars": env} if env else None
 
 
-def scaling_config(cluster: ClusterConfig):
+def scaling_config(cluster: ClusterConfig, label_selector: dict[str, str] | None = None):
     """One Ray Train worker per GPU (or per CPU process). PACK fills a node before using the next, and Ray
     Train numbers ranks node by node, so the consecutive ranks of a tensor-parallel group share a node
-    whenever each node holds a multiple of tp workers (checked by config validation and on every worker)."""
+    whenever each node holds a multiple of tp workers (checked by config validation and on every worker).
+    `label_selector` limits the nodes every worker may use (the driver keeps unanswering nodes out)."""
     from ray.train import ScalingConfig
 
     return ScalingConfig(num_workers=cluster.num_workers, use_gpu=cluster.use_gpu,
-                         resources_per_worker={"CPU": cluster.cpus_per_worker}, placement_strategy="PACK")
+                         resources_per_worker={"CPU": cluster.cpus_per_worker}, placement_strategy="PACK",
+                         label_selector=label_selector)
 
 
 def check_worker_node(c: Config) -> None:

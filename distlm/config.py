@@ -63,6 +63,21 @@ class RopeScaling:
 
 
 @dataclass
+class MoeConfig:
+    """Sparse blocks: each token's SwiGLU MLP is the weighted sum of `top_k` of `experts` experts that a router
+    picks (docs/parallelism.md, mixture of experts)."""
+    experts: int = MISSING
+    top_k: int = MISSING
+    expert_ffn_dim: int = MISSING
+    every: int = MISSING             # layer i is sparse when (i + 1) % every == 0 (1: every layer, as Mixtral)
+    aux_loss_weight: float = MISSING  # load balancing (Switch Transformer's loss)
+    z_loss_weight: float = MISSING    # router z-loss (ST-MoE): keeps the router's logits small
+
+    def is_sparse(self, layer: int) -> bool:
+        return (layer + 1) % self.every == 0
+
+
+@dataclass
 class ModelConfig:
     dim: int = MISSING
     n_layers: int = MISSING
@@ -76,6 +91,7 @@ class ModelConfig:
     norm_eps: float = MISSING
     tie_embeddings: bool = MISSING
     init_std: float = MISSING
+    moe: Optional[MoeConfig] = None  # None: every block dense
 
     @property
     def head_dim(self) -> int:
@@ -83,9 +99,10 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, saved: dict[str, Any]) -> "ModelConfig":
-        """The model config a checkpoint saved (to_dict's form; written before rope_scaling existed, too)."""
-        scaling = saved.get("rope_scaling")
-        return cls(**{**saved, "rope_scaling": RopeScaling(**scaling) if scaling else None})
+        """The model config a checkpoint saved (to_dict's form; written before rope_scaling and moe existed, too)."""
+        scaling, moe = saved.get("rope_scaling"), saved.get("moe")
+        return cls(**{**saved, "rope_scaling": RopeScaling(**scaling) if scaling else None,
+                      "moe": MoeConfig(**moe) if moe else None})
 
 
 @dataclass
@@ -160,6 +177,12 @@ class ParallelConfig:
     offload_params: bool = MISSING
     pipeline_partition: PipelinePartition = MISSING
     activation_checkpoint_interval: int = MISSING
+    # ZeRO's buffers, in blocks' worth of a rank's parameters (engine.zero_config turns them into elements)
+    reduce_bucket_blocks: float = MISSING
+    zero3_prefetch_blocks: float = MISSING
+    zero3_max_live_blocks: float = MISSING
+    zero3_reuse_distance_blocks: float = MISSING
+    zero3_sub_group_blocks: float = MISSING
 
 
 @dataclass
@@ -171,12 +194,16 @@ class ClusterConfig:
     max_failures: int = MISSING
     min_workers: Optional[int] = MISSING
     elastic_check_seconds: float = MISSING
+    start_timeout_seconds: float = MISSING
+    replace_wait_seconds: float = MISSING
+    node_probe_seconds: float = MISSING
     workers_per_node: Optional[int] = MISSING
     submit_env: list[str] = MISSING
     forward_env: list[str] = MISSING
     gpu_mem_gb: float = MISSING
     host_mem_gb: Optional[float] = MISSING
     host_overhead_gb: float = MISSING
+    malloc_mmap_threshold_kb: Optional[int] = MISSING
     plan_headroom: float = MISSING
 
 
@@ -244,6 +271,7 @@ class LoggerConfig:
     name: Optional[str] = MISSING
     group: Optional[str] = MISSING
     tags: list[str] = MISSING
+    notes: Optional[str] = MISSING
     samples: int = MISSING
     sample_tokens: int = MISSING
     sample_prompt_tokens: int = MISSING

@@ -106,12 +106,19 @@ def _load_hf(model_dir: Path, manifest: Manifest, device: torch.device) -> tuple
     from tokenizers import Tokenizer
     from transformers import AutoModelForCausalLM
 
+    from distlm.hf.export import PAD_TOKEN
+
     if not (model_dir / "config.json").is_file():
         raise ConfigError(f"eval.model_dir {model_dir} is not a Hugging Face model directory (no config.json)")
     # The shards hold token ids: the model must read them with the tokenizer that wrote them.
+    pad = None
     if (model_dir / "tokenizer.json").is_file():
         theirs = Tokenizer.from_file(str(model_dir / "tokenizer.json")).get_vocab(with_added_tokens=True)
         ours = Tokenizer.from_file(str(manifest.tokenizer_path)).get_vocab(with_added_tokens=True)
+        # A distlm export adds a pad token (a new last row when the vocabulary was full): never a target, and
+        # left out of the softmax, so an export has its checkpoint's perplexity.
+        if theirs.get(PAD_TOKEN) is not None and PAD_TOKEN not in ours:
+            pad = theirs.pop(PAD_TOKEN)
         if theirs != ours:
             raise ConfigError(f"eval.model_dir {model_dir} has another vocabulary than the shards in data.dir="
                               f"{manifest.data_dir}: its perplexity there would mean nothing")
@@ -123,5 +130,8 @@ def _load_hf(model_dir: Path, manifest: Manifest, device: torch.device) -> tuple
     model.to(device).eval()
     log.info("evaluating %s", model_dir)
     # A Hugging Face Llama has no document mask: it reads every packed sample as one text.
-    return (lambda ids, _starts: model(input_ids=ids).logits), {"model_dir": str(model_dir)}
+    if pad is None:
+        return (lambda ids, _starts: model(input_ids=ids).logits), {"model_dir": str(model_dir)}
+    keep = torch.arange(model.config.vocab_size, device=device) != pad
+    return (lambda ids, _starts: model(input_ids=ids).logits[..., keep]), {"model_dir": str(model_dir)}
 

@@ -68,6 +68,9 @@ def check_before_submit(command: str, overrides: list[str]) -> Config:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    from distlm.cli import check_overrides
+
+    check_overrides(command, overrides)   # "did you mean" for a mistyped key
     try:
         raw = compose_raw(overrides)
     except (HydraException, OmegaConfBaseException) as e:

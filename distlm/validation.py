@@ -32,6 +32,15 @@ def validate_model(m: ModelConfig) -> list[str]:
            f"model.n_heads={m.n_heads} must be divisible by model.n_kv_heads={m.n_kv_heads} "
            f"(valid n_kv_heads: {[d for d in range(1, m.n_heads + 1) if m.n_heads % d == 0]})")
     _check(p, m.head_dim % 2 == 0, f"head size model.dim / model.n_heads = {m.head_dim} must be even for RoPE")
+    if m.moe:
+        e = m.moe
+        _check(p, e.experts >= 1 and e.expert_ffn_dim >= 1 and e.every >= 1,
+               f"model.moe.experts={e.experts}, expert_ffn_dim={e.expert_ffn_dim} and every={e.every} must be positive")
+        _check(p, 1 <= e.top_k <= e.experts,
+               f"model.moe.top_k={e.top_k} must be between 1 and model.moe.experts={e.experts}; e.g. top_k="
+               f"{min(2, max(e.experts, 1))}")
+        _check(p, e.aux_loss_weight >= 0 and e.z_loss_weight >= 0,
+               f"model.moe.aux_loss_weight={e.aux_loss_weight} and z_loss_weight={e.z_loss_weight} must be >= 0")
     return p
 
 
@@ -189,6 +198,12 @@ def validate_layout(c: Config) -> list[str]:
            f"parallel.tp={tp} must divide model.n_heads={m.n_heads} and model.n_kv_heads={m.n_kv_heads} "
            f"(each rank holds whole heads); valid tp: "
            f"{[d for d in range(1, m.n_kv_heads + 1) if m.n_heads % d == 0 and m.n_kv_heads % d == 0]}")
+    if m.moe and m.moe.experts >= 1:  # experts are split over the TP group (expert parallelism): whole experts per
+        e, ffn = m.moe.experts, m.moe.expert_ffn_dim  # rank, or an equal part of each expert's hidden units
+        valid = [d for d in range(1, 2 * e + 1) if e % d == 0 or (d % e == 0 and ffn % (d // e) == 0)]
+        _check(p, e % tp == 0 or (tp % e == 0 and ffn % (tp // e) == 0),
+               f"parallel.tp={tp} (= expert parallelism) must divide model.moe.experts={e}, or be a multiple of it "
+               f"that divides each expert's model.moe.expert_ffn_dim={ffn}; valid tp for the experts: {valid}")
     if cp > 1:  # attention splits heads by tp, then by cp; each rank holds an equal slice of every sequence
         heads = m.n_heads // tp if m.n_heads % tp == 0 else 0
         valid = [d for d in range(1, heads + 1) if heads % d == 0 and c.data.seq_len % d == 0]
@@ -209,6 +224,12 @@ def validate_layout(c: Config) -> list[str]:
     _check(p, not par.offload_params or par.zero_stage == 3, "parallel.offload_params=true needs parallel.zero_stage=3")
     _check(p, par.activation_checkpoint_interval >= 0,
            f"parallel.activation_checkpoint_interval={par.activation_checkpoint_interval} must be >= 0 (0 = off)")
+    for key in ("reduce_bucket_blocks", "zero3_sub_group_blocks"):
+        _check(p, getattr(par, key) > 0, f"parallel.{key}={getattr(par, key)} must be positive (blocks' worth of "
+                                         f"parameters, e.g. 0.5 or 2)")
+    for key in ("zero3_prefetch_blocks", "zero3_max_live_blocks", "zero3_reuse_distance_blocks"):
+        _check(p, getattr(par, key) >= 0, f"parallel.{key}={getattr(par, key)} must be >= 0 (blocks' worth of "
+                                          f"parameters; 0 = none)")
     return p
 
 
@@ -246,12 +267,24 @@ def validate_cluster(c: Config) -> list[str]:
     _check(p, cl.host_mem_gb is None or cl.host_mem_gb > 0,
            f"cluster.host_mem_gb={cl.host_mem_gb} must be positive, or null for this machine's memory")
     _check(p, cl.host_overhead_gb >= 0, f"cluster.host_overhead_gb={cl.host_overhead_gb} must be >= 0")
+    _check(p, cl.malloc_mmap_threshold_kb is None or 0 < cl.malloc_mmap_threshold_kb <= 32768,
+           f"cluster.malloc_mmap_threshold_kb={cl.malloc_mmap_threshold_kb} must be in [1, 32768] (glibc's limit is "
+           f"32 MiB), or null for glibc's adaptive threshold")
     _check(p, 0 < cl.plan_headroom <= 1, f"cluster.plan_headroom={cl.plan_headroom} must be in (0, 1]")
+    _check(p, cl.start_timeout_seconds > 0,
+           f"cluster.start_timeout_seconds={cl.start_timeout_seconds} must be positive (a start that never ends holds "
+           f"the run)")
+    _check(p, cl.replace_wait_seconds >= 0,
+           f"cluster.replace_wait_seconds={cl.replace_wait_seconds} must be >= 0 (0 on a cluster that does not autoscale)")
+    _check(p, cl.node_probe_seconds > 0, f"cluster.node_probe_seconds={cl.node_probe_seconds} must be positive")
     p += elastic_problems(c)
     _check(p, lg.samples >= 0, f"logger.samples={lg.samples} must be >= 0 (0 = no generated samples)")
     _check(p, lg.sample_tokens > 0, f"logger.sample_tokens={lg.sample_tokens} must be positive")
     _check(p, lg.sample_prompt_tokens > 0, f"logger.sample_prompt_tokens={lg.sample_prompt_tokens} must be positive")
     env_mode = os.environ.get("WANDB_MODE")
+    _check(p, not (lg.wandb and lg.mode != WandbMode.disabled and env_mode == ""),
+           "WANDB_MODE is set but empty in the environment: W&B refuses an empty mode, whatever logger.mode says; "
+           f"unset it or set one of {', '.join(WANDB_ENV_MODES)}")
     _check(p, not (lg.wandb and lg.mode == WandbMode.auto and env_mode and env_mode not in WANDB_ENV_MODES),
            f"WANDB_MODE={env_mode!r} in the environment (logger.mode=auto follows it): use one of "
            f"{', '.join(WANDB_ENV_MODES)}, or unset it")

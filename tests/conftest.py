@@ -80,7 +80,7 @@ def decoded_documents(manifest, split: str) -> list[str]:
     from distlm.data.loading.reading import read_samples
 
     tokenizer = Tokenizer.from_file(str(manifest.tokenizer_path))
-    stream = np.concatenate([read_samples(str(manifest.shard_path(s)), s, manifest.record, np.arange(s.samples),
+    stream = np.concatenate([read_samples(str(manifest.shard_path(s)), s, manifest.layout, np.arange(s.samples),
                                           verify=True)[0].ravel() for s in manifest.shards(split)])
     ends = np.flatnonzero(stream == manifest.eos_id)
     return [tokenizer.decode(doc.tolist()) for doc in np.split(stream, ends + 1)[:-1]] + ["<cut>"]

@@ -39,7 +39,7 @@ class LocalRayCluster:
     separate nodes), with their own ports, temp dir and auth token, so they touch no other Ray on the machine;
     `stop` ends exactly the processes they started (never `ray stop`, which ends every Ray on the machine)."""
 
-    def __init__(self, cpus_per_node: list[int], fast_health_checks: bool = False):
+    def __init__(self, cpus_per_node: list[int]):
         self.cpus = cpus_per_node
         self.temp_dir = Path(tempfile.mkdtemp(prefix="dlm", dir="/tmp"))  # short: Ray's socket paths have a limit
         gcs_port, dashboard_port, client_port = free_ports(3)
@@ -51,9 +51,6 @@ class LocalRayCluster:
         self.env.update(PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", RAY_USAGE_STATS_ENABLED="0",
                         RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32),
                         TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", f"{REPO}/build/torch_extensions"))
-        if fast_health_checks:  # a killed node is declared dead in ~2 s instead of ~15 s
-            self.env.update(RAY_health_check_period_ms="500", RAY_health_check_failure_threshold="3",
-                            RAY_health_check_timeout_ms="500")
         self._common = ["--object-store-memory=200000000", f"--temp-dir={self.temp_dir}",
                         "--dashboard-agent-listen-port=0", "--metrics-export-port=0", "--disable-usage-stats"]
         self.head = [str(BIN / "ray"), "start", "--head", f"--port={gcs_port}", f"--dashboard-port={dashboard_port}",
@@ -98,6 +95,11 @@ class LocalRayCluster:
                 pass
         psutil.wait_procs(procs, timeout=10)
         return len(procs)
+
+    def alive_nodes(self) -> int:
+        out = subprocess.run([str(BIN / "ray"), "list", "nodes", "--address", self.address, "--filter", "state=ALIVE",
+                              "--format", "json"], env=self.env, check=True, capture_output=True, text=True)
+        return len(json.loads(out.stdout))
 
     def stop(self) -> None:
         procs = self.processes()

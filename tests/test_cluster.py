@@ -161,7 +161,7 @@ def test_submit_refuses_relative_paths_before_uploading():
 
 def test_submit_rejects_a_bad_key_before_uploading():
     out = run_distlm("submit", "--address", "http://127.0.0.1:9", "train", "trainer.max_step=5")
-    assert out.returncode == 2 and "trainer.max_step" in out.stderr
+    assert out.returncode == 2 and "trainer.max_step" in out.stderr and "did you mean trainer.max_steps?" in out.stderr
 
 
 def test_submit_without_an_address_says_where_to_get_one():

@@ -213,3 +213,100 @@ def test_the_sequence_exchange_keeps_its_gradient_under_torch_compile(tmp_path):
         expected = 18 * torch.arange(8.0).reshape(2, 4).add(rank)
         torch.testing.assert_close(grads["eager"], expected)
         torch.testing.assert_close(grads["compiled"], expected, msg="the compiled exchange lost its gradient")
+
+
+def test_ray_train_forwards_its_start_timeout_from_the_driver_environment():
+    from ray.train.v2._internal import constants
+
+    from distlm.compat.ray import START_TIMEOUT_ENV
+
+    assert constants.WORKER_GROUP_START_TIMEOUT_S_ENV_VAR == START_TIMEOUT_ENV
+    assert START_TIMEOUT_ENV in constants.ENV_VARS_TO_PROPAGATE, "set_start_timeout no longer reaches the controller"
+
+
+def test_ray_train_still_retries_start_failures_unless_told_not_to_and_they_are_recognized():
+    from ray.train import ControllerError, WorkerGroupError
+    from ray.train.v2._internal.exceptions import (
+        WorkerGroupStartupFailedError,
+        WorkerGroupStartupTimeoutError,
+    )
+    from ray.train.v2._internal.execution.failure_handling.default import (
+        RETRYABLE_CONTROLLER_ERRORS,
+    )
+    from ray.train.v2.api.config import FailureConfig
+
+    from distlm.compat.ray import is_start_failure
+
+    assert FailureConfig().controller_failure_limit == -1, "Ray Train no longer retries a stalled start forever"
+    assert set(RETRYABLE_CONTROLLER_ERRORS) == {WorkerGroupStartupTimeoutError, WorkerGroupStartupFailedError}
+    assert is_start_failure(ControllerError(WorkerGroupStartupTimeoutError(4)))
+    assert is_start_failure(ControllerError(WorkerGroupStartupFailedError("a worker died while starting")))
+    assert not is_start_failure(ControllerError(ValueError("a bug")))
+    assert not is_start_failure(WorkerGroupError("rank 1 died", {1: RuntimeError("gone")}))
+
+
+def _stalled_fit(tmp_path, start_timeout: float):
+    """A TorchTrainer of 2 workers on a 1-CPU Ray: its placement group can never be ready. Returns (thread, box)."""
+    import threading
+
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from distlm.compat.ray import set_start_timeout
+
+    set_start_timeout(start_timeout)
+    trainer = TorchTrainer(lambda: None, scaling_config=ScalingConfig(num_workers=2),
+                           run_config=RunConfig(name="stalled", storage_path=str(tmp_path),
+                                                failure_config=FailureConfig(max_failures=0, controller_failure_limit=0)))
+    box = {}
+
+    def fit():
+        try:
+            trainer.fit()
+        except BaseException as e:  # noqa: BLE001
+            box["error"], box["at"] = e, time.monotonic()
+
+    thread = threading.Thread(target=fit, daemon=True)
+    return thread, box
+
+
+@pytest.fixture(scope="module")
+def one_cpu_ray():
+    import ray
+
+    from distlm.compat.ray import START_TIMEOUT_ENV, stop_local_cluster
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv(START_TIMEOUT_ENV, raising=False)
+        ray.init(address="local", num_cpus=1, include_dashboard=False)
+        try:
+            yield
+        finally:
+            stop_local_cluster()
+
+
+def test_a_start_that_cannot_be_placed_ends_after_the_timeout_set_in_the_environment(one_cpu_ray, tmp_path):
+    from distlm.compat.ray import is_start_failure
+
+    thread, box = _stalled_fit(tmp_path, start_timeout=3)
+    start = time.monotonic()
+    thread.start()
+    thread.join(300)
+    assert is_start_failure(box["error"]), box
+    assert box["at"] - start >= 3, "it waited for the placement group as long as it was told"
+
+
+def test_the_train_controller_is_found_and_killed_by_pid(one_cpu_ray, tmp_path):
+    from ray.exceptions import RayActorError
+
+    from distlm.compat.ray import kill_train_controller
+
+    thread, box = _stalled_fit(tmp_path, start_timeout=600)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while not kill_train_controller():
+        assert time.monotonic() < deadline and thread.is_alive(), "no TrainController of this job appeared"
+        time.sleep(0.5)
+    killed = time.monotonic()
+    thread.join(30)
+    assert isinstance(box["error"], RayActorError) and box["at"] - killed < 10

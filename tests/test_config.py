@@ -68,6 +68,41 @@ def test_cli_prints_composed_config_and_rejects_bad_values(tmp_path):
     assert sorted(listed) == sorted(dispatched)
 
 
+def test_each_command_explains_itself_and_a_typo_gets_did_you_mean(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    helps = {}
+    for command in ("train", "preprocess", "plan"):
+        shown = subprocess.run([*DISTLM, command, "--help"], capture_output=True, text=True, env=env, cwd=tmp_path,
+                               check=True).stdout
+        helps[command] = shown
+        assert shown.startswith(f"distlm {command}: ") and "minhash_perms" not in shown   # not the config dump
+        assert len(re.findall(rf"^  distlm {command} ", shown, flags=re.M)) == 2   # two examples
+        assert f"distlm {command} --cfg job" in shown   # the whole config, one flag away
+    assert re.search(r"^  trainer.max_steps +300$", helps["train"], flags=re.M)   # a key with its default
+    assert re.search(r"^  data.seq_len +128$", helps["preprocess"], flags=re.M)
+    assert len(set(helps.values())) == 3
+
+    typo = subprocess.run([*DISTLM, "train", "trainer.max_stepz=3"], capture_output=True, text=True, env=env,
+                          cwd=tmp_path)
+    assert typo.returncode == 2 and "did you mean trainer.max_steps?" in typo.stderr and "+" not in typo.stderr
+    group = subprocess.run([*DISTLM, "plan", "model=7bb"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert group.returncode == 2 and "did you mean model=7b?" in group.stderr   # Hydra alone exits 1
+
+
+def test_a_run_refused_by_validation_leaves_run_dir_as_it_was(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    fresh, earlier = tmp_path / "fresh", tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "train.log").write_text("an earlier run's log\n")
+    for run_dir in (fresh, earlier):
+        refused = subprocess.run([*DISTLM, "train", f"data.dir={tmp_path / 'nowhere'}", f"run_dir={run_dir}"],
+                                 capture_output=True, text=True, env=env, cwd=tmp_path)
+        assert refused.returncode == 2 and "no preprocessed data" in refused.stdout + refused.stderr
+    assert not fresh.exists()
+    assert [p.name for p in earlier.iterdir()] == ["train.log"]
+    assert (earlier / "train.log").read_text() == "an earlier run's log\n"
+
+
 def test_the_models_vocabulary_is_the_datas_tokenizer(tmp_path):
     """model.vocab_size follows the data: a given tokenizer.json before preprocessing, the manifest after it;
     a value set on the command line still wins."""

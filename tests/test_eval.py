@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from distlm.checkpoint import store
 from distlm.checkpoint.weights import read_weights
@@ -167,10 +167,16 @@ def test_lm_eval_scores_the_export_offline_as_distlm_does(run_dir, kjv_chapters,
     m = ModelConfig.from_dict(state.config["model"])
     model = Llama(m).eval()
     model.load_state_dict(read_weights(tag_dir, state, m))
+    # The export has one row more, its pad token's (the mean row): lm-eval's softmax counts its logit, which
+    # only the export can give; every other logit is distlm's own.
+    exported = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    assert exported.config.vocab_size == m.vocab_size + 1 and tok.pad_token_id == m.vocab_size
     log_likelihood = 0.0
     with torch.no_grad():
         for doc in docs:
             ids = torch.tensor([[tok.eos_token_id, *tok(doc).input_ids]])
-            log_likelihood -= torch.nn.functional.cross_entropy(model(ids[:, :-1])[0], ids[0, 1:], reduction="sum").item()
+            pad_logit = exported(input_ids=ids[:, :-1]).logits[0, :, -1:]
+            logits = torch.cat([model(ids[:, :-1])[0], pad_logit], dim=-1)
+            log_likelihood -= torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
     words = sum(len(re.split(r"\s+", d)) for d in docs)  # lm-eval's word count
     assert scores["word_perplexity,none"] == pytest.approx(math.exp(-log_likelihood / words), rel=1e-4)

@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from distlm.checkpoint import store
 from distlm.checkpoint.store import RunState
 from distlm.config import CheckpointError, Config, ConfigError, ExportDtype, compose_config, to_dict
-from distlm.hf.export import SHARD_INDEX_FILE, export, export_memory_bytes
+from distlm.hf.export import SHARD_INDEX_FILE, add_v4_keys, export, export_memory_bytes
 from distlm.hf.generate import generate
 from distlm.hf.verify import LOGIT_TOLERANCE, verify
 from distlm.model.llama import Llama
@@ -141,8 +141,24 @@ def hf_model(path: Path, dtype=torch.float32):
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
 
 
+def model_logits(hf) -> torch.Tensor:
+    """An export's logits of fixed_ids() over the model's vocabulary (without a pad row the export added)."""
+    return hf(input_ids=fixed_ids()).logits[..., :VOCAB if hf.config.vocab_size == VOCAB + 1 else None]
+
+
 def hf_name(name: str) -> str:
     return name if name == "lm_head.weight" else "model." + name
+
+
+def assert_same_weights(hf, ours) -> None:
+    """In fp32 training the master weights are the live ones: the export holds them bit for bit, and a pad
+    token's new row (a model whose tokenizer fills its vocabulary) is the mean of the rows."""
+    hf_weights = hf.state_dict()
+    for k, w in ours.state_dict().items():
+        exported = hf_weights[hf_name(k)]
+        assert torch.equal(exported[:len(w)], w), k
+        if len(exported) > len(w):
+            assert len(exported) == len(w) + 1 and torch.allclose(exported[-1], w.mean(0)), k
 
 
 @pytest.mark.parametrize("name", FP32_RUNS)
@@ -150,11 +166,9 @@ def test_export_reproduces_the_trained_model(name, runs, tmp_path):
     run = runs[name]
     out = export(export_config(run.ckpt_dir, tmp_path / "hf"))
     hf, ours = hf_model(out), run.reference_model()
-    hf_weights = hf.state_dict()
-    for k, w in ours.state_dict().items():  # in fp32 training the master weights are the live ones, bit for bit
-        assert torch.equal(hf_weights[hf_name(k)], w), k
+    assert_same_weights(hf, ours)
     with torch.no_grad():
-        ref, got = ours(fixed_ids()), hf(input_ids=fixed_ids()).logits
+        ref, got = ours(fixed_ids()), model_logits(hf)
     assert ref.abs().max() > 0.1  # logits large enough for the comparison to mean something
     assert (ref - got).abs().max().item() <= 1e-4
     if run.cfg.model.tie_embeddings:
@@ -191,11 +205,10 @@ def test_sharded_export_has_transformers_index_and_the_same_logits(name, runs, t
     assert index["metadata"]["total_size"] == total
 
     hf, ours = hf_model(out), run.reference_model()
-    hf_weights = hf.state_dict()
-    for k, w in ours.state_dict().items():
-        assert torch.equal(hf_weights[hf_name(k)], w), k
+    assert_same_weights(hf, ours)
     with torch.no_grad():
-        assert (ours(fixed_ids()) - hf(input_ids=fixed_ids()).logits).abs().max().item() <= 1e-4
+        logits = model_logits(hf)
+        assert (ours(fixed_ids()) - logits).abs().max().item() <= 1e-4
     # transformers' own sharding of the same model: the same index, up to which file holds which tensor.
     hf.save_pretrained(tmp_path / "by_transformers", max_shard_size=limit)
     theirs = json.loads((tmp_path / "by_transformers" / SHARD_INDEX_FILE).read_text())
@@ -214,16 +227,17 @@ def test_bf16_training_exports_the_fp32_master_weights(runs, tmp_path):
     hf_weights = hf_model(out).state_dict()
     live = run.reference_model().state_dict()  # bf16 copies of the master weights
     assert all(w.dtype == torch.float32 for w in hf_weights.values())
-    assert any(not torch.equal(hf_weights[hf_name(k)], w.float()) for k, w in live.items())  # more than bf16 bits
+    exported = {k: hf_weights[hf_name(k)][:len(w)] for k, w in live.items()}   # without the pad row
+    assert any(not torch.equal(exported[k], w.float()) for k, w in live.items())  # more than bf16 bits
     for k, w in live.items():
-        assert torch.equal(hf_weights[hf_name(k)].to(torch.bfloat16), w), k
+        assert torch.equal(exported[k].to(torch.bfloat16), w), k
 
 
 def test_export_of_an_older_tag(runs, tmp_path):
     run = runs["zero3"]
     out = export(export_config(run.ckpt_dir, tmp_path / "hf", f"export.tag={store.tag_for_step(2)}"))
     with torch.no_grad():
-        ref, got = run.reference_model(step=2)(fixed_ids()), hf_model(out)(input_ids=fixed_ids()).logits
+        ref, got = run.reference_model(step=2)(fixed_ids()), model_logits(hf_model(out))
         newer = run.reference_model(step=3)(fixed_ids())
     assert (ref - got).abs().max().item() <= 1e-4
     assert (newer - got).abs().max().item() > 1e-3
@@ -248,16 +262,105 @@ def test_config_json_describes_the_model(zero1_export, runs):
     m = runs["zero1"].cfg.model
     cfg = json.loads((zero1_export / "config.json").read_text())
     assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["model_type"] == "llama"
-    assert (cfg["vocab_size"], cfg["hidden_size"], cfg["intermediate_size"]) == (VOCAB, m.dim, m.ffn_dim)
+    # One row more than the model: the pad token the export added (the tokenizer fills all 320 rows).
+    assert (cfg["vocab_size"], cfg["hidden_size"], cfg["intermediate_size"]) == (VOCAB + 1, m.dim, m.ffn_dim)
     assert (cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["num_key_value_heads"]) == \
         (m.n_layers, m.n_heads, m.n_kv_heads)
     assert cfg["head_dim"] == m.dim // m.n_heads and cfg["max_position_embeddings"] == SEQ
     assert cfg["rms_norm_eps"] == m.norm_eps
     assert cfg["rope_parameters"] == {"rope_type": "default", "rope_theta": m.rope_theta}
     assert cfg["tie_word_embeddings"] is False and cfg["dtype"] == "float32"
-    assert cfg["eos_token_id"] == cfg["bos_token_id"] == 0
+    assert (cfg["eos_token_id"], cfg["bos_token_id"], cfg["pad_token_id"]) == (0, 0, VOCAB)
     gen = json.loads((zero1_export / "generation_config.json").read_text())
-    assert gen["eos_token_id"] == 0
+    assert (gen["eos_token_id"], gen["bos_token_id"], gen["pad_token_id"]) == (0, 0, VOCAB)
+
+
+def test_the_export_carries_the_keys_transformers_4_reads(zero1_export, runs):
+    """transformers 4.x reads `torch_dtype`, `rope_theta` and `rope_scaling` where 5.x reads `dtype` and
+    `rope_parameters`, and knows no `TokenizersBackend` tokenizer class (the next test loads the export with a
+    4.x release where one is given); 5.x reads both spellings to the same config."""
+    cfg = json.loads((zero1_export / "config.json").read_text())
+    assert cfg["torch_dtype"] == cfg["dtype"] == "float32"
+    assert cfg["rope_theta"] == runs["zero1"].cfg.model.rope_theta and cfg["rope_scaling"] is None
+    tok_cfg = json.loads((zero1_export / "tokenizer_config.json").read_text())
+    assert tok_cfg["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert (tok_cfg["eos_token"], tok_cfg["bos_token"], tok_cfg["pad_token"]) == (EOS, EOS, "<|pad|>")
+
+
+TRANSFORMERS4 = os.environ.get("DISTLM_TRANSFORMERS4_PYTHON")   # a python whose transformers is a 4.x release
+
+
+@pytest.mark.skipif(not TRANSFORMERS4, reason="set DISTLM_TRANSFORMERS4_PYTHON to a python with transformers 4.x "
+                                             "(e.g. a venv with `pip install transformers==4.46.3 torch==2.13.0`)")
+def test_transformers_4_loads_the_export_and_computes_its_logits(zero1_export, runs):
+    script = f"""
+import json, sys, torch, transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer
+assert transformers.__version__.startswith("4."), transformers.__version__
+tok = AutoTokenizer.from_pretrained({str(zero1_export)!r})
+model = AutoModelForCausalLM.from_pretrained({str(zero1_export)!r}).eval()
+ids = torch.tensor(json.loads(sys.argv[1]))
+with torch.no_grad():
+    logits = model(input_ids=ids).logits[..., :{VOCAB}]
+print(json.dumps({{"class": type(tok).__name__, "pad": tok.pad_token_id, "eos": tok.eos_token_id,
+                   "dtype": str(model.dtype), "logits": logits.tolist()}}))
+"""
+    done = subprocess.run([TRANSFORMERS4, "-c", script, json.dumps(fixed_ids().tolist())], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.splitlines()[-1])
+    assert (got["class"], got["pad"], got["eos"], got["dtype"]) == ("PreTrainedTokenizerFast", VOCAB, 0, "torch.float32")
+    with torch.no_grad():
+        ref = runs["zero1"].reference_model()(fixed_ids())
+    assert (ref - torch.tensor(got["logits"])).abs().max().item() <= LOGIT_TOLERANCE[ExportDtype.fp32] * max(1.0, ref.abs().max().item())
+
+
+def test_llama3_rope_scaling_is_written_in_both_spellings(runs, tmp_path):
+    scaled = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+    cfg = {"rope_scaling": scaled, "rope_parameters": {"rope_type": "llama3", "rope_theta": 10000.0, **scaled},
+           "dtype": "float32"}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    add_v4_keys(tmp_path / "config.json")
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert written["rope_scaling"] == {"rope_type": "llama3", **scaled} and written["rope_theta"] == 10000.0
+
+
+def test_the_pad_token_takes_a_spare_embedding_row_when_there_is_one(runs, tmp_path):
+    out = export(export_config(runs["zero1_vocab515"].ckpt_dir, tmp_path / "hf"))
+    cfg = json.loads((out / "config.json").read_text())
+    tok = AutoTokenizer.from_pretrained(out)
+    assert cfg["vocab_size"] == 515 and tok.pad_token == "<|pad|>" and tok.pad_token_id == cfg["pad_token_id"] == VOCAB
+
+
+def test_lora_fine_tuning_with_transformers_collator_still_learns_to_end_with_eos(zero1_export):
+    """What a fine-tuning stack does with the export: LoRA (peft) and DataCollatorForLanguageModeling, which sets
+    the labels of pad_token_id to -100; with pad = EOS it would hide every EOS from the loss."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import DataCollatorForLanguageModeling
+
+    tok = AutoTokenizer.from_pretrained(zero1_export)
+    torch.manual_seed(0)
+    model = get_peft_model(hf_model(zero1_export), LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                                                             modules_to_save=["lm_head"]))
+    texts = ["And God said, Let there be light", "The quick brown fox"]
+    collate = DataCollatorForLanguageModeling(tok, mlm=False)
+    batch = collate([tok(t + tok.eos_token) for t in texts])   # padded to the longer one
+    assert (batch["labels"] == tok.eos_token_id).sum() == len(texts)   # every EOS is a label; padding is not
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(30):
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.3 * losses[0], losses
+    model.eval()
+    prompt = tok("The quick", return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**prompt, max_new_tokens=12, do_sample=False)
+    assert out[0, -1].item() == tok.eos_token_id, tok.decode(out[0])   # it learned to stop
+    assert tok.decode(out[0], skip_special_tokens=True) == texts[1]
 
 
 def test_bf16_export_loads_and_is_close(runs, zero1_export, tmp_path):
@@ -267,7 +370,7 @@ def test_bf16_export_loads_and_is_close(runs, zero1_export, tmp_path):
     hf = hf_model(out, dtype="auto")
     assert hf.model.embed_tokens.weight.dtype == torch.bfloat16
     with torch.no_grad():
-        ref, got = run.reference_model()(fixed_ids()), hf(input_ids=fixed_ids()).logits.float()
+        ref, got = run.reference_model()(fixed_ids()), model_logits(hf).float()
     assert (ref - got).abs().max().item() <= LOGIT_TOLERANCE[ExportDtype.bf16] * max(1.0, ref.abs().max().item())
     size = (out / "model.safetensors").stat().st_size
     assert size < 0.6 * (zero1_export / "model.safetensors").stat().st_size
@@ -277,7 +380,7 @@ def test_generate_greedy_is_deterministic_and_matches_distlm(zero1_export, runs,
     c = compose_config(f"generate.model_dir={zero1_export}", "generate.temperature=0", "generate.max_new_tokens=12")
     first, second = generate(c), generate(c)
     assert first == second
-    assert capsys.readouterr().out.splitlines()[0] == c.generate.prompt + first
+    assert capsys.readouterr().out == 2 * (c.generate.prompt + first + "\n")  # the continuation may hold newlines
 
     # distlm's own greedy decoding of the same prompt gives the same text, of the requested length.
     tok = AutoTokenizer.from_pretrained(zero1_export)
@@ -346,7 +449,7 @@ def test_export_replaces_an_earlier_export(runs, tmp_path):
     export(export_config(run.ckpt_dir, tmp_path / "hf", f"export.tag={store.tag_for_step(2)}"))
     out = export(export_config(run.ckpt_dir, tmp_path / "hf"))
     with torch.no_grad():
-        ref, got = run.reference_model()(fixed_ids()), hf_model(out)(input_ids=fixed_ids()).logits
+        ref, got = run.reference_model()(fixed_ids()), model_logits(hf_model(out))
     assert (ref - got).abs().max().item() <= 1e-4
     assert [p.name for p in tmp_path.iterdir()] == ["hf"]
 
@@ -360,7 +463,7 @@ def test_the_export_command_converts_one_tag_directory(runs, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "max |Δlogits|" in proc.stdout  # Hydra logs to stdout
     with torch.no_grad():
-        ref, got = runs["zero3_tied"].reference_model()(fixed_ids()), hf_model(out)(input_ids=fixed_ids()).logits
+        ref, got = runs["zero3_tied"].reference_model()(fixed_ids()), model_logits(hf_model(out))
     assert (ref - got).abs().max().item() <= 1e-4
 
 

@@ -7,7 +7,9 @@ test prints what it measured on a line starting `GPU-RESULT`, which the suite co
 - bf16 attention takes SDPA's flash kernel, forward and backward;
 - memory_metrics reports the CUDA peak since its last call, and training records it every step;
 - bf16 training of model=tiny follows the CPU fp32 loss curve recorded in tests/data/tiny_cpu_fp32_curve.json;
-- distlm plan's device memory for one GPU is the measured peak within 10 %.
+- distlm plan's device memory for one GPU is the measured peak within 10 %;
+- a mixture-of-experts Llama computes on the GPU the loss and gradients it computes on the CPU, and its sparse block's
+  speed against a dense block of the same active parameters is printed (bf16).
 """
 
 from __future__ import annotations
@@ -104,6 +106,44 @@ def test_a_document_masked_llama_computes_on_the_gpu_what_it_computes_on_the_cpu
     grad_gap = max(max_gap(gpu_grads[n], g) / max(1e-3, g.abs().max().item()) for n, g in cpu_grads.items())
     print(f"GPU-RESULT document-masked Llama, GPU (compiled flex) vs CPU (SDPA), fp32: loss {gpu_loss:.6f} vs "
           f"{cpu_loss:.6f}, max relative |d grad| {grad_gap:.1e}")
+    assert gpu_loss == pytest.approx(cpu_loss, rel=1e-5)
+    assert grad_gap <= 1e-3
+
+
+def test_a_mixture_of_experts_computes_on_the_gpu_what_it_computes_on_the_cpu(full_fp32):
+    m = compose_config("model=test-moe", "data.tokenizer.vocab_size=300", "data.seq_len=256").model
+    torch.manual_seed(0)
+    on_cpu = Llama(m)
+    on_gpu = copy.deepcopy(on_cpu).cuda()
+    ids = torch.randint(0, 300, (2, 257), generator=torch.Generator().manual_seed(1))
+    results = []
+    for model, device in ((on_cpu, "cpu"), (on_gpu, "cuda")):
+        loss = model(ids[:, :-1].to(device), ids[:, 1:].to(device))
+        loss.backward()
+        results.append((loss.item(), {name: p.grad.cpu() for name, p in model.named_parameters()}))
+    (cpu_loss, cpu_grads), (gpu_loss, gpu_grads) = results
+    grad_gap = max(max_gap(gpu_grads[n], g) / max(1e-3, g.abs().max().item()) for n, g in cpu_grads.items())
+    # Speed, bf16: a sparse block (top-2 of 8 experts of 1,408 units) against a dense one of 2,816 units.
+    from distlm.model.llama import MLP, MoE
+    big = compose_config("model=tiny-moe", "model.dim=2048", "model.n_heads=16", "model.n_kv_heads=8",
+                         "model.ffn_dim=2816", "model.moe.expert_ffn_dim=1408", "data.tokenizer.vocab_size=300").model
+    x = torch.randn(1, 8192, 2048, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    seconds = {}
+    for name, block in (("sparse", MoE(big)), ("dense", MLP(big))):
+        block = block.cuda().to(torch.bfloat16).train()
+        times = []
+        for _ in range(6):
+            torch.cuda.synchronize()
+            start = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start[0].record()
+            block(x).sum().backward()
+            start[1].record()
+            torch.cuda.synchronize()
+            times.append(start[0].elapsed_time(start[1]) / 1e3)
+        seconds[name] = statistics.median(times[1:])
+    print(f"GPU-RESULT mixture of experts, GPU vs CPU, fp32: loss {gpu_loss:.6f} vs {cpu_loss:.6f}, max relative "
+          f"|d grad| {grad_gap:.1e}; bf16 block of 8,192 tokens: sparse {8192 / seconds['sparse']:,.0f} tokens/s, "
+          f"dense {8192 / seconds['dense']:,.0f} tokens/s ({seconds['dense'] / seconds['sparse']:.2f}x)")
     assert gpu_loss == pytest.approx(cpu_loss, rel=1e-5)
     assert grad_gap <= 1e-3
 

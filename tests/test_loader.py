@@ -4,6 +4,7 @@ storage is fsspec's in-memory file system, with a log of the range requests it s
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import shutil
@@ -212,25 +213,34 @@ def test_dataloader_workers_give_the_same_batches_and_read_each_shard_once(data_
     assert len({pid for pid, _, _ in lines}) >= 2, "both workers read"
 
 
-def test_a_shard_is_a_plain_tar_holding_its_records(data_dir):
+def test_a_shard_is_a_plain_tar_of_one_npy_member_per_sample(data_dir):
     with tarfile.open(data_dir / shard_name("train", 1)) as tar:
-        (member,) = tar.getmembers()
-        records = tar.extractfile(member).read()
-    fmt = Manifest.load(data_dir).record
-    assert member.name == "train-00001.records" and member.mtime == 0 and len(records) == 13 * fmt.size
-    tokens = np.frombuffer(records, np.uint8).reshape(13, fmt.size)[:, :fmt.token_bytes].copy().view("<u2")
-    assert tokens[:, 0].tolist() == list(range(7, 20))
+        members = tar.getmembers()
+        first = np.load(io.BytesIO(tar.extractfile(members[0]).read()))
+    assert [m.name for m in members] == [f"train-00001-{i:06d}.tokens.npy" for i in range(13)] + ["__crc32__"]
+    assert all(m.mtime == 0 for m in members)
+    assert first.dtype == np.dtype("<u2") and first.tolist() == [7] * SAMPLE_LEN
 
 
-def test_a_shard_is_a_webdataset_sample_of_records_with_their_checksums(data_dir):
+def test_webdataset_reads_one_row_per_sequence(data_dir):
     import webdataset as wds
 
-    (sample,) = wds.WebDataset(str(data_dir / shard_name("train", 1)), shardshuffle=False)
-    assert sample["__key__"] == "train-00001"
-    fmt = Manifest.load(data_dir).record
-    records = np.frombuffer(sample["records"], np.uint8).reshape(-1, fmt.size)
-    tokens, _ = fmt.decode("train-00001.tar", "train-00001", records, np.arange(len(records)), verify=True)
-    assert tokens[:, 0].tolist() == list(range(7, 20))
+    rows = list(wds.WebDataset(str(data_dir / shard_name("train", 1)), shardshuffle=False).decode())
+    assert [row["__key__"] for row in rows] == [f"train-00001-{i:06d}" for i in range(13)]
+    assert [row["tokens.npy"].tolist() for row in rows] == [[n] * SAMPLE_LEN for n in range(7, 20)]
+
+
+def test_hugging_face_datasets_reads_one_row_per_sequence_with_its_document_starts(tmp_path):
+    import datasets
+
+    root = write_numbered_shards(tmp_path / "bounded", boundaries=True)
+    files = sorted(str(p) for p in root.glob("train-*.tar"))
+    rows = datasets.load_dataset("webdataset", data_files={"train": files}, split="train",
+                                 cache_dir=str(tmp_path / "hf_cache"))
+    assert len(rows) == sum(SHARD_SIZES)
+    assert [row[0] for row in rows["tokens.npy"]] == list(range(sum(SHARD_SIZES)))
+    starts = np.unpackbits(np.array(rows[23]["doc_starts.packbits.npy"], dtype=np.uint8), count=SAMPLE_LEN)
+    assert starts.tolist() == [int(p == 23 % SAMPLE_LEN) for p in range(SAMPLE_LEN)]   # 23: odd, starts at 3
 
 
 def test_pipe_commands_are_refused_before_launch_naming_the_key(data_dir):
@@ -241,9 +251,11 @@ def test_pipe_commands_are_refused_before_launch_naming_the_key(data_dir):
 def test_shards_of_an_older_format_are_refused_with_what_to_do(data_dir, tmp_path):
     old = copy_dir(data_dir, tmp_path / "old")
     manifest = json.loads((old / "manifest.json").read_text())
-    (old / "manifest.json").write_text(json.dumps({**manifest, "format_version": 2}))
-    with pytest.raises(ValueError, match=r"format version 2, this distlm reads version 3.*preprocess the data again"):
-        loader(old)
+    for version in (2, 3):
+        (old / "manifest.json").write_text(json.dumps({**manifest, "format_version": version}))
+        with pytest.raises(ValueError, match=rf"format version {version}, this distlm reads version 4.*preprocess the "
+                                             r"data again"):
+            loader(old)
 
 
 # ---------------------------------------------------------------- integrity
@@ -253,40 +265,42 @@ def copy_dir(src: Path, dst: Path) -> Path:
     return dst
 
 
-def record_offset(data_dir: Path, index: int) -> int:
-    return Manifest.load(data_dir).record.byte_range(index, index + 1)[0]
+def token_offset(data_dir: Path, index: int) -> int:
+    """Where sample `index`'s first token id lies in its shard."""
+    layout = Manifest.load(data_dir).layout
+    return index * layout.stride + layout.tokens_at
 
 
 def test_a_changed_sample_fails_its_crc32_naming_shard_and_sample(data_dir, tmp_path):
     changed_dir = copy_dir(data_dir, tmp_path / "changed")
     changed = changed_dir / shard_name("train", 2)
     data = bytearray(changed.read_bytes())
-    at = record_offset(changed_dir, 3)
+    at = token_offset(changed_dir, 3)
     data[at: at + 2] = np.array([999], dtype=np.uint16).tobytes()   # sample 3 of train-00002 (sample number 23)
     changed.write_bytes(bytes(data))
-    with pytest.raises(ShardError, match=r"train-00002.tar: sample 3 \(train-00002/3\) fails its crc32"):
+    with pytest.raises(ShardError, match=r"train-00002.tar: sample 3 \(train-00002-000003\) fails its crc32"):
         run(changed_dir, 1, 5, split="val", shuffle=False)
-    with pytest.raises(ShardError, match=r"train-00002.tar: sample 3 \(train-00002/3\)"):
+    with pytest.raises(ShardError, match=r"train-00002.tar: sample 3 \(train-00002-000003\)"):
         Manifest.load(changed_dir).verify()
     unchecked = sum(run(changed_dir, 1, 5, split="val", shuffle=False, verify=False), [])
-    assert 999 in unchecked and 23 not in unchecked   # the record still parses: only its crc32 tells
+    assert 999 in unchecked and 23 not in unchecked   # the sample still parses: only its crc32 tells
 
 
 def test_a_sample_moved_to_another_place_fails_its_check(data_dir, tmp_path):
     moved_dir = copy_dir(data_dir, tmp_path / "moved")
     moved = moved_dir / shard_name("train", 0)
     data = bytearray(moved.read_bytes())
-    a, b = record_offset(moved_dir, 0), record_offset(moved_dir, 1)
-    data[a:b], data[b: 2 * b - a] = data[b: 2 * b - a], data[a:b]   # samples 0 and 1 swapped, crc32s and all
+    stride = Manifest.load(moved_dir).layout.stride
+    data[:stride], data[stride: 2 * stride] = data[stride: 2 * stride], data[:stride]   # samples 0 and 1 swapped
     moved.write_bytes(bytes(data))
-    with pytest.raises(ShardError, match=r"train-00000.tar: sample 0 \(train-00000/0\) fails its crc32 \(2 of"):
+    with pytest.raises(ShardError, match=r"train-00000.tar: sample 0 \(train-00000-000000\) fails its crc32 \(block 0; 2 of"):
         run(moved_dir, 1, 5, split="val", shuffle=False)
 
 
 def test_a_missing_or_truncated_shard_raises_an_error_naming_it(data_dir, tmp_path):
     broken_dir = copy_dir(data_dir, tmp_path / "broken")
     broken = broken_dir / shard_name("train", 3)
-    broken.write_bytes(broken.read_bytes()[: record_offset(broken_dir, 4) + 5])
+    broken.write_bytes(broken.read_bytes()[: token_offset(broken_dir, 4) + 5])
     with pytest.raises(ShardError, match=r"train-00003.tar ends before sample 4"):
         run(broken_dir, 1, 5, split="val", shuffle=False)
     with pytest.raises(ShardError, match="train-00003.tar"):
@@ -303,8 +317,8 @@ def test_document_boundaries_come_with_the_tokens(tmp_path):
     for tokens, starts in loader(root, 1, 5, doc_boundaries=True).iter_batches(max_batches=9):
         assert starts.dtype == torch.uint8 and starts.shape == tokens.shape
         for n, row in zip(tokens[:, 0].tolist(), starts.tolist()):
-            start = n % SAMPLE_LEN
-            assert row == [int(p == start) for p in range(SAMPLE_LEN)]
+            start = n % SAMPLE_LEN   # and even samples begin with a document (write_numbered_shards)
+            assert row == [int(p == start or (p == 0 and n % 2 == 0)) for p in range(SAMPLE_LEN)]
     with pytest.raises(ValueError, match="keep_doc_boundaries"):
         loader(write_numbered_shards(tmp_path / "plain"), doc_boundaries=True)
 
@@ -328,7 +342,7 @@ def test_the_loader_adds_up_the_time_a_consumer_waits_for_batches(data_dir):
 
 # ---------------------------------------------------------------- per-rank reads, on real gloo ranks
 
-SCALE_SIZES = [700, 650, 800, 500, 750, 600]   # 4,000 samples of 128 tokens: 260-byte records, ~1 MB
+SCALE_SIZES = [700, 650, 800, 500, 750, 600]   # 4,000 samples of 128 tokens: 1,024 bytes each, ~4 MB
 
 
 def _read_one_epoch(rank: int, world: int, data_dir: str, out: str) -> None:
@@ -354,7 +368,7 @@ def _rchar() -> int:
 
 def test_each_rank_reads_only_its_share_of_the_bytes(tmp_path):
     data_dir = write_numbered_shards(tmp_path / "scale", sizes=SCALE_SIZES, sample_len=128)
-    record = Manifest.load(data_dir).record.size
+    record = Manifest.load(data_dir).layout.stride
     for world in (1, 2, 4):
         run_ranks(_read_one_epoch, world, world, str(data_dir), str(tmp_path))
     read = {(w, r): json.loads((tmp_path / f"{w}-{r}.json").read_text()) for w in (1, 2, 4) for r in range(w)}
@@ -395,3 +409,39 @@ def test_tensor_parallel_ranks_get_their_batches_from_one_reader(tmp_path):
                                                             for t, s in own.iter_batches(max_batches=12)]
         assert reader["val"] == receiver["val"] and len(reader["val"]) == 45 // 6
         assert reader["bytes"] > 0 and receiver["bytes"] == 0
+
+
+def test_a_context_parallel_rank_reads_and_verifies_only_its_slice_of_every_sample(tmp_path):
+    data_dir = write_numbered_shards(tmp_path / "long", boundaries=True, sizes=[40, 40], sample_len=4097)
+    next(loader(data_dir, split="val", shuffle=False).iter_batches())   # lazy imports are not reads of data
+
+    def read(part: slice | None) -> tuple[int, list]:
+        """Bytes this process reads for one pass with tokens `part`, and its first batch."""
+        rchar = _rchar()
+        batches = [b for b, _ in loader(data_dir, 1, 8, split="val", shuffle=False, tokens=part,
+                                        doc_boundaries=True).iter_batches()]
+        return _rchar() - rchar, batches[0].tolist()
+
+    whole_bytes, whole = read(None)
+    assert np.array(whole).shape == (8, 4097)
+    for cp in (2, 4):
+        length = 4096 // cp
+        for rank in range(cp):   # rank's slice plus one label token (the next rank's first)
+            got_bytes, got = read(slice(rank * length, (rank + 1) * length + 1))
+            assert got == [row[rank * length: (rank + 1) * length + 1] for row in whole]
+            share = got_bytes / (whole_bytes / cp)
+            # Its tokens and document starts plus their crc32s, never the headers and padding a whole read takes.
+            assert 0.7 < share < 1.05, (cp, rank, share)
+
+
+def test_a_changed_token_fails_the_crc32_of_the_context_parallel_rank_that_reads_it(tmp_path):
+    data_dir = write_numbered_shards(tmp_path / "long", sizes=[3], sample_len=4097)
+    shard = data_dir / shard_name("train", 0)
+    data = bytearray(shard.read_bytes())
+    at = token_offset(data_dir, 1) + 3000 * 2   # sample 1, token 3000: block 2 (tokens 2048-3071)
+    data[at: at + 2] = np.array([999], dtype=np.uint16).tobytes()
+    shard.write_bytes(bytes(data))
+    first_half = loader(data_dir, 1, 3, split="val", shuffle=False, tokens=slice(0, 2049))
+    assert next(first_half.iter_batches())[1, -1].item() == 1   # rank 0 of cp 2 reads blocks 0-1 only
+    with pytest.raises(ShardError, match=r"sample 1 \(train-00000-000001\) fails its crc32 \(block 2;"):
+        next(loader(data_dir, 1, 3, split="val", shuffle=False, tokens=slice(2048, 4097)).iter_batches())

@@ -62,7 +62,8 @@ def monitored_config(data_dir: Path, run_dir: Path, *overrides: str):
         "model=test", "data.seq_len=64", "data.tokenizer.vocab_size=512", f"data.dir={data_dir}", f"run_dir={run_dir}",
         f"trainer.max_steps={STEPS}", "trainer.micro_batch_size=4", "optimizer.warmup_steps=1", "trainer.eval_every=3",
         "trainer.eval_batches=1", "trainer.checkpoint_every=3", "logger.mode=offline", "logger.name=monitor-test",
-        "logger.group=sweep-7", "logger.tags=[cpu,monitoring]", "logger.samples=2", "logger.sample_tokens=5",
+        "logger.group=sweep-7", "logger.tags=[cpu,monitoring]", "logger.notes=tries-notes", "logger.samples=2",
+        "logger.sample_tokens=5",
         "logger.peak_tflops=0.001", *overrides)
 
 
@@ -157,6 +158,82 @@ def test_wandb_run_has_name_group_tags_config_and_sample_tables(monitored_run):
     assert {int(t.name.split("_")[1]) for t in tables} == {0, 3, 6}
     table = json.loads(tables[0].read_text())
     assert table["columns"] == ["step", "prompt", "continuation", "reference"] and len(table["data"]) == 2
+
+
+def wandb_records(path: Path) -> list:
+    """The protobuf records of an offline run's .wandb file (what `wandb sync` uploads): a 7-byte header, then
+    LevelDB-log chunks (crc32, length, type) in 32 KiB blocks; a record is one full chunk or first..last."""
+    from wandb.proto.wandb_internal_pb2 import Record
+
+    data, at, block, records, parts = path.read_bytes(), 7, 32768, [], b""
+    while at + 7 <= len(data):
+        left = block - at % block
+        size, kind = int.from_bytes(data[at + 4: at + 6], "little"), data[at + 6] if left >= 7 else 0
+        if left < 7 or (size, kind) == (0, 0):   # a block's zero-filled tail
+            at += left
+            continue
+        parts += data[at + 7: at + 7 + size]
+        at += 7 + size
+        if kind in (1, 4):   # full, last
+            records.append(Record.FromString(parts))
+            parts = b""
+    return records
+
+
+def wandb_rows(run_dir: Path) -> tuple[list[tuple[int, dict]], dict]:
+    """Every history row (step, values) of the run's offline launches in order, and the last launch's summary."""
+    rows, summary = [], {}
+    for run in wandb_runs(run_dir):   # named by start time: launch order
+        for r in wandb_records(next(run.glob("run-*.wandb"))):
+            kind = r.WhichOneof("record_type")
+            if kind == "history":   # "a/b" keys come as nested_key ["a", "b"]
+                rows.append((r.history.step.num, {i.key or "/".join(i.nested_key): json.loads(i.value_json)
+                                                  for i in r.history.item}))
+            elif kind == "summary":
+                summary.update({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.summary.update})
+    return rows, summary
+
+
+def test_wandb_gets_each_step_once_across_the_resume_with_best_and_last_and_numeric_layout(monitored_run):
+    rows, summary = wandb_rows(monitored_run)
+    run = next(r.run for r in wandb_records(next(wandb_runs(monitored_run)[0].glob("run-*.wandb")))
+               if r.WhichOneof("record_type") == "run")
+    assert (run.notes, list(run.tags), run.run_group) == ("tries-notes", ["cpu", "monitoring"], "sweep-7")
+    steps = [step for step, _ in rows]
+    assert steps == sorted(set(steps)) and steps[-1] == STEPS, steps   # none repeated: W&B would drop it
+    by_step = dict(rows)
+    assert "attempt" in by_step[4] and by_step[4]["layout/dp"] == 2   # the resume's start row, a step later
+    assert all(isinstance(v, (int, float)) for _, row in rows for k, v in row.items() if k.startswith("layout/"))
+    last_val = [r["val_loss"] for r in records_with(monitored_run, "val_loss")][-1]
+    assert summary["val_loss"]["last"] == pytest.approx(last_val) and "min" in summary["val_loss"]
+    assert summary["loss"]["last"] == pytest.approx(records_with(monitored_run, "loss")[-1]["loss"])
+
+
+def test_the_report_plot_shows_the_late_curve_validation_points_resumes_lr_and_final_numbers(tmp_path):
+    from distlm.run_report import figure
+
+    rows = [{"step": 0, "attempt": 1, "workers": 2, "layout": "tp 1 x pp 1 x cp 1 x dp 2"}, {"step": 0, "val_loss": 8.3}]
+    for s in range(1, 201):
+        if s == 101:   # a resume on fewer workers
+            rows.append({"step": 100, "attempt": 1, "workers": 1, "layout": "tp 1 x pp 1 x cp 1 x dp 1"})
+        rows.append({"step": s, "loss": 3.5 + 5 * math.exp(-s / 10) + 0.02 * (s % 3), "lr": 1e-3 * (1 - s / 200),
+                     "tokens_per_s": 9000 if s <= 100 else 5000})
+        if s % 50 == 0:
+            rows.append({"step": s, "val_loss": 3.6 + 5 * math.exp(-s / 10), "val_loss/law": 3.8})
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    fig = figure(tmp_path)
+    loss, zoom, lr, speed = fig.axes[:4]
+    assert loss.get_yscale() == "log"
+    assert zoom.get_ylim()[1] < 4.5 < 8.3   # the zoomed panel shows the late curve, not the first drop
+    val = [line for line in loss.lines if line.get_label() == "validation"][0]
+    assert val.get_linestyle() == "None" and val.get_marker() == "o"   # points, not lines between them
+    assert "validation: law" in [line.get_label() for line in zoom.lines]
+    for ax in (loss, zoom, lr, speed):   # the resume, marked on every panel
+        assert any(list(line.get_xdata()) == [100, 100] for line in ax.lines), ax.get_title()
+    assert any("resume: 2 -> 1 workers" in t.get_text() for t in speed.texts)
+    assert lr.get_title() == "learning rate" and len(lr.lines[0].get_xdata()) == 200
+    title = fig._suptitle.get_text()
+    assert f"val loss {rows[-1]['val_loss']:.3f} (perplexity {math.exp(rows[-1]['val_loss']):.1f})" in title
 
 
 def test_api_key_is_written_nowhere(monitored_run):
@@ -258,10 +335,34 @@ def test_unreachable_wandb_server_at_start_turns_the_run_offline_with_a_warning(
     logger.close()
     wandb.teardown()  # finish() returns before wandb's service has written everything; its shutdown flushes
     warning = caplog.text
-    assert f"W&B could not start online at {UNREACHABLE_WANDB} (CommError" in warning and "logs W&B offline" in warning
-    assert f"wandb sync {tmp_path / 'wandb'}/offline-run-*" in warning
     offline = list(tmp_path.glob("wandb/offline-run-*-unreachable-1/run-unreachable-1.wandb"))
     assert len(offline) == 1 and b"loss" in offline[0].read_bytes()
+    assert f"W&B could not start online at {UNREACHABLE_WANDB} (CommError" in warning
+    assert f"logs W&B offline to {offline[0].parent}; upload it later with `wandb sync {offline[0].parent}`" in warning
+    assert read_metrics(tmp_path)[0]["loss"] == 2.5
+
+
+def test_an_empty_wandb_mode_is_refused_before_launch(monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "")
+    assert validate_cluster(compose_config("logger.mode=offline")) == [
+        "WANDB_MODE is set but empty in the environment: W&B refuses an empty mode, whatever logger.mode says; unset "
+        "it or set one of online, offline, disabled"]
+    assert validate_cluster(compose_config("logger.wandb=false")) == []
+
+
+def test_when_wandb_cannot_start_at_all_the_warning_says_metrics_go_to_the_jsonl_only(tmp_path, caplog, monkeypatch):
+    """WANDB_MODE set but empty where a worker runs: W&B refuses online and offline alike (a validation error);
+    the warning must not promise an offline run that does not exist."""
+    monkeypatch.setenv("WANDB_MODE", "")
+    c = compose_config("model=test", f"run_dir={tmp_path}", "logger.mode=auto")
+    with caplog.at_level(logging.WARNING, logger="distlm.train.worker.metrics"):
+        logger = MetricsLogger(c, wandb_run_id="empty-mode-1")
+    logger.log(1, loss=2.5)
+    logger.close()
+    assert logger.wandb is None and not list(tmp_path.glob("wandb/offline-run-*"))
+    assert "ValidationError" in caplog.text and "nor offline" in caplog.text
+    assert f"training goes on without W&B; metrics go to {tmp_path / 'metrics.jsonl'} only" in caplog.text
+    assert "logs W&B offline" not in caplog.text and "wandb sync" not in caplog.text
     assert read_metrics(tmp_path)[0]["loss"] == 2.5
 
 

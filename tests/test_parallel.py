@@ -34,13 +34,24 @@ LAYOUTS = {
     "cp2_pp2": (4, ["parallel=pp2", "parallel.cp=2", "trainer.micro_batch_size=4", "trainer.grad_accum=2"]),
     "cp2_dp2_zero3": (4, ["parallel=zero3", "parallel.cp=2", "trainer.micro_batch_size=4"]),
 }
+# Mixture of experts (model=test-moe: 4 experts): tp2 holds 2 experts per rank (expert parallelism). Micro-batches
+# of 4 everywhere: the load-balancing loss is a micro-batch's (as in Megatron and Hugging Face).
+MOE_LAYOUTS = {
+    "ep2": (2, ["parallel=tp2", "trainer.micro_batch_size=4", "trainer.grad_accum=2"]),
+    "ep2_zero2": (2, ["parallel=tp2", "parallel.zero_stage=2", "trainer.micro_batch_size=4", "trainer.grad_accum=2"]),
+    "ep2_pp2": LAYOUTS["tp2_pp2"],
+    "dp2_zero3": LAYOUTS["dp2_zero3"],
+}
 
 
-def layout_config(data_dir: Path, run_dir: Path, world: int, *overrides: str):
+def layout_config(data_dir: Path, run_dir: Path, world: int, *overrides: str, model: str = "test"):
     # A vocabulary of 515 (the data uses 512) is odd: tensor parallelism pads it, and the padding must not count.
+    # Adam's eps 1e-5, not 1e-8: an element whose gradient is ~1e-8 moves by ~lr either way with 1e-8, so the
+    # summation order of another layout would decide its direction (a change of d in it moves the weight by
+    # ~lr d / eps); with 1e-5 the comparison measures layouts.
     return compose_config(
-        "model=test", "model.vocab_size=515", "data.seq_len=64", f"data.dir={data_dir}", f"run_dir={run_dir}",
-        f"cluster.num_workers={world}", f"trainer.max_steps={STEPS}", "optimizer.warmup_steps=1",
+        f"model={model}", "model.vocab_size=515", "data.seq_len=64", f"data.dir={data_dir}", f"run_dir={run_dir}",
+        f"cluster.num_workers={world}", f"trainer.max_steps={STEPS}", "optimizer.warmup_steps=1", "optimizer.eps=1e-5",
         "trainer.eval_batches=1", "trainer.eval_every=100", "logger.wandb=false", *overrides)
 
 
@@ -100,9 +111,10 @@ def test_masked_layout_matches_single_process(name, single_process_masked, verse
     assert_layout_matches(name, single_process_masked, verse_shards, tmp_path, "trainer.doc_masking=true")
 
 
-def assert_layout_matches(name: str, single_process: Path, data_dir: Path, tmp_path: Path, *extra: str) -> None:
-    world, overrides = LAYOUTS[name]
-    c = layout_config(data_dir, tmp_path, world, *overrides, *extra)
+def assert_layout_matches(name: str, single_process: Path, data_dir: Path, tmp_path: Path, *extra: str,
+                          model: str = "test", layouts: dict = LAYOUTS) -> None:
+    world, overrides = layouts[name]
+    c = layout_config(data_dir, tmp_path, world, *overrides, *extra, model=model)
     assert c.global_batch_size == GLOBAL_BATCH
     run_ranks(_train, world, c)
     expected, got = losses(single_process), losses(tmp_path)
@@ -114,6 +126,22 @@ def assert_layout_matches(name: str, single_process: Path, data_dir: Path, tmp_p
     assert weights.keys() == reference.keys()
     for key in reference:
         torch.testing.assert_close(weights[key], reference[key], rtol=1e-4, atol=2e-6, msg=f"{name}: {key}")
+
+
+@pytest.fixture(scope="module")
+def single_process_moe(bible_shards, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("single_moe")
+    run_ranks(_train, 1, layout_config(bible_shards, run_dir, 1, "trainer.micro_batch_size=4", "trainer.grad_accum=2",
+                                       model="test-moe"))
+    return run_dir
+
+
+@pytest.mark.parametrize("name", MOE_LAYOUTS)
+def test_moe_layout_matches_single_process(name, single_process_moe, bible_shards, tmp_path):
+    # Expert parallelism with ZeRO-1 and -2 and pipeline stages, and experts partitioned by ZeRO-3.
+    assert_layout_matches(name, single_process_moe, bible_shards, tmp_path, model="test-moe", layouts=MOE_LAYOUTS)
+    records = [r for r in read_metrics(tmp_path) if "moe_aux_loss" in r]
+    assert len(records) == STEPS and all(r["moe_load_max_over_mean"] >= 1.0 for r in records)
 
 
 def test_zero3_trains_in_bf16_as_zero1_does(single_process, bible_shards, tmp_path):

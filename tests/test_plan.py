@@ -1,6 +1,8 @@
-"""`distlm plan`: parameter counts equal the real model's, model-state memory equals DeepSpeed's own
-estimators, start-up host memory and activations follow hand arithmetic, and the verdict names what does
-not fit and a layout that does. (tests/test_plan_activations.py checks activations against a real model.)"""
+"""`distlm plan`: parameter counts equal the real model's, what a rank holds in a training step follows hand
+arithmetic phase by phase (DeepSpeed's own estimators count neither ZeRO's buffers nor what DeepSpeed really keeps),
+start-up host memory and activations too, CPU runs are checked in host memory, and the verdict names what does not
+fit and a layout that does. (tests/test_plan_activations.py checks activations against a real model,
+tests/test_train_memory.py the training memory against measured peak RSS.)"""
 
 import os
 import re
@@ -8,18 +10,26 @@ import subprocess
 import sys
 
 import pytest
-from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
-from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
-from distlm.config import ConfigError, compose_config
+from distlm.config import ConfigError, compose_config, raise_if
 from distlm.model.llama import Llama
-from distlm.plan import (GiB, SEARCHED_KEYS, largest_layer_params, plan, rank_params, suggest_layout, total_params,
-                         valid_layouts)
+from distlm.plan import (CPU_FIXED, GiB, SEARCHED_KEYS, active_params, block_params, plan, rank_params, stage_params,
+                         suggest_layout, total_params, valid_layouts, with_layout)
+from distlm.train.worker.engine import deepspeed_config
+from distlm.validation import validate_layout, validate_model
 
 
 def config(*overrides: str):
+    """GPUs of 80 GiB, 2 TiB of host memory per node, a 32k vocabulary, 2,048 tokens, bf16."""
     return compose_config("model.vocab_size=32000", "data.seq_len=2048", "trainer.precision=bf16",
-                          "cluster.gpu_mem_gb=80", "cluster.host_mem_gb=2048", *overrides)
+                          "cluster.use_gpu=true", "cluster.gpu_mem_gb=80", "cluster.host_mem_gb=2048", *overrides)
+
+
+def cpu(*overrides: str):
+    """The issue's shape on CPU ranks: 48 blocks of the 125m width, the GPT-2 vocabulary tied (378 M parameters),
+    micro-batch 1 x 128 tokens, fp32, on a 24 GiB machine."""
+    return compose_config("model=125m", "model.n_layers=48", "model.vocab_size=50257", "model.tie_embeddings=true",
+                          "data.seq_len=128", "trainer.micro_batch_size=1", "cluster.host_mem_gb=24", *overrides)
 
 
 def gpu_cluster(*overrides: str):
@@ -28,9 +38,12 @@ def gpu_cluster(*overrides: str):
                           "trainer.precision=bf16", "trainer.micro_batch_size=1", "trainer.grad_accum=16", *overrides)
 
 
-def distlm_plan(tmp_path, *overrides: str) -> str:
-    return subprocess.run([sys.executable, "-m", "distlm.cli", "plan", *overrides],
-                          capture_output=True, text=True, cwd=tmp_path, check=True).stdout
+def distlm_plan(tmp_path, *overrides: str, fits: bool = True) -> str:
+    """`distlm plan`'s output; its exit status says whether the config fits (1: it does not)."""
+    done = subprocess.run([sys.executable, "-m", "distlm.cli", "plan", *overrides], capture_output=True, text=True,
+                          cwd=tmp_path)
+    assert done.returncode == (0 if fits else 1), done.stdout + done.stderr
+    return done.stdout
 
 
 def printed_gib(out: str, label: str) -> float:
@@ -55,28 +68,91 @@ def test_preset_sizes_match_their_names():
     assert sizes["70b"] == pytest.approx(69.0, abs=0.1) and sizes["1.3b"] == pytest.approx(1.25, abs=0.01)
 
 
-@pytest.mark.parametrize("offload", [False, True])
-def test_zero2_model_states_equal_deepspeeds_estimate(offload):
-    c = config("model=1.3b", "cluster.num_workers=8", "parallel.zero_stage=2", f"parallel.offload_optimizer={offload}")
-    _, ds_gpu = estimate_zero2_model_states_mem_needs(total_params(c.model), num_gpus_per_node=8,
-                                                      cpu_offload=offload)
-    assert plan(c).model_states == pytest.approx(ds_gpu, rel=1e-6)
+def test_zero_buffers_are_blocks_worth_of_parameters_in_deepspeeds_config():
+    c = config("model=7b", "cluster.num_workers=16", "parallel=zero3", "parallel.reduce_bucket_blocks=0.5",
+               "parallel.zero3_prefetch_blocks=1", "parallel.zero3_max_live_blocks=2",
+               "parallel.zero3_reuse_distance_blocks=1.5", "parallel.zero3_sub_group_blocks=3")
+    block = block_params(c.model)  # 202.4 M: a few blocks are a few 32nds of the model, at any size
+    zero = deepspeed_config(c, use_cuda=True)["zero_optimization"]
+    assert zero["reduce_bucket_size"] == int(block / 2) and zero["stage3_prefetch_bucket_size"] == block
+    assert zero["stage3_max_live_parameters"] == 2 * block and zero["stage3_max_reuse_distance"] == int(1.5 * block)
+    assert zero["sub_group_size"] == 3 * block
+    tp2 = deepspeed_config(config("model=7b", "cluster.num_workers=16", "parallel=tp2"), use_cuda=True)
+    assert tp2["zero_optimization"]["reduce_bucket_size"] == block // 2  # a block of a rank's TP slice
 
 
-def test_zero1_keeps_whole_16bit_gradients_that_zero2_shards():
-    n = total_params(config("model=1.3b").model)
-    zero1, zero2 = (plan(config("model=1.3b", "cluster.num_workers=8", f"parallel.zero_stage={z}")) for z in (1, 2))
-    assert zero1.model_states - zero2.model_states == pytest.approx(2 * n * (1 - 1 / 8), rel=1e-6)
+def test_zero3_holds_16_bytes_per_parameter_of_its_partition_between_steps():
+    n = total_params(cpu().model) / 8
+    fp32 = plan(cpu("parallel=zero3", "cluster.num_workers=8")).training[0].held
+    # fp32 weights (also the optimizer's master: distlm's correction), gradient partition, Adam m and v
+    assert fp32 == {"weight partition": 4 * n, "gradient partition": 4 * n, "Adam m, v": 8 * n,
+                    "DeepSpeed's fixed state": CPU_FIXED}
+    bf16 = plan(cpu("parallel=zero3", "cluster.num_workers=8", "trainer.precision=bf16")).training[0].held
+    assert bf16 == {"weight partition": 2 * n, "gradient partition": 2 * n, "Adam m, v": 8 * n,
+                    "fp32 master partition": 4 * n, "DeepSpeed's fixed state": CPU_FIXED}
 
 
-@pytest.mark.parametrize("offload_optimizer,offload_params", [(False, False), (True, False), (True, True)])
-def test_zero3_model_states_equal_deepspeeds_estimate(offload_optimizer, offload_params):
-    c = config("model=7b", "cluster.num_workers=16", "parallel=zero3",
-               f"parallel.offload_optimizer={offload_optimizer}", f"parallel.offload_params={offload_params}")
-    _, ds_gpu, _ = estimate_zero3_model_states_mem_needs(
-        total_params(c.model), largest_layer_params(c.model, tp=1), num_gpus_per_node=8, num_nodes=2,
-        cpu_offload=offload_optimizer, cpu_offload_params=offload_params)
-    assert plan(c).model_states == pytest.approx(ds_gpu, rel=1e-6)
+def test_zero3_buffers_cost_what_the_planner_counts():
+    def step(*overrides):
+        return plan(cpu("parallel=zero3", "cluster.num_workers=8", *overrides)).training[0]
+
+    block, n = block_params(cpu().model), total_params(cpu().model)
+    # the bucket of whole gradients, the interleaved copy reduce-scatter makes and gloo's: 3 x 4 B per element
+    larger = step("parallel.reduce_bucket_blocks=8").total("backward") - step().total("backward")
+    assert larger == pytest.approx(3 * 4 * 7 * block)
+    # DeepSpeed's default reuse distance (1e9) keeps every gathered weight from forward to backward: 4 B x the model
+    assert step("parallel.zero3_reuse_distance_blocks=1000").phases["forward"]["parameters kept for reuse"] == 4 * n
+    assert step().phases["forward"]["prefetched parameters"] == 0  # conf's default: no prefetch on CPU
+    assert step("parallel.zero3_prefetch_blocks=1").phases["forward"]["prefetched parameters"] == 4 * block
+
+
+def test_zero1_holds_every_gradient_in_backward_that_zero2_partitions():
+    zero1, zero2 = (plan(cpu("cluster.num_workers=2", f"parallel.zero_stage={z}")).training[0] for z in (1, 2))
+    n = total_params(cpu().model)
+    assert zero1.held == zero2.held  # fp32 weights 4 n, fp32 master partition 4 n/2, Adam 8 n/2
+    assert zero1.held["weights"] == 4 * n and zero1.held["Adam m, v"] == 8 * n / 2
+    assert zero1.phases["backward"]["gradients"] == 4 * n
+    assert zero2.phases["backward"]["gradient partition"] == 4 * n / 2 and "gradients" not in zero2.phases["backward"]
+    assert zero2.peak < zero1.peak
+
+
+def test_zero1_gradient_accumulation_keeps_every_gradient_through_the_next_forward():
+    one, two = (plan(cpu("cluster.num_workers=2", f"trainer.grad_accum={a}")).training[0] for a in (1, 2))
+    assert two.total("forward") - one.total("forward") == 4 * total_params(cpu().model)  # fp32 gradients
+    assert two.total("backward") == one.total("backward")
+
+
+def test_a_cpu_run_is_checked_in_host_memory_in_training_and_a_gpu_run_in_device_memory():
+    on_cpu = plan(cpu("parallel=zero3", "cluster.num_workers=8", "cluster.gpu_mem_gb=1"))
+    assert not on_cpu.on_gpu and on_cpu.fits_device  # no GPU: its memory is not checked
+    per_rank = on_cpu.training[0].peak + GiB  # + cluster.host_overhead_gb
+    assert on_cpu.host_per_rank == pytest.approx(per_rank) and on_cpu.host_per_node == pytest.approx(8 * per_rank)
+    on_gpu = plan(cpu("parallel=zero3", "cluster.num_workers=8", "cluster.use_gpu=true", "cluster.gpu_mem_gb=1"))
+    assert on_gpu.device_total == on_gpu.training[0].peak and not on_gpu.fits_device
+    assert on_gpu.host_per_rank == pytest.approx(on_gpu.startup_peak + GiB)  # the GPU holds the training states
+
+
+def test_the_issues_zero3_run_fits_this_machine_and_a_larger_one_is_refused_naming_what_does_not_fit(tmp_path):
+    # 378 M parameters, ZeRO-3 over 8 CPU processes on 24 GiB: ~1.5 GiB per rank in training + 1 GiB allowance
+    fits = plan(cpu("parallel=zero3", "cluster.num_workers=8"))
+    assert fits.fits and fits.host_per_node < 0.9 * 24 * GiB
+    out = distlm_plan(tmp_path, "model=125m", "model.n_layers=192", "model.vocab_size=50257", "data.seq_len=128",
+                      "trainer.micro_batch_size=1", "parallel=zero3", "cluster.num_workers=8", "cluster.host_mem_gb=24",
+                      fits=False)  # 4 x the blocks: 1.4 B parameters
+    verdict = out.split("verdict")[1]
+    assert verdict.startswith("      does NOT fit: host memory in training (")
+    assert "weight partition" in verdict and "Adam m, v" in verdict and "GiB per node > 21.6 GiB budget" in verdict
+
+
+def test_a_nodes_host_memory_is_the_sum_of_its_ranks_pipeline_stages():
+    c = cpu("parallel=tp2_pp2", "parallel.pp=4", "cluster.num_workers=8", "trainer.grad_accum=4")
+    p = plan(c)
+    first, middle, _, last = (t.peak for t in p.training)
+    assert first > middle < last  # the embedding and the head live on the first and last stage
+    startup = [4 * n + p.startup_largest_tensor for n in stage_params(c.model, tp=2, pp=4)]
+    per_rank = [max(s, t.peak) + GiB for s, t in zip(startup, p.training)]  # + cluster.host_overhead_gb
+    assert p.host_per_node == pytest.approx(2 * sum(per_rank))  # one node: two TP ranks of each stage
+    assert p.host_per_rank == pytest.approx(max(per_rank))
 
 
 def test_tensor_and_pipeline_parallelism_divide_what_a_rank_holds():
@@ -90,7 +166,8 @@ def test_verdicts():
     small = plan(config("model=1.3b", "cluster.num_workers=8", "trainer.micro_batch_size=1"))
     assert small.fits and small.device_total < 40 * GiB
     huge = plan(config("model=70b", "cluster.num_workers=8"))
-    assert not huge.fits and huge.model_states > 80 * GiB
+    assert not huge.fits and huge.training_peak > 80 * GiB
+    assert huge.problems()[-1].startswith("device memory in training (")
     sharded = plan(config("model=70b", "cluster.num_workers=64", "parallel.tp=8", "parallel.pp=4",
                           "parallel.activation_checkpoint_interval=1", "trainer.micro_batch_size=1",
                           "trainer.grad_accum=16"))
@@ -106,17 +183,15 @@ def test_impossible_layout_is_refused_with_what_to_change():
 
 
 def test_plan_command_prints_the_verdict(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "distlm.cli", "plan", "model=7b", "parallel=3d", "cluster=gpu",
-                          "cluster.num_workers=64", "cluster.gpu_mem_gb=80", "model.vocab_size=32000",
-                          "data.seq_len=4096", "trainer.precision=bf16"],
-                         capture_output=True, text=True, cwd=tmp_path, check=True).stdout
+    out = distlm_plan(tmp_path, "model=7b", "parallel=3d", "cluster=gpu", "cluster.num_workers=64",
+                      "cluster.gpu_mem_gb=80", "model.vocab_size=32000", "data.seq_len=4096", "trainer.precision=bf16")
     assert "6.738 B parameters" in out and "64 GPUs = tp 2 x pp 2 x dp 16" in out and "verdict      fits" in out
 
 
 def test_startup_host_memory_at_3d_is_the_ranks_stage_slice_plus_one_tensor(tmp_path):
     # the command of the issue, in fp32 as it ran then (bf16 is now the GPU default), with a 4,096-token vocabulary
     out = distlm_plan(tmp_path, "model=70b", "parallel=3d", "cluster=gpu", "cluster.num_workers=64",
-                      "trainer.precision=fp32", "trainer.async_checkpoint=false")  # start-up alone sets the peak
+                      "trainer.precision=fp32", "trainer.async_checkpoint=false", fits=False)  # start-up alone sets the peak
     stage = 40 * BLOCK_70B // 2 + 4096 // 2 * 8192 + 8192  # tp 2 x pp 2: half of the last stage's 40 blocks + head
     per_rank = 4 * stage + 4 * MLP_MATRIX_70B + 8 * GiB  # fp32 weights built, one whole tensor, host_overhead_gb
     assert printed_gib(out, "per rank") == pytest.approx(per_rank / GiB, abs=0.01)
@@ -130,7 +205,7 @@ def test_startup_host_memory_at_3d_is_the_ranks_stage_slice_plus_one_tensor(tmp_
 
 def test_startup_host_memory_at_zero3_is_a_64th_of_the_model_plus_one_tensor(tmp_path):
     out = distlm_plan(tmp_path, "model=70b", "parallel=zero3", "cluster=gpu", "cluster.num_workers=64",
-                      "trainer.async_checkpoint=false")  # start-up alone sets the peak
+                      "trainer.async_checkpoint=false", fits=False)  # start-up alone sets the peak
     params = 80 * BLOCK_70B + 2 * 4096 * 8192 + 8192
     per_rank = 4 * params / 64 + 4 * MLP_MATRIX_70B + 8 * GiB  # ZeRO-3 partitions each parameter as it is built
     assert printed_gib(out, "per node") == pytest.approx(8 * per_rank / GiB, abs=0.01)  # 102.9 GiB: fits
@@ -144,8 +219,11 @@ def test_70b_in_bf16_at_zero3_on_64_gpus_fits_host_and_device():
     params = 80 * BLOCK_70B + 2 * 32000 * 8192 + 8192
     startup, checkpoint_copy = 4 * params / 64 + 4 * 32000 * 8192, 12 * params / 64  # fp32 master, Adam m, v
     assert p.host_per_node == pytest.approx(8 * (max(startup, checkpoint_copy) + 8 * GiB))
-    # bf16 weights 2 B + fp32 states 16 B per parameter over 64 ranks, + the largest layer gathered (2 + 2 B)
-    assert p.model_states == pytest.approx((2 + 16) * params / 64 + 4 * BLOCK_70B)
+    # bf16 weights 2 B, bf16 gradient partition 2 B, fp32 master 4 B, Adam 8 B over 64 ranks; the contiguous bucket
+    # of a block's bf16 gradients (parallel.reduce_bucket_blocks=1)
+    assert p.training[0].held == {"weight partition": 2 * params / 64, "gradient partition": 2 * params / 64,
+                                  "Adam m, v": 8 * params / 64, "fp32 master partition": 4 * params / 64,
+                                  "reduce bucket (contiguous)": 2 * BLOCK_70B}
     assert p.fits and p.problems() == []
 
 
@@ -217,3 +295,69 @@ def test_host_memory_null_means_this_machines():
 def test_wrong_memory_settings_are_refused_naming_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         plan(config("model=1.3b", "cluster.num_workers=8", override))
+
+
+# ---------------------------------------------------------------- long context (parallel.cp)
+
+@pytest.mark.parametrize("gpus", [8, 64])
+def test_a_7b_context_of_128k_tokens_gets_a_context_parallel_layout_that_fits(gpus):
+    c = gpu_cluster("model=7b_128k", "data.seq_len=131072", "model.vocab_size=128256", "trainer.grad_accum=1",
+                    f"cluster.num_workers={gpus}")
+    assert not plan(c).fits  # one GPU's activations for 131,072 tokens far exceed 80 GiB
+    changes, fit = suggest_layout(c)
+    assert changes.get("cp", 1) > 1 and fit.fits, changes
+    cp = changes["cp"]
+    # Context parallelism divides the activations of a rank: cp x fewer tokens, (nearly) the same bytes per token.
+    halved = plan(with_layout(c, cp=2, activation_checkpoint_interval=changes.get("activation_checkpoint_interval", 0)))
+    assert 2 * halved.activations == pytest.approx(plan(with_layout(c, activation_checkpoint_interval=changes.get(
+        "activation_checkpoint_interval", 0))).activations, rel=0.05)
+    assert gpus % cp == 0
+
+
+@pytest.mark.parametrize("override, message", [
+    ("parallel.cp=3", "parallel.cp=3 must divide the query heads of a tensor-parallel rank (model.n_heads / "
+                      "parallel.tp = 4/1) and data.seq_len=64; valid cp: [1, 2, 4]"),
+    ("parallel.cp=8", "parallel.cp=8 must divide the query heads"),
+])
+def test_a_context_parallel_size_that_cannot_split_the_heads_or_the_sequence_is_refused(override, message):
+    c = compose_config("model=test", "data.seq_len=64", "cluster.num_workers=24", override)
+    problems = validate_layout(c)
+    assert any(message in p for p in problems), problems
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_a_mixture_of_experts_counts_its_total_and_active_parameters_as_the_model_does(every):
+    c = compose_config("model=tiny-moe", f"model.moe.every={every}", "data.tokenizer.vocab_size=300")
+    model = Llama(c.model)
+    assert total_params(c.model) == model.num_params() == rank_params(c.model, tp=1, pp=1)
+    assert active_params(c.model) == model.num_params(active=True) < model.num_params()
+    # rank shares: tp splits the experts, pp the blocks, and a stage's sparse blocks are counted where they are
+    assert sum(stage_params(c.model, tp=1, pp=2)) == total_params(c.model)
+    dense = compose_config("model=tiny", "data.tokenizer.vocab_size=300").model
+    if every == 1:  # tiny-moe's active parameters are tiny's and 8 x 128 router weights per block
+        assert active_params(c.model) == total_params(dense) + 4 * 8 * 128
+
+
+def test_mixtral_8x7b_is_46_7b_parameters_12_9b_active_and_fits_64_gpus(tmp_path):
+    c = gpu_cluster("model=mixtral-8x7b", "cluster.num_workers=64")
+    assert total_params(c.model) / 1e9 == pytest.approx(46.70, abs=0.01)
+    assert active_params(c.model) / 1e9 == pytest.approx(12.88, abs=0.01)
+    out = distlm_plan(tmp_path, "cluster=gpu", "model=mixtral-8x7b", "model.vocab_size=32000", "data.seq_len=4096",
+                      "trainer.precision=bf16", "trainer.micro_batch_size=1", "trainer.grad_accum=16",
+                      "cluster.num_workers=64", "parallel.tp=8", "parallel.zero_stage=1",
+                      "parallel.activation_checkpoint_interval=1")
+    assert "12.880 B active per token" in out and "1 of 8 per rank (expert parallelism = tp" in out
+    assert "verdict      fits" in out
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.moe.experts=3", "parallel.tp=2 (= expert parallelism) must divide model.moe.experts=3, or be a multiple "
+                            "of it that divides each expert's model.moe.expert_ffn_dim=192; valid tp for the experts: "
+                            "[1, 3, 6]"),
+    ("model.moe.top_k=9", "model.moe.top_k=9 must be between 1 and model.moe.experts=8; e.g. top_k=2"),
+])
+def test_experts_that_the_layout_cannot_split_or_a_top_k_beyond_them_are_refused(override, message):
+    c = compose_config("model=tiny-moe", "data.tokenizer.vocab_size=300", "cluster.num_workers=2", "parallel.tp=2",
+                       override)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        raise_if(validate_layout(c) + validate_model(c.model))

@@ -72,6 +72,16 @@ def test_planner_activation_bytes_match_what_a_forward_pass_saves(dtype, interva
     assert abs(measured - predicted) <= FEW_BYTES
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_planner_activation_bytes_of_sparse_blocks_match_what_a_forward_pass_saves(dtype):
+    c = compose_config("model=test-moe", "model.dim=128", "model.n_layers=3", "model.moe.expert_ffn_dim=176",
+                       "data.tokenizer.vocab_size=515", f"data.seq_len={SEQ}")
+    torch.manual_seed(0)
+    measured, predicted = measure_and_predict(c, Llama(c.model), dtype, 0, tp=1)
+    # + the balancing loss's tokens per expert (fp32, per block and micro-batch, not per token)
+    assert abs(measured - predicted) <= FEW_BYTES + c.model.n_layers * 4 * c.model.moe.experts
+
+
 def test_rmsnorm_in_bf16_saves_an_fp32_copy_of_its_input():
     c = small_config()
     torch.manual_seed(0)

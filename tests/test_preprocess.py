@@ -25,6 +25,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from distlm.config import ConfigError, compose_config
 from distlm.data.loading.loader import ShardLoader
+from distlm.data.loading.reading import read_samples
 from distlm.data.preprocess import dedup, minhash
 from distlm.data.preprocess.clean import alpha_fraction
 from distlm.data.preprocess.clean import clean_text as clean_with
@@ -167,6 +168,20 @@ def test_manifest_matches_the_tars_on_disk(processed):
     assert {p.name for p in manifest.data_dir.iterdir()} == names | {"manifest.json", "tokenizer.json", STATS_FILE}
     assert json.loads((manifest.data_dir / STATS_FILE).read_text()) == manifest.stats
     assert Manifest.load(manifest.data_dir) == manifest
+
+
+def test_ray_data_reads_the_data_directory_as_one_row_per_sequence(processed):
+    import ray.data
+
+    _, manifest = processed
+    # The call docs/data.md gives: only the tars (manifest.json and the others beside them are not WebDataset).
+    rows = ray.data.read_webdataset(str(manifest.data_dir), file_extensions=["tar"]).take_all()
+    samples = manifest.num_samples("train") + manifest.num_samples("val")
+    assert len(rows) == samples and len({row["__key__"] for row in rows}) == samples
+    first = next(row for row in rows if row["__key__"] == "train-00000-000000")
+    shard = manifest.shards("train")[0]
+    expected, _ = read_samples(str(manifest.shard_path(shard)), shard, manifest.layout, np.array([0]), verify=True)
+    assert first["tokens.npy"].dtype == np.uint16 and first["tokens.npy"].tolist() == expected[0].tolist()
 
 
 def test_rerun_with_same_inputs_skips_the_work(processed, caplog):

@@ -18,6 +18,7 @@ from distlm.checkpoint.cli import info, reshape
 from distlm.config import CheckpointError, ConfigError, ModelConfig, compose_config, to_dict
 from distlm.data.shards import Manifest
 from distlm.hf.export import export
+from distlm.hf.importer import import_hf
 from distlm.model.llama import Llama
 from distlm.model.parallelize import full_state_dict
 from distlm.train import resume
@@ -39,16 +40,21 @@ LAYOUTS = {
     "pp2_tied": (2, ["parallel=pp2", "trainer.micro_batch_size=4", "trainer.grad_accum=2",
                      "model.tie_embeddings=true"]),
     "cp2": (2, ["parallel.cp=2", "trainer.micro_batch_size=8"]),
+    # Mixture of experts (4 experts; micro-batches of 4 everywhere: the balancing loss is a micro-batch's)
+    "moe_single": (1, ["model=test-moe", "parallel=dp", "trainer.micro_batch_size=4", "trainer.grad_accum=2"]),
+    "moe_ep2": (2, ["model=test-moe", "parallel=tp2", "trainer.micro_batch_size=4", "trainer.grad_accum=2"]),
 }
 
 
 def layout_config(data_dir: Path, run_dir: Path, layout: str, *overrides: str):
     world, layout_overrides = LAYOUTS[layout]
+    model = [o for o in layout_overrides if o.startswith("model=")] or ["model=test"]
     # A vocabulary of 515 (the data uses 512): tensor parallelism pads it; the universal form must drop that.
     return compose_config(
-        "model=test", "model.vocab_size=515", "data.seq_len=64", f"data.dir={data_dir}", f"run_dir={run_dir}",
+        *model, "model.vocab_size=515", "data.seq_len=64", f"data.dir={data_dir}", f"run_dir={run_dir}",
         f"cluster.num_workers={world}", f"trainer.max_steps={STEPS}", "optimizer.warmup_steps=1",
-        "trainer.eval_batches=1", "trainer.eval_every=100", "logger.wandb=false", *layout_overrides, *overrides)
+        "trainer.eval_batches=1", "trainer.eval_every=100", "logger.wandb=false",
+        *(o for o in layout_overrides if o not in model), *overrides)
 
 
 def _fit(rank: int, c, plan) -> None:
@@ -111,6 +117,35 @@ def test_resume_at_another_layout_continues_the_run(was, now, written, straight,
     for step in got:  # fp32: only the order of summation differs between layouts
         assert got[step] == pytest.approx(straight[step], rel=1e-5), f"{was} -> {now}, step {step}"
     assert straight[STEPS] < straight[1]
+
+
+def test_a_mixture_of_experts_resumes_at_another_ep_and_exports_to_mixtral(written, bible_shards, tmp_path):
+    straight_run = tmp_path / "straight"
+    train(layout_config(bible_shards, straight_run, "moe_single"))
+    straight_moe = losses(straight_run)
+    run_dir = tmp_path / "run"
+    tag_dir = run_dir / "checkpoints" / store.tag_for_step(STOP)
+    shutil.copytree(written("moe_ep2") / "checkpoints" / tag_dir.name, tag_dir)
+    train(layout_config(bible_shards, run_dir, "moe_single"))  # ep2 -> one process, through the universal form
+    got = losses(run_dir)
+    assert sorted(got) == list(range(STOP + 1, STEPS + 1)) and straight_moe[STEPS] < straight_moe[1]
+    for step in got:
+        assert got[step] == pytest.approx(straight_moe[step], rel=1e-5), f"ep2 -> ep1, step {step}"
+
+    # The ep2 checkpoint exports to Mixtral (verified by the export itself); transformers computes the trained
+    # weights' logits; importing the export and exporting it again gives the same files, bit for bit.
+    out = export(compose_config(f"export.checkpoint_dir={tag_dir}", f"export.out_dir={tmp_path / 'hf'}"))
+    m = ModelConfig.from_dict(store.read_state(tag_dir).config["model"])
+    reference = Llama(m).eval()
+    reference.load_state_dict(torch.load(written("moe_ep2") / f"weights_step{STOP}.pt"))
+    hf = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(hf).__name__ == "MixtralForCausalLM" and hf.config.num_local_experts == 4
+    ids = torch.randint(0, 515, (2, 48), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert (hf(input_ids=ids).logits - reference(ids)).abs().max().item() <= 1e-4
+    imported = import_hf(out, tmp_path / "imported")
+    again = export(compose_config(f"export.checkpoint_dir={imported}", f"export.out_dir={tmp_path / 'hf2'}"))
+    assert (again / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
 
 
 @pytest.mark.parametrize("layout", ["tp2_pp2", "tp2_tied", "pp2_tied"])

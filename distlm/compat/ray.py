@@ -4,6 +4,8 @@ when an upgrade moves the names used here."""
 from __future__ import annotations
 
 import logging
+import os
+import signal
 
 import ray
 
@@ -42,3 +44,54 @@ def remove_placement_groups(created_after: set[str]) -> None:
         if group not in created_after and group.endswith(job) and info["state"] != "REMOVED":
             log.info("removing placement group %s of the failed attempt", group)
             remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(group))))
+
+
+START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+
+
+def set_start_timeout(seconds: float) -> None:
+    """Bound Ray Train's wait for a worker group's placement group in the next fit() of this process.
+
+    Gap: Ray Train reads its start-up timeout only from this environment variable, which fit() forwards from the
+    driver's environment to the controller it creates (train/v2/_internal/constants.py, ENV_VARS_TO_PROPAGATE);
+    ScalingConfig has no field for it."""
+    os.environ[START_TIMEOUT_ENV] = f"{seconds:g}"
+
+
+def is_start_failure(error: BaseException) -> bool:
+    """Whether fit() raised because its worker group could not start: no placement in time, a worker that died
+    while starting, or more resources than the autoscaling cluster's node types can ever hold.
+
+    Gap: Ray Train reports these as a ControllerError around exceptions of its private
+    `ray.train.v2._internal.exceptions` module (with FailureConfig(controller_failure_limit=0), else it retries
+    them forever at the same size)."""
+    from ray.train import ControllerError
+    from ray.train.v2._internal.exceptions import (InsufficientClusterResourcesError, WorkerGroupStartupFailedError,
+                                                   WorkerGroupStartupTimeoutError)
+
+    return isinstance(error, ControllerError) and isinstance(
+        error.controller_failure,
+        (WorkerGroupStartupTimeoutError, WorkerGroupStartupFailedError, InsufficientClusterResourcesError))
+
+
+def kill_train_controller() -> bool:
+    """SIGKILL this job's Ray Train controller; fit() then raises ActorDiedError at once and the workers, owned by
+    the controller, die with it. Returns whether one was found and killed.
+
+    Gap: Ray Train has no public way to end a fit() from another thread: its `abort` is on the controller's handle,
+    which fit() keeps to itself (and, in the main thread only, wires to SIGINT), and an abort waits for a worker
+    group that is still starting. The controller runs on the driver's node (fit() pins it there), so its process
+    is this machine's; `ray._private.state.actors` lists it with its PID."""
+    from ray._private import state
+
+    context = ray.get_runtime_context()
+    killed = False
+    for actor in state.actors(job_id=context.job_id, actor_state_name="ALIVE").values():
+        if actor["ActorClassName"] == "TrainController" and actor["Address"]["NodeID"] == context.get_node_id():
+            log.info("ending Ray Train's controller (pid %d)", actor["Pid"])
+            try:
+                os.kill(actor["Pid"], signal.SIGKILL)
+                killed = True
+            except ProcessLookupError:
+                pass
+    return killed

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 import torch
-from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, PreTrainedModel,
+from transformers import (AutoModelForCausalLM, AutoTokenizer, PreTrainedModel,
                           PreTrainedTokenizerBase, PreTrainedTokenizerFast, set_seed)
 
 from distlm.config import Config, ModelConfig
@@ -48,7 +48,8 @@ def load(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
         return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
     from distlm.checkpoint import store
     from distlm.checkpoint.weights import find_checkpoint, read_weights
-    from distlm.hf.export import hf_config, to_hf_name
+    from distlm.hf.export import SpecialIds, hf_config, hf_reader
+    from distlm.hf.names import hf_tensors, to_in_memory
 
     if not path.is_dir():
         raise FileNotFoundError(f"generate.model_dir {path} is not a Hugging Face model directory (no config.json) "
@@ -59,7 +60,12 @@ def load(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     eos = state.config["data"]["tokenizer"]["eos_token"]
     tok = PreTrainedTokenizerFast(tokenizer_file=str(tag_dir / store.TOKENIZER_FILE), eos_token=eos,
                                   bos_token=eos, pad_token=eos)
-    model = LlamaForCausalLM(hf_config(m, tok.eos_token_id, torch.float32))
-    model.load_state_dict({to_hf_name(k): w for k, w in read_weights(tag_dir, state, m).items()})
+    eos_id = tok.eos_token_id   # one prompt, nothing to pad: the checkpoint's own vocabulary and ids
+    model = AutoModelForCausalLM.from_config(hf_config(m, SpecialIds(eos_id, eos_id, eos_id, m.vocab_size),
+                                                       torch.float32))
+    weights = read_weights(tag_dir, state, m)
+    tensors = hf_tensors(m, weights)
+    read = hf_reader(m, tensors, weights.__getitem__)
+    model.load_state_dict(to_in_memory({hf: read(hf) for hf in tensors}, m.moe.experts if m.moe else 0))
     log.info("loaded checkpoint %s (step %d)", tag_dir, state.step)
     return model.eval(), tok

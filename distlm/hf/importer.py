@@ -1,4 +1,4 @@
-"""`distlm import-hf HF_DIR OUT_DIR`: a local Hugging Face Llama directory -> a distlm checkpoint.
+"""`distlm import-hf HF_DIR OUT_DIR`: a local Hugging Face Llama or Mixtral directory -> a distlm checkpoint.
 
 The checkpoint holds the weights (fp32, one-process distlm names), the tokenizer and a run state at step 0;
 it has no layout, so any tp/pp/dp layout trains from it (`trainer.resume=OUT_DIR`): the trainer loads the
@@ -28,17 +28,20 @@ from tokenizers import Tokenizer
 from distlm.checkpoint import store
 from distlm.checkpoint.store import RunState
 from distlm.checkpoint.weights import checked_weights
-from distlm.config import CheckpointError, ModelConfig, RopeScaling
+from distlm.config import CheckpointError, ModelConfig, MoeConfig, RopeScaling
 from distlm.files import file_sha256, write_atomic
+from distlm.hf.names import from_hf
 
 log = logging.getLogger(__name__)
 
 
 def model_config(hf: dict) -> ModelConfig:
-    """distlm's model settings for a HF Llama config.json; refuses what distlm's Llama does not compute."""
+    """distlm's model settings for a HF Llama or Mixtral config.json; refuses what distlm's Llama does not compute."""
     unsupported = []
-    if hf.get("model_type") != "llama":
-        unsupported.append(f"model_type {hf.get('model_type')!r} (only 'llama')")
+    if hf.get("model_type") not in ("llama", "mixtral"):
+        unsupported.append(f"model_type {hf.get('model_type')!r} (only 'llama' and 'mixtral')")
+    if hf.get("sliding_window"):
+        unsupported.append(f"sliding_window {hf['sliding_window']} (attention over the whole context only)")
     if hf.get("hidden_act", "silu") != "silu":
         unsupported.append(f"hidden_act {hf['hidden_act']!r}")
     if hf.get("attention_bias") or hf.get("mlp_bias"):
@@ -62,7 +65,12 @@ def model_config(hf: dict) -> ModelConfig:
                                  high_freq_factor=rope["high_freq_factor"],
                                  original_max_seq_len=rope["original_max_position_embeddings"])
         if rope_type == "llama3" else None, norm_eps=hf["rms_norm_eps"],
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)), init_std=hf.get("initializer_range", 0.02))
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)), init_std=hf.get("initializer_range", 0.02),
+        # Mixtral: every block sparse; it was trained without a z-loss
+        moe=MoeConfig(experts=hf["num_local_experts"], top_k=hf["num_experts_per_tok"],
+                      expert_ffn_dim=hf["intermediate_size"], every=1,
+                      aux_loss_weight=hf.get("router_aux_loss_coef", 0.0), z_loss_weight=0.0)
+        if hf.get("model_type") == "mixtral" else None)
 
 
 def read_hf_weights(hf_dir: Path, m: ModelConfig) -> dict[str, torch.Tensor]:
@@ -79,8 +87,8 @@ def read_hf_weights(hf_dir: Path, m: ModelConfig) -> dict[str, torch.Tensor]:
     for name in files:
         with safe_open(hf_dir / name, framework="pt") as f:
             for key in f.keys():
-                weights[key.removeprefix("model.")] = f.get_tensor(key)
-    return checked_weights(weights, m, f"cannot import {hf_dir}")
+                weights[key] = f.get_tensor(key)
+    return checked_weights(from_hf(m, weights), m, f"cannot import {hf_dir}")
 
 
 def eos_token(hf_dir: Path, hf: dict, tokenizer: Tokenizer) -> str:
@@ -95,6 +103,15 @@ def eos_token(hf_dir: Path, hf: dict, tokenizer: Tokenizer) -> str:
         raise CheckpointError(f"cannot import {hf_dir}: no end-of-sequence token found in tokenizer_config.json or "
                               f"config.json that tokenizer.json knows")
     return token
+
+
+def pad_token(hf_dir: Path, eos: str, tokenizer: Tokenizer) -> str | None:
+    """The model's own pad token when it has one other than EOS (the export keeps it; else it adds one)."""
+    tok_cfg = hf_dir / "tokenizer_config.json"
+    token = json.loads(tok_cfg.read_text()).get("pad_token") if tok_cfg.is_file() else None
+    if isinstance(token, dict):
+        token = token.get("content")
+    return token if token != eos and token is not None and tokenizer.token_to_id(token) is not None else None
 
 
 def import_hf(hf_dir: Path, out_dir: Path) -> Path:
@@ -120,7 +137,7 @@ def import_hf(hf_dir: Path, out_dir: Path) -> Path:
         # fp32 as training keeps its master weights; bf16/fp16 values convert exactly and back.
         save_file({k: w.float().contiguous() for k, w in weights.items()}, tmp / tag / store.WEIGHTS_FILE)
         shutil.copyfile(hf_dir / "tokenizer.json", tmp / tag / store.TOKENIZER_FILE)  # as is: the same sha256
-        config = {"model": asdict(m), "data": {"tokenizer": {"eos_token": eos}}, "imported_from": str(hf_dir.resolve())}
+        config = {"model": asdict(m), "data": {"tokenizer": {"eos_token": eos, "pad_token": pad_token(hf_dir, eos, tokenizer)}}, "imported_from": str(hf_dir.resolve())}
         state = RunState(config=config, tokenizer_sha256=file_sha256(hf_dir / "tokenizer.json"))
         write_atomic(tmp / tag / store.STATE_FILE, json.dumps(asdict(state), indent=1))
         write_atomic(tmp / store.LATEST_FILE, tag)

@@ -21,6 +21,7 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from distlm.config import ExportDtype, ModelConfig
+from distlm.hf.names import fused_in_memory, to_in_memory
 from distlm.model.llama import Llama, rope_cache
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ def verify(hf_dir: Path, m: ModelConfig, weights: Callable[[str], torch.Tensor],
     ids = torch.randint(0, m.vocab_size, (1, n), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = ours(ids)
-        got = hf(input_ids=ids).logits.float()
+        got = hf(input_ids=ids).logits.float()[..., :m.vocab_size]   # without a pad row the export appended
     max_diff = (ref - got).abs().max().item()
     tolerance = LOGIT_TOLERANCE[dtype] * max(1.0, ref.abs().max().item())
     agree = (ref.argmax(-1) == got.argmax(-1)).sum().item()
@@ -74,8 +75,9 @@ def verify(hf_dir: Path, m: ModelConfig, weights: Callable[[str], torch.Tensor],
 
 
 class _ExportedFiles:
-    """The tensors of an export, read one at a time by their HF names; tied embeddings read the embedding
-    for `lm_head.weight`, as transformers ties them."""
+    """The tensors of an export, read one at a time by the names transformers gives them in memory (Mixtral's
+    experts fused from their per-expert matrices in the files); tied embeddings read the embedding for
+    `lm_head.weight`, as transformers ties them."""
 
     def __init__(self, hf_dir: Path):
         index = hf_dir / INDEX_FILE
@@ -84,15 +86,21 @@ class _ExportedFiles:
         else:
             with safe_open(hf_dir / "model.safetensors", framework="pt") as f:
                 self.file_of = {k: hf_dir / "model.safetensors" for k in f.keys()}
-        self.shapes = {}
+        in_files = {}
         for file in set(self.file_of.values()):
             with safe_open(file, framework="pt") as f:
-                self.shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
-        self.tied = json.loads((hf_dir / "config.json").read_text()).get("tie_word_embeddings", False)
+                in_files.update({k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()})
+        config = json.loads((hf_dir / "config.json").read_text())
+        self.tied, self.experts = config.get("tie_word_embeddings", False), config.get("num_local_experts", 0)
+        self.shapes = {k: tuple(t.shape) for k, t in to_in_memory(in_files, self.experts).items()}
 
     def get(self, name: str) -> torch.Tensor:
         if self.tied and name == "lm_head.weight":
             name = "model.embed_tokens.weight"
+        fused = fused_in_memory(name, self._read, self.experts)
+        return self._read(name) if fused is None else fused
+
+    def _read(self, name: str) -> torch.Tensor:
         with safe_open(self.file_of[name], framework="pt") as f:
             return f.get_tensor(name)
 

@@ -162,13 +162,106 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-class Block(nn.Module):
+class Experts(nn.Module):
+    """`n` SwiGLU experts held as one MLP whose hidden units are grouped by expert: units [e * ffn, (e + 1) * ffn)
+    are expert e's (rows of gate_proj and up_proj, columns of down_proj). A token passes through the units of its
+    chosen experts only. Tensor parallelism gives each rank a contiguous range of units, `first_unit` on: whole
+    experts, or a part of each expert when there are more ranks than experts."""
+
+    def __init__(self, dim: int, n: int, ffn: int, units: int | None = None, first_unit: int = 0):
+        super().__init__()
+        self.n, self.ffn, self.first_unit = n, ffn, first_unit
+        units = n * ffn if units is None else units
+        # Parameters of this module itself (not nn.Linear children): ZeRO-3 gathers a module's own parameters
+        # when its forward runs, and this forward reads them by slices.
+        self.gate_proj = nn.Parameter(torch.empty(units, dim).normal_(0.0, dim ** -0.5))
+        self.up_proj = nn.Parameter(torch.empty(units, dim).normal_(0.0, dim ** -0.5))
+        self.down_proj = nn.Parameter(torch.empty(dim, units).normal_(0.0, units ** -0.5))
+
+    def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """sum_j weights[t, j] * expert_{experts[t, j]}(x[t]) for tokens x [tokens, dim], over the units held here.
+        The (token, expert) pairs are sorted by expert, so each expert runs one matmul over all of its tokens; the
+        experts held here are consecutive, so their pairs are one run of the sorted order."""
+        tokens, k = experts.shape
+        order = experts.reshape(-1).argsort(stable=True)
+        counts = torch.bincount(experts.reshape(-1), minlength=self.n).tolist()
+        units = self.gate_proj.shape[0]
+        first, last = self.first_unit // self.ffn, (self.first_unit + units - 1) // self.ffn
+        begin, end = sum(counts[:first]), sum(counts[:last + 1])
+        mine = order[begin:end]
+        # Each held expert's units, split in one op: its backward assembles the gradients in one copy (a slice
+        # per expert would add a parameter-sized gradient per expert).
+        sizes = [min((e + 1) * self.ffn - self.first_unit, units) - max(e * self.ffn - self.first_unit, 0)
+                 for e in range(first, last + 1)]
+        gates, ups, downs = self.gate_proj.split(sizes), self.up_proj.split(sizes), self.down_proj.split(sizes, dim=1)
+        h_all, outputs, start = x[mine // k], [], 0
+        for i, e in enumerate(range(first, last + 1)):  # even with no tokens: each expert's units get a gradient
+            h = h_all[start:start + counts[e]]
+            outputs.append((F.silu(h @ gates[i].T) * (h @ ups[i].T)) @ downs[i].T)
+            start += counts[e]
+        y = torch.cat(outputs) * weights.reshape(-1)[mine].unsqueeze(1)
+        # Back to (token, choice) order, zeros for the pairs of other ranks' experts, summed over the choices.
+        # (Indexing keeps only the indices for backward; index_add would keep its summands too.)
+        y = torch.cat([y.new_zeros(begin, y.shape[1]), y, y.new_zeros(tokens * k - end, y.shape[1])])
+        return y[order.argsort()].view(tokens, k, -1).sum(dim=1).to(x.dtype)
+
+
+class _WithAuxiliaryLoss(torch.autograd.Function):
+    """x unchanged; backward also sends `scale` as the gradient of `loss`: a loss that joins the objective where it
+    is computed, so it needs no path to the model's output (a pipeline stage's loss stays on its stage)."""
+
+    @staticmethod
+    def forward(ctx, x, loss, scale):
+        ctx.scale, ctx.loss_shape = scale, loss.shape
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, torch.full(ctx.loss_shape, ctx.scale, device=grad.device), None
+
+
+class MoE(nn.Module):
+    """Sparse MLP (Mixtral's): an fp32 softmax router picks each token's top-k experts and renormalises their
+    weights; dropless (every token reaches all of its experts, so no layout changes which tokens are computed).
+    In training it adds a load-balancing loss (Switch Transformer: experts * sum_e tokens_e / tokens * mean p_e)
+    and a router z-loss (mean logsumexp(logits)^2), weighted by cfg.moe, to the objective."""
+
     def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        m = cfg.moe
+        self.top_k, self.aux_loss_weight, self.z_loss_weight = m.top_k, m.aux_loss_weight, m.z_loss_weight
+        self.gate = nn.Linear(cfg.dim, m.experts, bias=False)  # the router
+        self.experts = Experts(cfg.dim, m.experts, m.expert_ffn_dim)
+        # The gradient scale of the objective (DeepSpeed divides the loss by the gradient accumulation steps);
+        # set by build_model.
+        self.aux_grad_scale = 1.0
+        self.stats: list[torch.Tensor] = []  # per training forward: [aux, z, max/mean expert load], for metrics
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape, x = x.shape, x.reshape(-1, x.shape[-1])
+        logits = self.gate(x).float()
+        probs = logits.softmax(dim=-1)
+        top, experts = probs.topk(self.top_k, dim=-1)
+        y = self.experts(x, experts, top / top.sum(dim=-1, keepdim=True))
+        if self.training:
+            load = torch.bincount(experts.reshape(-1), minlength=probs.shape[1]).float()
+            aux = probs.shape[1] * (load / experts.numel() * probs.mean(dim=0)).sum()
+            z = logits.logsumexp(dim=-1).square().mean()
+            loss = self.aux_loss_weight * aux + self.z_loss_weight * z
+            y = _WithAuxiliaryLoss.apply(y, loss, self.aux_grad_scale)
+            # (A block recomputed for activation checkpointing appends the same values again: means and maxima
+            # are unchanged.)
+            self.stats.append(torch.stack([aux, z, load.max() / load.mean()]).detach())
+        return y.view(shape)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MoE(cfg) if cfg.moe and cfg.moe.is_sparse(layer) else MLP(cfg)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor | BlockMask | None = None) -> torch.Tensor:
@@ -186,7 +279,7 @@ def initial_std(name: str, cfg: ModelConfig) -> float | None:
     write into the residual stream are scaled down, as GPT-2 does, so its variance does not grow with depth."""
     if name.endswith("norm.weight"):
         return None
-    if name.endswith(("o_proj.weight", "down_proj.weight")):
+    if name.endswith(("o_proj.weight", "down_proj.weight", "experts.down_proj")):
         return cfg.init_std / math.sqrt(2 * cfg.n_layers)
     return cfg.init_std
 
@@ -205,7 +298,7 @@ class Llama(nn.Module):
         self.loss_fn = cross_entropy
         self.activation_checkpoint_interval = 0  # recompute every N blocks in backward (0 = keep activations)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -232,12 +325,16 @@ class Llama(nn.Module):
         logits = self.lm_head(self.norm(x))
         return logits if labels is None else self.loss_fn(logits, labels)
 
-    def num_params(self, exclude_embedding: bool = False) -> int:
+    def num_params(self, exclude_embedding: bool = False, active: bool = False) -> int:
+        """Parameters; `active`: those one token uses (top_k of each sparse block's experts)."""
         n = sum(p.numel() for p in self.parameters())
+        if active:
+            n -= sum(p.numel() * (m.experts.n - m.top_k) // m.experts.n for m in self.modules() if isinstance(m, MoE)
+                     for p in m.experts.parameters())
         return n - self.embed_tokens.weight.numel() if exclude_embedding and not self.cfg.tie_embeddings else n
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token: 6 per non-embedding parameter plus attention's score and value
+        """Training FLOPs per token: 6 per active non-embedding parameter plus attention's score and value
         matmuls (PaLM appendix B: 6N + 12 * layers * dim * seq_len)."""
         c = self.cfg
-        return 6 * self.num_params(exclude_embedding=True) + 12 * c.n_layers * c.dim * seq_len
+        return 6 * self.num_params(exclude_embedding=True, active=True) + 12 * c.n_layers * c.dim * seq_len

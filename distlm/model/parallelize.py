@@ -22,21 +22,23 @@ from deepspeed.checkpoint import constants as uc
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 
 from distlm.config import ModelConfig
-from distlm.model.llama import Block, Llama, RMSNorm, cross_entropy, rope_and_mask, rope_cache
+from distlm.model.llama import Block, Experts, Llama, MoE, RMSNorm, cross_entropy, rope_and_mask, rope_cache
 from distlm.model.materialize import allocate, canonical_name, materialize
 from distlm.parallel.layout import Layout
 from distlm.parallel.sequence import SequenceParallelAttention
 from distlm.parallel.tensor import (ColumnParallelLinear, RowParallelLinear, VocabParallelCrossEntropy,
-                                    VocabParallelEmbedding, copy_to_tp, padded_vocab_size)
+                                    VocabParallelEmbedding, copy_to_tp, mark_tensor_parallel, padded_vocab_size,
+                                    reduce_from_tp)
 
 PARTITION_METHODS = {"blocks": "type:BlockStage", "parameters": "parameters", "uniform": "uniform"}
 
 
 def build_model(cfg: ModelConfig, layout: Layout, source, partition: str, checkpoint_interval: int,
-                zero3_config: dict | None = None) -> nn.Module:
+                zero3_config: dict | None = None, grad_accum: int = 1) -> nn.Module:
     """This rank's part of the model, filled from `source` (materialize.InitialWeights or SafetensorsWeights):
     a Llama (tensor-parallel when tp > 1) or, when pp > 1, a PipelineModule of this rank's stages.
-    `zero3_config`: the DeepSpeed config, when ZeRO-3 partitions the parameters as they are built."""
+    `zero3_config`: the DeepSpeed config, when ZeRO-3 partitions the parameters as they are built.
+    `grad_accum`: micro-batches per step (DeepSpeed divides the loss by it; the MoE losses are divided alike)."""
     if layout.pp > 1:
         module = pipeline_stages(cfg, layout, partition, checkpoint_interval)
     else:
@@ -49,6 +51,8 @@ def build_model(cfg: ModelConfig, layout: Layout, source, partition: str, checkp
         module.loss_fn = loss_function(cfg, layout)
         module.activation_checkpoint_interval = checkpoint_interval
     materialize(module, cfg, layout, source, zero3_config)
+    for moe in (m for m in module.modules() if isinstance(m, MoE)):
+        moe.aux_grad_scale = 1.0 / grad_accum
     # Saved with every checkpoint, so that it can be resumed at any other layout.
     module.universal_checkpoint_info = universal_checkpoint_info(cfg.vocab_size)
     return module
@@ -75,7 +79,29 @@ def _split_block(block: Block, layout: Layout) -> None:
     attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj = (column(attn.q_proj), column(attn.k_proj),
                                                           column(attn.v_proj), row(attn.o_proj))
     attn.n_heads, attn.n_kv_heads = attn.n_heads // tp, attn.n_kv_heads // tp  # whole KV groups per rank
-    mlp.gate_proj, mlp.up_proj, mlp.down_proj = column(mlp.gate_proj), column(mlp.up_proj), row(mlp.down_proj)
+    if isinstance(mlp, MoE):
+        mlp.experts = TensorParallelExperts(mlp.experts, group, layout.tp_rank, tp)
+    else:
+        mlp.gate_proj, mlp.up_proj, mlp.down_proj = column(mlp.gate_proj), column(mlp.up_proj), row(mlp.down_proj)
+
+
+class TensorParallelExperts(Experts):
+    """Expert parallelism inside the TP group: this rank holds units [rank, rank + 1) * units / tp of the experts
+    (whole experts when tp divides their number, else a part of each), computes them for the tokens routed there,
+    and the group sums the results, as a column layer feeding a row layer does. Every rank of the group has the
+    same tokens (TP replicates activations), so no token moves: the cost is the all-reduce a dense MLP has too."""
+
+    def __init__(self, full: Experts, group, rank: int, tp: int):
+        units = full.gate_proj.shape[0] // tp
+        super().__init__(full.down_proj.shape[0], full.n, full.ffn, units, first_unit=rank * units)
+        self.group = group
+        for p, dim in ((self.gate_proj, 0), (self.up_proj, 0), (self.down_proj, 1)):
+            mark_tensor_parallel(p, dim)
+
+    def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        # Gradients of the inputs (and of the router's weights) from the experts of every rank are summed.
+        x, weights = copy_to_tp(x, self.group), copy_to_tp(weights, self.group)
+        return reduce_from_tp(super().forward(x, experts, weights), self.group)
 
 
 def context_parallel(block: Block, layout: Layout) -> None:
@@ -138,7 +164,7 @@ class BlockStage(nn.Module):
     def __init__(self, index: int, cfg: ModelConfig, layout: Layout, rope_cos: torch.Tensor, rope_sin: torch.Tensor):
         super().__init__()
         with torch.device("meta"):
-            block = Block(cfg)
+            block = Block(cfg, index)
             if layout.tp > 1:
                 _split_block(block, layout)
         context_parallel(block, layout)
@@ -211,8 +237,9 @@ def universal_checkpoint_info(vocab_size: int) -> dict:
     Column-parallel weights (q/k/v, gate/up) are DeepSpeed's default: split along dim 0."""
     return {
         uc.UNIVERSAL_CHECKPOINT_VERSION_KEY: uc.UNIVERSAL_CHECKPOINT_VERSION_VALUE,
-        uc.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: [r".*\.(o_proj|down_proj)\.weight$"],
-        uc.TP_REPLICATED_PARAMETER_PATTERNS: [r".*norm\.weight$"],
+        # Experts' units are split like a dense MLP's: gate_proj and up_proj rows, down_proj columns.
+        uc.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: [r".*\.(o_proj|down_proj)\.weight$", r".*\.experts\.down_proj$"],
+        uc.TP_REPLICATED_PARAMETER_PATTERNS: [r".*norm\.weight$", r".*\.mlp\.gate\.weight$"],  # and the router
         # Split along the (padded) vocabulary: the merge drops the padding, loading pads for the new tp.
         uc.VOCABULARY_PARAMETER_PATTERNS: [r"(.*\.)?(embed_tokens|lm_head)\.weight$"],
         uc.ORIGINAL_VOCAB_SIZE: vocab_size,

@@ -103,7 +103,7 @@ class MixtureStream:
         """The samples at global stream `positions` (ascending), read from their sources."""
         source_of, index = self.schedule.assign(positions)
         length = self.tokens.stop - self.tokens.start
-        tokens = np.empty((len(positions), length), dtype=self.manifest.record.dtype)
+        tokens = np.empty((len(positions), length), dtype=self.manifest.layout.dtype)
         starts = np.zeros((len(positions), length if self.boundaries else 0), dtype=np.uint8)
         for s in np.unique(source_of):
             rows = np.flatnonzero(source_of == s)   # source positions rise with global ones

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from distlm.data.shards import RecordFormat
+from distlm.data.shards import SampleLayout
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -22,11 +22,11 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size < 2**16 else np.dtype(np.uint32)
 
 
-def samples_per_shard(shard_mb: float, fixed: int | None, record: RecordFormat) -> int:
+def samples_per_shard(shard_mb: float, fixed: int | None, layout: SampleLayout) -> int:
     """data.samples_per_shard if set, else as many samples as fit in data.shard_mb of shard."""
     if fixed:
         return fixed
-    return max(1, int(shard_mb * 2**20) // record.size)
+    return max(1, int(shard_mb * 2**20) // layout.stride)
 
 
 @dataclass(frozen=True)

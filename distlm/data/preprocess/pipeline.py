@@ -37,7 +37,7 @@ from distlm.data.preprocess.tokenizer import (load_tokenizer, save_tokenizer, sp
                                               train_tokenizer, vocab_size)
 from distlm.data.preprocess.workdir import BlockResult, WorkDir
 from distlm.data.shards import (FORMAT_VERSION, MANIFEST_FILE, SPLITS, STATS_FILE, TOKENIZER_FILE, Manifest,
-                                 RecordFormat, SplitInfo, TokenizerInfo)
+                                 SampleLayout, SplitInfo, TokenizerInfo)
 from distlm.files import file_sha256, write_atomic
 from distlm.validation import validate_preprocess
 
@@ -277,7 +277,7 @@ def _run(cfg: Config, files: list[InputFile], fingerprint: str, given: Tokenizer
     seconds["deduplicate"] = time.perf_counter() - tick
     tick = time.perf_counter()
     per_shard = samples_per_shard(d.shard_mb, d.samples_per_shard,
-                                  RecordFormat(d.seq_len + 1, dtype, d.keep_doc_boundaries))
+                                  SampleLayout(d.seq_len + 1, dtype, d.keep_doc_boundaries))
     stream_starts, split_of, layouts = _plan(blocks, keep, d, per_shard, 1 + (ids.bos is not None))
     shards, reused_shards = _write(blocks, stream_starts, split_of, layouts, ids, dtype, d, work)
     seconds["pack_and_write"] = time.perf_counter() - tick

@@ -17,6 +17,7 @@ from distlm.model.llama import Block
 from distlm.model.materialize import InitialWeights, SafetensorsWeights
 from distlm.model.parallelize import build_model
 from distlm.parallel.layout import Layout
+from distlm.plan import zero_buffers
 
 
 def deepspeed_config(c: Config, use_cuda: bool, load_universal: bool = False) -> dict[str, Any]:
@@ -77,7 +78,11 @@ class WarmupCosine(LambdaLR):
 
 def zero_config(c: Config, use_cuda: bool) -> dict[str, Any]:
     par = c.parallel
-    zero: dict[str, Any] = {"stage": par.zero_stage}
+    buffers = zero_buffers(c)  # conf gives them in blocks' worth of parameters; DeepSpeed wants elements
+    zero: dict[str, Any] = {"stage": par.zero_stage, "reduce_bucket_size": buffers.reduce_bucket}
+    if par.zero_stage == 3:
+        zero.update(stage3_prefetch_bucket_size=buffers.prefetch, stage3_max_live_parameters=buffers.max_live,
+                    stage3_max_reuse_distance=buffers.reuse_distance, sub_group_size=buffers.sub_group)
     if not use_cuda:
         # Copying every gradient into one contiguous buffer saves GPU memory fragmentation; on CPU it
         # made the backward pass several times slower (benchmarks/bench_train_step.py).
@@ -108,7 +113,7 @@ def build_engine(c: Config, layout: Layout, load_universal: bool = False, weight
     source = SafetensorsWeights(weights, c.model) if weights else InitialWeights(c.model, c.seed)
     module = build_model(c.model, layout, source, c.parallel.pipeline_partition.value,
                          c.parallel.activation_checkpoint_interval,
-                         zero3_config=config if c.parallel.zero_stage == 3 else None)
+                         zero3_config=config if c.parallel.zero_stage == 3 else None, grad_accum=c.trainer.grad_accum)
     with shared_fp32_partitions():  # distlm/compat/deepspeed.py: one fp32 copy under ZeRO-3
         engine, *_ = deepspeed.initialize(
             model=module,

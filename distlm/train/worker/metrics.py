@@ -5,7 +5,10 @@ Per step rank 0 records loss, lr, grad_norm, tokens_per_s, tokens_seen, step_sec
 (time spent waiting for the next batch), rss_gib (and gpu_mem_gib / gpu_mem_reserved_gib, the step's peak,
 on GPUs) and mfu where the device's peak is known; at evaluations val_loss and val_ppl, plus a few greedy
 continuations of validation prompts (samples.jsonl and a W&B table); at checkpoints checkpoint_seconds (how long
-the save stopped training) and checkpoint_wait_seconds (of it, waiting for the previous save to be written).
+the save stopped training) and checkpoint_wait_seconds (of it, waiting for the previous save to be written). With
+sparse blocks (model.moe) also moe_aux_loss and moe_z_loss (means over the sparse blocks and micro-batches of the
+step) and moe_load_max_over_mean (the busiest expert's tokens over the mean per expert: 1 is perfect balance; mean
+over blocks, and its worst block as moe_load_max_over_mean_worst).
 
 MFU (model FLOPs utilization) = achieved model FLOP/s / peak FLOP/s of all devices, where achieved =
 flops_per_token * tokens per step / step seconds, flops_per_token = 6 N + 12 L d T (N non-embedding
@@ -26,8 +29,10 @@ from typing import Any
 
 import psutil
 import torch
+import torch.distributed as dist
 
 from distlm.config import WANDB_ENV_MODES, Config, WandbMode, to_dict
+from distlm.model.llama import MoE
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +75,23 @@ def memory_metrics(device: torch.device) -> dict[str, float]:
     return record
 
 
+def moe_metrics(model: torch.nn.Module, device: torch.device) -> dict[str, float]:
+    """The step's router statistics over the sparse blocks of every rank (each rank holds some of them), and
+    clears them. Collective: every rank calls it after each step."""
+    blocks = [m for m in model.modules() if isinstance(m, MoE)]
+    stats = [s for m in blocks for s in m.stats]
+    for m in blocks:
+        m.stats.clear()
+    local = torch.stack(stats).float() if stats else torch.zeros(0, 3)
+    sums = torch.cat([local.sum(dim=0), torch.tensor([float(len(stats))])]).to(device)
+    worst = (local[:, 2].max() if stats else torch.tensor(0.0)).to(device)
+    dist.all_reduce(sums)
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    aux, z, balance, n = sums.tolist()
+    return {"moe_aux_loss": aux / n, "moe_z_loss": z / n, "moe_load_max_over_mean": balance / n,
+            "moe_load_max_over_mean_worst": worst.item()}
+
+
 @torch.no_grad()
 def greedy_continuations(model: torch.nn.Module, prompts: torch.Tensor, new_tokens: int,
                          max_seq_len: int) -> torch.Tensor:
@@ -105,8 +127,12 @@ class MetricsLogger:
     mirroring, with a warning; at the end finish() waits at most logger.finish_timeout for uploads, and what is
     left stays on disk for `wandb sync`."""
 
-    def __init__(self, c: Config, wandb_run_id: str):
+    def __init__(self, c: Config, wandb_run_id: str, start_step: int = 0):
         self.c = c
+        # A resumed run's W&B run already has a row at its start step (the step of the checkpoint it resumes):
+        # what is logged at that step again goes to W&B with the next step's row, or W&B would drop it.
+        self._wandb_floor = start_step if start_step > 0 else -1
+        self._wandb_pending: dict[str, Any] = {}
         self.path = Path(c.run_dir) / METRICS_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.wandb = None
@@ -122,40 +148,45 @@ class MetricsLogger:
         import wandb
 
         lg, c = self.c.logger, self.c
-        sync_hint = f"upload it later with `wandb sync {Path(c.run_dir).resolve() / 'wandb'}/offline-run-*`"
 
         def init(mode: str):
             # One W&B run per training run: a resumed job continues the run id saved in its checkpoint. The
             # config holds no secrets (those come from the environment only), so it is logged whole.
             run = wandb.init(project=lg.project, entity=lg.entity, name=lg.name or c.run_name, group=lg.group,
-                             tags=list(lg.tags), id=run_id, resume="allow", dir=c.run_dir, mode=mode,
+                             tags=list(lg.tags), notes=lg.notes, id=run_id, resume="allow", dir=c.run_dir, mode=mode,
                              config=to_dict(c), settings=wandb.Settings(quiet=True, console="off",
                                                                         init_timeout=lg.init_timeout,
                                                                         finish_timeout=lg.finish_timeout))
-            run.define_metric("val_loss", summary="min")
-            run.define_metric("val_ppl", summary="min")
+            for name in ("loss", "val_loss", "val_ppl", "val_loss/*"):   # the summary shows the best and the last
+                run.define_metric(name, summary="min,last")
             log.info("wandb %s run %s in %s", mode, run_id, run.dir)
             self._wandb_dir = Path(run.dir).parent
             return run
 
+        def failed(e: Exception) -> str:
+            with contextlib.suppress(Exception):
+                wandb.teardown()  # the failed run still holds its id in wandb's service
+            return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
         try:
             return init(mode)
         except Exception as e:  # noqa: BLE001 - whatever W&B raises, training goes on
-            error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            with contextlib.suppress(Exception):
-                wandb.teardown()  # the failed run still holds its id in wandb's service
-        if mode == "online":
-            server = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
-            log.warning("W&B could not start online at %s (%s): training goes on and logs W&B offline; %s",
-                        server, error, sync_hint)
-            try:
-                return init("offline")
-            except Exception as e:  # noqa: BLE001
-                error = f"{type(e).__name__}: {e}"
-                with contextlib.suppress(Exception):
-                    wandb.teardown()
-        log.warning("W&B could not start (%s): training goes on without it; metrics are in %s", error, self.path)
-        return None
+            error = failed(e)
+        if mode != "online":
+            log.warning("W&B could not start %s (%s): training goes on without W&B; metrics go to %s only", mode,
+                        error, self.path)
+            return None
+        server = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+        try:
+            run = init("offline")
+        except Exception as e:  # noqa: BLE001 - e.g. the same bad setting fails offline too
+            log.warning("W&B could not start online at %s (%s) nor offline (%s): training goes on without W&B; "
+                        "metrics go to %s only", server, error, failed(e), self.path)
+            return None
+        # Only now that the offline run exists does the warning point at it.
+        log.warning("W&B could not start online at %s (%s): training goes on and logs W&B offline to %s; upload "
+                    "it later with `wandb sync %s`", server, error, self._wandb_dir, self._wandb_dir)
+        return run
 
     def log(self, step: int, **metrics: Any) -> None:
         record = {"step": step, "time": round(time.time(), 3), **metrics}
@@ -166,6 +197,11 @@ class MetricsLogger:
     def _to_wandb(self, metrics: dict[str, Any], step: int) -> None:
         if self.wandb is None:
             return
+        metrics = {k: v for k, v in metrics.items() if not isinstance(v, str)}   # W&B charts numbers only
+        if step <= self._wandb_floor:
+            self._wandb_pending.update(metrics)
+            return
+        metrics, self._wandb_pending = {**self._wandb_pending, **metrics}, {}
         try:
             self.wandb.log(metrics, step=step)
         except Exception as e:  # noqa: BLE001 - a W&B failure mid-run must not stop training

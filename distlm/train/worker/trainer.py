@@ -25,7 +25,7 @@ from distlm.parallel.layout import make_layout
 from distlm.train import resume
 from distlm.train.resume import ResumePlan
 from distlm.train.worker.engine import build_engine, compile_blocks, compile_seconds
-from distlm.train.worker.metrics import MetricsLogger, memory_metrics, mfu, peak_flops
+from distlm.train.worker.metrics import MetricsLogger, memory_metrics, mfu, moe_metrics, peak_flops
 from distlm.train.worker.step import accumulate_and_step, after_step, why_skip
 
 log = logging.getLogger(__name__)
@@ -79,6 +79,7 @@ class Trainer:
         c = self.c
         with torch.device("meta"):
             model = Llama(c.model)
+        # MFU counts the parameters a token uses (with sparse blocks: top_k of the experts).
         self.num_params, self.flops_per_token = model.num_params(), model.flops_per_token(c.data.seq_len)
         self.tokens_per_step = c.global_batch_size * c.data.seq_len
         self.flops_per_step = self.flops_per_token * self.tokens_per_step
@@ -93,7 +94,7 @@ class Trainer:
         """Rank 0 logs; a resumed run keeps its W&B run id (from the checkpoint)."""
         if self.state.wandb_run_id is None:
             self.state.wandb_run_id = f"{self.c.run_name}-{int(time.time())}"
-        return MetricsLogger(self.c, self.state.wandb_run_id) if self.rank == 0 else None
+        return MetricsLogger(self.c, self.state.wandb_run_id, self.state.step) if self.rank == 0 else None
 
     def _loaders(self) -> tuple[ShardLoader, ShardLoader, dict[str, ShardLoader]]:
         """(training batches, validation batches, each mixture source's validation batches by name) of this rank.
@@ -270,7 +271,9 @@ class Trainer:
         if self.state.step >= end and self.rank == 0:
             log.info("already at step %d, nothing to train (stop at %d)", self.state.step, end)
         if self.metrics:
-            self.metrics.log(self.state.step, **self.attempt, layout=self.layout.describe())
+            lay = self.layout   # the string for people, the numbers for charts
+            self.metrics.log(self.state.step, **self.attempt, layout=lay.describe(),
+                             **{f"layout/{k}": getattr(lay, k) for k in ("dp", "tp", "pp", "cp")})
         if not self.resumed:
             self._log_eval()  # the starting point of the validation curve
         self.last_save = time.monotonic()
@@ -287,7 +290,8 @@ class Trainer:
             self.state.samples_seen += c.global_batch_size
             self.state.tokens_seen += self.tokens_per_step
             self._count(loss, skipped)
-            self._log_step(loss, lr, seconds, skipped)
+            self._log_step(loss, lr, seconds, skipped,
+                           moe_metrics(self.engine.module, self.device) if c.model.moe else {})
             if checkpoint_failed:  # a background write failed: every rank raises its CheckpointError at this step
                 self.checkpoints.wait()
             self._raise_if_diverging(skipped)
@@ -357,7 +361,7 @@ class Trainer:
         return {**{f"tokens_seen/{name}": samples * self.c.data.seq_len for name, (samples, _) in now.items()},
                 **{f"epoch/{name}": epoch for name, (_, epoch) in now.items()}}
 
-    def _log_step(self, loss: float, lr: float, seconds: float, skipped: str | None) -> None:
+    def _log_step(self, loss: float, lr: float, seconds: float, skipped: str | None, extra: dict[str, float]) -> None:
         if self.metrics is None:
             return
         step = self.state.step
@@ -365,7 +369,7 @@ class Trainer:
         grad_norm = None if skipped else self.engine.get_global_grad_norm()  # a skipped step has none
         record = {"loss": loss, "lr": lr, "grad_norm": grad_norm,
                   "tokens_per_s": tokens_per_s, "step_seconds": seconds,
-                  "data_wait_seconds": self.train_data.wait_seconds(), **memory_metrics(self.device)}
+                  "data_wait_seconds": self.train_data.wait_seconds(), **memory_metrics(self.device), **extra}
         if self.peak_flops:
             record["mfu"] = mfu(self.flops_per_step, seconds, self.peak_flops, self.world)
         if self.c.trainer.compile:
@@ -377,5 +381,6 @@ class Trainer:
         self.metrics.log(step, **record, tokens_seen=self.state.tokens_seen, skipped_steps=self.state.skipped_steps,
                          **self._source_metrics())
         if step % self.c.trainer.log_every == 0:
-            log.info("step %d: loss %.4f lr %.2e grad_norm %.3f tokens/s %.0f", step, loss, record["lr"],
-                     record["grad_norm"] or float("nan"), tokens_per_s)
+            moe = f" moe_aux {extra['moe_aux_loss']:.4f} load {extra['moe_load_max_over_mean']:.2f}" if extra else ""
+            log.info("step %d: loss %.4f lr %.2e grad_norm %.3f tokens/s %.0f%s", step, loss, record["lr"],
+                     record["grad_norm"] or float("nan"), tokens_per_s, moe)
