@@ -27,9 +27,11 @@ def config(*overrides: str):
 
 def cpu(*overrides: str):
     """The issue's shape on CPU ranks: 48 blocks of the 125m width, the GPT-2 vocabulary tied (378 M parameters),
-    micro-batch 1 x 128 tokens, fp32, on a 24 GiB machine."""
+    micro-batch 1 x 128 tokens, fp32, on a 24 GiB machine; the training step alone (an asynchronous checkpoint's host
+    copy is tested on its own)."""
     return compose_config("model=125m", "model.n_layers=48", "model.vocab_size=50257", "model.tie_embeddings=true",
-                          "data.seq_len=128", "trainer.micro_batch_size=1", "cluster.host_mem_gb=24", *overrides)
+                          "data.seq_len=128", "trainer.micro_batch_size=1", "cluster.host_mem_gb=24",
+                          "trainer.async_checkpoint=false", *overrides)
 
 
 def gpu_cluster(*overrides: str):
@@ -252,7 +254,7 @@ def test_an_asynchronous_checkpoints_host_copy_counts_in_training():
     n = p.params  # ZeRO-3 writes no weights in its model file; fp32 master + Adam m, v: 12 B a 64th of each
     assert p.checkpoint_snapshot == pytest.approx(12 * n / 64)
     assert p.host_per_rank == pytest.approx(12 * n / 64 + 8 * GiB)  # above start-up's 4 B a 64th + one tensor
-    assert not p.fits_host and "host memory at training (with an asynchronous checkpoint's copy: " \
+    assert not p.fits_host and "host memory in training (offloaded states and an asynchronous checkpoint's copy: " \
         "trainer.async_checkpoint=false saves without it)" in p.problems()[0]
     synchronous = plan(gpu_cluster("model=70b", "parallel=zero3", "cluster.num_workers=64", "cluster.host_mem_gb=160",
                                    "trainer.async_checkpoint=false"))
@@ -260,6 +262,9 @@ def test_an_asynchronous_checkpoints_host_copy_counts_in_training():
     # bf16 ZeRO-1 at dp 16: data-parallel rank 0 writes the bf16 weights and its 16th of the optimizer states
     p = plan(gpu_cluster("model=7b", "cluster.num_workers=16"))
     assert p.checkpoint_snapshot == pytest.approx(2 * p.params + 12 * p.params / 16)
+    # on CPU ranks the copy adds to the training step's host memory: fp32 master + Adam m, v, an 8th of each
+    on_cpu = plan(cpu("parallel=zero3", "cluster.num_workers=8", "trainer.async_checkpoint=true"))
+    assert on_cpu.host_per_rank == pytest.approx(on_cpu.training[0].peak + 12 * on_cpu.params / 8 + GiB)
 
 
 def test_suggested_layout_fits_and_no_layout_with_fewer_changes_does():
