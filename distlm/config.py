@@ -248,6 +248,8 @@ class TrainerConfig:
     checkpoint_minutes: Optional[float] = MISSING
     keep_checkpoints: int = MISSING
     keep_every: Optional[int] = MISSING
+    async_checkpoint: bool = MISSING
+    checkpoint_mirror: Optional[str] = MISSING
     resume: str = MISSING
     stop_grace_seconds: float = MISSING
     skip_spike_factor: Optional[float] = MISSING

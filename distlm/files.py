@@ -11,21 +11,35 @@ from typing import Iterator
 
 
 @contextmanager
-def replacing(path: str | Path) -> Iterator[Path]:
+def replacing(path: str | Path, durable: bool = False) -> Iterator[Path]:
     """A temporary path beside `path` (same directory: the rename is atomic), renamed to `path` when the block
-    ends without an error and removed when it raises. Readers see the old file or the whole new one."""
+    ends without an error and removed when it raises. Readers see the old file or the whole new one. `durable`:
+    the file is fsync'd before the rename and the directory after it, so the new file survives a power loss."""
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
     try:
         yield tmp
+        if durable:
+            fsync_path(tmp)
         os.replace(tmp, path)
+        if durable:
+            fsync_path(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def write_atomic(path: str | Path, data: str | bytes) -> None:
+def fsync_path(path: str | Path) -> None:
+    """Flush a file's writes (or a directory's entries: renames) to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: str | Path, data: str | bytes, durable: bool = False) -> None:
     """Write `data` (text as UTF-8) to `path` through `replacing`."""
-    with replacing(path) as tmp:
+    with replacing(path, durable) as tmp:
         tmp.write_bytes(data.encode() if isinstance(data, str) else data)
 
 

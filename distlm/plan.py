@@ -8,7 +8,10 @@ a time (the full tensor is generated from a seed of its name and sliced), so a r
   + cluster.host_overhead_gb (the worker process: torch, DeepSpeed, Ray; CUDA context, pinned buffers)
 DeepSpeed casts the built weights to bf16 and moves them to the GPU before it creates the optimizer, so
 offloaded optimizer states (16 B per parameter of the rank's ZeRO shard: fp32 weights, gradients, Adam
-m and v; + the 16-bit weights under parameter offload) replace, not add to, the built weights.
+m and v; + the 16-bit weights under parameter offload) replace, not add to, the built weights. In training,
+an asynchronous checkpoint (trainer.async_checkpoint) copies the states the rank writes to host memory: its
+weights (16-bit or fp32; none in ZeRO-3's model file) + 12 B per parameter of its optimizer shard (fp32 master,
+Adam m, v); the buffers are kept from one save to the next (checkpoint_snapshot_bytes).
 
 Memory in a training step, per rank of each pipeline stage, phase by phase: what DeepSpeed 0.19.8 really holds as
 distlm configures it (train/worker/engine.py): the rank's weights, gradients, fp32 master weights and Adam moments
@@ -169,6 +172,16 @@ def offloaded_host_bytes(n: int, dp: int, zero: int, mixed: bool, offload_optimi
     if offload_params:
         host += (2 if mixed else 4) * n / dp
     return host
+
+
+def checkpoint_snapshot_bytes(n: int, dp: int, zero: int, mixed: bool) -> float:
+    """Host bytes an asynchronous checkpoint copies on the rank that writes the most: its stage's weights (written
+    by data-parallel rank 0; ZeRO-3 writes none in the model file, its weights are the fp32 partitions) and its
+    optimizer shard: fp32 master weights (ZeRO keeps its own fp32 partition even in fp32 training, and bf16 has them
+    anyway) and Adam's m and v, partitioned over data-parallel ranks under ZeRO and bf16's optimizer."""
+    weights = 0 if zero >= 3 else n * (2 if mixed else 4)
+    optimizer = n * ((4 if zero >= 1 or mixed else 0) + 8)
+    return weights + optimizer / (dp if zero >= 1 or mixed else 1)
 
 
 def block_activation_bytes(m: ModelConfig, tp: int, dtype_b: int, cp: int = 1) -> float:
@@ -457,6 +470,7 @@ class MemoryPlan:
     startup_weights: float       # its share of the fp32 weights, as they are built
     startup_largest_tensor: float
     offloaded: float             # offloaded optimizer states (and parameters) in training
+    checkpoint_snapshot: float   # trainer.async_checkpoint: its model + optimizer states, copied while a save is written
     host_overhead: float
     host_per_stage: list[float]  # one rank of each pipeline stage: the larger of start-up and training, + allowance
     host_per_rank: float         # the rank that needs the most
@@ -516,8 +530,10 @@ class MemoryPlan:
         if not self.fits_host:
             if not self.on_gpu and self.training_peak > self.startup_peak:
                 when = f"in training ({self.heaviest.peak_phase}: {largest_terms(self.heaviest)})"
-            elif self.offloaded > self.startup_peak:
-                when = "in training (offloaded states)"
+            elif self.offloaded + self.checkpoint_snapshot > self.startup_peak:
+                when = "in training (offloaded states" + (" and an asynchronous checkpoint's copy: "
+                                                          "trainer.async_checkpoint=false saves without it"
+                                                          if self.checkpoint_snapshot else "") + ")"
             else:
                 when = "at start-up"
             p.append(f"host memory {when}: {self.host_per_node / GiB:,.1f} GiB per node "
@@ -551,6 +567,8 @@ def plan(c: Config) -> MemoryPlan:
     for n, step in zip(per_stage, training):
         built = FP32 * (n / dp if par.zero_stage >= 3 else n)  # ZeRO-3 partitions each parameter as it is built
         in_training = offloaded_host_bytes(n, dp, par.zero_stage, mixed, par.offload_optimizer, par.offload_params)
+        if c.trainer.async_checkpoint:
+            in_training += checkpoint_snapshot_bytes(n, dp, par.zero_stage, mixed)
         if not cl.use_gpu:
             in_training += step.peak
         host.append(max(built + largest, in_training) + overhead)
@@ -563,6 +581,8 @@ def plan(c: Config) -> MemoryPlan:
         device_budget=cl.plan_headroom * cl.gpu_mem_gb * GiB,
         startup_weights=FP32 * (n_rank / dp if par.zero_stage >= 3 else n_rank), startup_largest_tensor=largest,
         offloaded=offloaded_host_bytes(n_rank, dp, par.zero_stage, mixed, par.offload_optimizer, par.offload_params),
+        checkpoint_snapshot=checkpoint_snapshot_bytes(n_rank, dp, par.zero_stage, mixed)
+        if c.trainer.async_checkpoint else 0.0,
         host_overhead=overhead, host_per_stage=host, host_per_rank=max(host), workers_per_node=per_node,
         host_per_node=heaviest_node_bytes(host, cl.num_workers, par.pp, per_node),
         host_budget=cl.plan_headroom * host_mem_bytes(c))
@@ -694,6 +714,9 @@ def print_plan(c: Config) -> MemoryPlan:
                  " + allowance")
     if p.offloaded:
         lines.append(f"  offloaded       {_gib(p.offloaded)}   states in training; the built weights moved to the GPU")
+    if p.checkpoint_snapshot:
+        lines.append(f"  checkpoint copy {_gib(p.checkpoint_snapshot)}   in training: weights + optimizer states an "
+                     "asynchronous save copies (trainer.async_checkpoint); kept between saves")
     lines += [
         f"  allowance       {_gib(p.host_overhead)}   cluster.host_overhead_gb (the worker process{', CUDA context' if p.on_gpu else ''}, buffers)",
         f"  per rank        {_gib(p.host_per_rank)}   the rank that needs the most",

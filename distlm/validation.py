@@ -117,12 +117,28 @@ def validate_train(c: Config) -> list[str]:
     _check(p, 0 < t.spike_min_history <= t.spike_window,
            f"need 0 < trainer.spike_min_history <= trainer.spike_window, got {t.spike_min_history}, {t.spike_window}")
     _check(p, t.max_skipped_in_a_row >= 0, f"trainer.max_skipped_in_a_row={t.max_skipped_in_a_row} must be >= 0")
+    if t.checkpoint_mirror is not None:
+        _check(p, _filesystem_known(t.checkpoint_mirror),
+               f"trainer.checkpoint_mirror={t.checkpoint_mirror!r}: fsspec knows no installed filesystem for it; give a "
+               f"URL such as s3://bucket/run (with s3fs installed), gs://..., or file:///path")
     _check(p, t.resume in ("auto", "never") or Path(t.resume).exists(),
            f"trainer.resume='{t.resume}': use auto, never, or an existing checkpoint directory")
     _check(p, 0 < o.min_lr <= o.lr, f"need 0 < optimizer.min_lr <= optimizer.lr, got {o.min_lr}, {o.lr}")
     _check(p, 0 <= o.warmup_steps < t.max_steps,
            f"optimizer.warmup_steps={o.warmup_steps} must be below trainer.max_steps={t.max_steps}")
     return p
+
+
+def _filesystem_known(url: str) -> bool:
+    """fsspec has an installed filesystem for the URL's protocol (no connection is made)."""
+    import fsspec
+
+    protocol = fsspec.core.split_protocol(url)[0] or "file"
+    try:
+        fsspec.get_filesystem_class(protocol)
+        return True
+    except (ImportError, ValueError):
+        return False
 
 
 def validate_mix(d: DataConfig) -> list[str]:

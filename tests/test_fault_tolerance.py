@@ -4,9 +4,11 @@ failed (disk-full) save, and corrupt checkpoints that are detected before loadin
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
+import re
 import resource
 import shutil
 import signal
@@ -97,11 +99,17 @@ def test_a_killed_worker_restarts_the_group_from_the_newest_checkpoint(straight_
 
 
 def test_sigterm_saves_at_the_next_step_and_exits_cleanly(straight, bible_shards, tmp_path):
-    """`distlm train` (joined to this test's Ray cluster, as a submitted job's driver is) gets SIGTERM."""
+    """`distlm train` (joined to this test's Ray cluster, as a submitted job's driver is) gets SIGTERM. Its workers
+    write every checkpoint file 1 s late (tests/data/slow_checkpoint_writes): the stop's save is still being written
+    in the background when the loop ends, and the driver exits only once it is complete."""
     run_dir = tmp_path / "run"
     address = f"cluster.address={ray.get_runtime_context().gcs_address}"
-    proc = subprocess.Popen([sys.executable, "-m", "distlm.cli", "train", *ray_overrides(bible_shards, run_dir), address],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    slow = Path(__file__).parent / "data" / "slow_checkpoint_writes"
+    env = {**os.environ, "DISTLM_TEST_WRITE_DELAY": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(slow), os.environ.get("PYTHONPATH")]))}
+    forward = "cluster.forward_env=[TORCH_EXTENSIONS_DIR,HF_HUB_OFFLINE,WANDB_MODE,PYTHONPATH,DISTLM_TEST_WRITE_DELAY]"
+    proc = subprocess.Popen([sys.executable, "-m", "distlm.cli", "train", *ray_overrides(bible_shards, run_dir), address,
+                             forward], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         # Steps are fast here: signal once the workers have started, and they stop at the first step.
         deadline = time.monotonic() + 600
@@ -118,6 +126,10 @@ def test_sigterm_saves_at_the_next_step_and_exits_cleanly(straight, bible_shards
     assert "SIGTERM: the workers save a checkpoint at the next step and stop" in output
     stopped_at = max(losses(run_dir))
     assert stopped_at < STEPS
+    tag_dir = run_dir / "checkpoints" / store.tag_for_step(stopped_at)
+    written = re.search(re.escape(f"step {stopped_at}: checkpoint {tag_dir} complete (written in the background in ")
+                        + r"([\d.]+)s", output)  # logged by rank 0's worker before the driver exited
+    assert written and float(written.group(1)) >= 1.0  # the slow writes reached the workers
     assert store.find_latest(run_dir / "checkpoints") == store.tag_for_step(stopped_at)
     store.verify(run_dir / "checkpoints" / store.tag_for_step(stopped_at))
     assert not (run_dir / store.STOP_FILE).exists()
@@ -217,22 +229,31 @@ def _scenarios(rank: int, data_dir: Path, root: Path) -> None:
     # Time-based and permanent checkpoints: every step is "due" after 0.0001 minutes; keep 1 + every 2nd.
     fit(config("timed", "trainer.checkpoint_minutes=0.00001", "trainer.keep_checkpoints=1", "trainer.keep_every=2",
                "trainer.eval_every=100"))
-    # Disk full while saving: rank 1 cannot write more than 1 KB per file.
-    trainer = fit(config("disk_full", "trainer.stop_at_step=1", "trainer.eval_every=100"))
-    trainer.state.step = 2
-    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
-    if rank == 1:
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead of killing
-        resource.setrlimit(resource.RLIMIT_FSIZE, (1024, limits[1]))
-    try:
-        trainer.save()
-        error = "no error"
-    except CheckpointError as e:
-        error = str(e)
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
-    (root / "disk_full" / f"error_rank{rank}.txt").write_text(error)
-    fit(config("disk_full", "trainer.stop_at_step=3", "trainer.eval_every=100"))  # resumes from step 1
+    # Disk full while saving: rank 1 cannot write more than 1 KB per file. Synchronous, the save raises; in the
+    # background, the failure rides on the next step's flags, and every rank raises at that step.
+    for name, asynchronous in (("disk_full", True), ("disk_full_sync", False)):
+        overrides = ("trainer.eval_every=100", f"trainer.async_checkpoint={str(asynchronous).lower()}")
+        trainer = fit(config(name, "trainer.stop_at_step=1", *overrides))
+        trainer.state.step = 2
+        limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+        if rank == 1:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead of killing
+            resource.setrlimit(resource.RLIMIT_FSIZE, (1024, limits[1]))
+        try:
+            trainer.save()
+            if asynchronous:
+                trainer.checkpoints.in_flight.done.wait()  # the background write has failed
+                batches = trainer._model_batches(trainer.train_data.iter_batches(start_sample=trainer.state.samples_seen))
+                flags = trainer._train_step(batches, trainer._control_flags)[2]
+                (root / name / f"flags_rank{rank}.txt").write_text(json.dumps(flags))
+                trainer.checkpoints.wait()  # what fit() does when the flag is set
+            error = "no error"
+        except CheckpointError as e:
+            error = str(e)
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        (root / name / f"error_rank{rank}.txt").write_text(error)
+        fit(config(name, "trainer.stop_at_step=3", *overrides))  # resumes from step 1
     # Exact resume under ZeRO-3 and a 2-stage pipeline: 6 steps straight = 3, stop, resume, 3. Last: after a
     # PipelineModule, DeepSpeed's global state breaks the next non-pipeline engine in this process.
     for name, layout in (("zero3", ["parallel=zero3"]), ("pp2", ["parallel=pp2"])):
@@ -335,8 +356,9 @@ def test_time_based_and_permanent_checkpoints(scenarios):
     assert by_step(scenarios / "timed", "checkpoint_seconds").keys() == {1, 2, 3, 4, 5, 6}  # saved every step
 
 
-def test_a_full_disk_keeps_the_previous_checkpoint_and_says_what_happened(scenarios):
-    run = scenarios / "disk_full"
+@pytest.mark.parametrize("name", ["disk_full", "disk_full_sync"])
+def test_a_full_disk_keeps_the_previous_checkpoint_and_says_what_happened(scenarios, name):
+    run = scenarios / name
     errors = {p.name: p.read_text() for p in run.glob("error_rank*.txt")}
     assert errors.keys() == {"error_rank0.txt", "error_rank1.txt"}  # every rank raised, none hung
     message = errors["error_rank0.txt"]
@@ -344,6 +366,8 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_says_what_happened(scenar
     assert message.startswith(f"rank 1: saving checkpoint {run / 'checkpoints' / 'step00000002'} failed: ")
     assert "writing " in message and "MB free on the filesystem of" in message
     assert f"the previous checkpoint {run / 'checkpoints' / 'step00000001'} is intact" in message
+    if name == "disk_full":  # in the background: the step after the save carried rank 1's failure to every rank
+        assert {json.loads((run / f"flags_rank{r}.txt").read_text())[2] for r in (0, 1)} == {2.0}  # both knew
     # The run went on from step 1 afterwards (the same run dir, resume=auto) and saved step 3.
     assert store.complete_tags(run / "checkpoints") == ["step00000001", "step00000003"]
     assert sorted(by_step(run, "loss")) == [1, 2, 3]

@@ -27,9 +27,11 @@ def config(*overrides: str):
 
 def cpu(*overrides: str):
     """The issue's shape on CPU ranks: 48 blocks of the 125m width, the GPT-2 vocabulary tied (378 M parameters),
-    micro-batch 1 x 128 tokens, fp32, on a 24 GiB machine."""
+    micro-batch 1 x 128 tokens, fp32, on a 24 GiB machine; the training step alone (an asynchronous checkpoint's host
+    copy is tested on its own)."""
     return compose_config("model=125m", "model.n_layers=48", "model.vocab_size=50257", "model.tie_embeddings=true",
-                          "data.seq_len=128", "trainer.micro_batch_size=1", "cluster.host_mem_gb=24", *overrides)
+                          "data.seq_len=128", "trainer.micro_batch_size=1", "cluster.host_mem_gb=24",
+                          "trainer.async_checkpoint=false", *overrides)
 
 
 def gpu_cluster(*overrides: str):
@@ -191,7 +193,7 @@ def test_plan_command_prints_the_verdict(tmp_path):
 def test_startup_host_memory_at_3d_is_the_ranks_stage_slice_plus_one_tensor(tmp_path):
     # the command of the issue, in fp32 as it ran then (bf16 is now the GPU default), with a 4,096-token vocabulary
     out = distlm_plan(tmp_path, "model=70b", "parallel=3d", "cluster=gpu", "cluster.num_workers=64",
-                      "trainer.precision=fp32", fits=False)
+                      "trainer.precision=fp32", "trainer.async_checkpoint=false", fits=False)  # start-up alone sets the peak
     stage = 40 * BLOCK_70B // 2 + 4096 // 2 * 8192 + 8192  # tp 2 x pp 2: half of the last stage's 40 blocks + head
     per_rank = 4 * stage + 4 * MLP_MATRIX_70B + 8 * GiB  # fp32 weights built, one whole tensor, host_overhead_gb
     assert printed_gib(out, "per rank") == pytest.approx(per_rank / GiB, abs=0.01)
@@ -204,7 +206,8 @@ def test_startup_host_memory_at_3d_is_the_ranks_stage_slice_plus_one_tensor(tmp_
 
 
 def test_startup_host_memory_at_zero3_is_a_64th_of_the_model_plus_one_tensor(tmp_path):
-    out = distlm_plan(tmp_path, "model=70b", "parallel=zero3", "cluster=gpu", "cluster.num_workers=64", fits=False)
+    out = distlm_plan(tmp_path, "model=70b", "parallel=zero3", "cluster=gpu", "cluster.num_workers=64",
+                      "trainer.async_checkpoint=false", fits=False)  # start-up alone sets the peak
     params = 80 * BLOCK_70B + 2 * 4096 * 8192 + 8192
     per_rank = 4 * params / 64 + 4 * MLP_MATRIX_70B + 8 * GiB  # ZeRO-3 partitions each parameter as it is built
     assert printed_gib(out, "per node") == pytest.approx(8 * per_rank / GiB, abs=0.01)  # 102.9 GiB: fits
@@ -216,7 +219,8 @@ def test_70b_in_bf16_at_zero3_on_64_gpus_fits_host_and_device():
     p = plan(gpu_cluster("model=70b", "parallel=zero3", "cluster.num_workers=64",
                          "parallel.activation_checkpoint_interval=1"))
     params = 80 * BLOCK_70B + 2 * 32000 * 8192 + 8192
-    assert p.host_per_node == pytest.approx(8 * (4 * params / 64 + 4 * 32000 * 8192 + 8 * GiB))
+    startup, checkpoint_copy = 4 * params / 64 + 4 * 32000 * 8192, 12 * params / 64  # fp32 master, Adam m, v
+    assert p.host_per_node == pytest.approx(8 * (max(startup, checkpoint_copy) + 8 * GiB))
     # bf16 weights 2 B, bf16 gradient partition 2 B, fp32 master 4 B, Adam 8 B over 64 ranks; the contiguous bucket
     # of a block's bf16 gradients (parallel.reduce_bucket_blocks=1)
     assert p.training[0].held == {"weight partition": 2 * params / 64, "gradient partition": 2 * params / 64,
@@ -227,7 +231,7 @@ def test_70b_in_bf16_at_zero3_on_64_gpus_fits_host_and_device():
 
 def test_verdict_names_host_memory_when_the_node_cannot_build_its_ranks_weights():
     c = gpu_cluster("model=70b", "parallel=3d", "cluster.num_workers=64", "parallel.tp=8", "parallel.pp=2",
-                    "cluster.host_mem_gb=128")
+                    "cluster.host_mem_gb=128", "trainer.async_checkpoint=false")
     p = plan(c)  # 8 ranks x (16.1 GiB of fp32 weights + 1 GiB embedding + 8 GiB) = 200 GiB > 0.9 x 128 GiB
     assert p.fits_device and not p.fits_host
     assert p.problems() == [f"host memory at start-up: {p.host_per_node / GiB:,.1f} GiB per node > 115.2 GiB budget"]
@@ -241,7 +245,26 @@ def test_offloaded_optimizer_states_count_in_host_memory_in_training():
     n = p.params
     assert p.offloaded == pytest.approx((16 + 2) * n / 16)  # fp32 weights, gradients, Adam m, v; bf16 weights
     built = 4 * n / 16 + 4 * 32000 * 4096  # a 16th of the fp32 weights + the whole embedding
-    assert p.host_per_rank == pytest.approx(max(built, p.offloaded) + 8 * GiB)
+    assert p.host_per_rank == pytest.approx(max(built, p.offloaded + p.checkpoint_snapshot) + 8 * GiB)
+
+
+def test_an_asynchronous_checkpoints_host_copy_counts_in_training():
+    c = gpu_cluster("model=70b", "parallel=zero3", "cluster.num_workers=64", "cluster.host_mem_gb=160")
+    p = plan(c)
+    n = p.params  # ZeRO-3 writes no weights in its model file; fp32 master + Adam m, v: 12 B a 64th of each
+    assert p.checkpoint_snapshot == pytest.approx(12 * n / 64)
+    assert p.host_per_rank == pytest.approx(12 * n / 64 + 8 * GiB)  # above start-up's 4 B a 64th + one tensor
+    assert not p.fits_host and "host memory in training (offloaded states and an asynchronous checkpoint's copy: " \
+        "trainer.async_checkpoint=false saves without it)" in p.problems()[0]
+    synchronous = plan(gpu_cluster("model=70b", "parallel=zero3", "cluster.num_workers=64", "cluster.host_mem_gb=160",
+                                   "trainer.async_checkpoint=false"))
+    assert synchronous.checkpoint_snapshot == 0 and synchronous.fits_host
+    # bf16 ZeRO-1 at dp 16: data-parallel rank 0 writes the bf16 weights and its 16th of the optimizer states
+    p = plan(gpu_cluster("model=7b", "cluster.num_workers=16"))
+    assert p.checkpoint_snapshot == pytest.approx(2 * p.params + 12 * p.params / 16)
+    # on CPU ranks the copy adds to the training step's host memory: fp32 master + Adam m, v, an 8th of each
+    on_cpu = plan(cpu("parallel=zero3", "cluster.num_workers=8", "trainer.async_checkpoint=true"))
+    assert on_cpu.host_per_rank == pytest.approx(on_cpu.training[0].peak + 12 * on_cpu.params / 8 + GiB)
 
 
 def test_suggested_layout_fits_and_no_layout_with_fewer_changes_does():

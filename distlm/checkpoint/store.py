@@ -33,7 +33,8 @@ import torch
 import torch.distributed as dist
 
 from distlm.checkpoint import universal
-from distlm.compat.deepspeed import recording_write_failures
+from distlm.checkpoint.writer import Failure, RankFiles
+from distlm.compat.deepspeed import routing_checkpoint_writes
 from distlm.config import CheckpointError
 from distlm.files import write_atomic
 
@@ -173,46 +174,70 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 def save(engine, ckpt_dir: Path, state: RunState, tokenizer_file: Path, keep: int,
          keep_every: int | None = None) -> Path:
-    """Every rank writes its shards; rank 0 publishes the checkpoint once all have finished. Collective.
+    """Every rank writes its shards; rank 0 publishes the checkpoint once all have finished. Collective and
+    synchronous: it returns when the checkpoint is published (saver.Checkpointer also saves in the background).
 
     A failed write (disk full, quota, I/O error) on any rank makes every rank raise the same CheckpointError
     naming the file and the free space; the partial directory is removed and `latest` still names the
     previous checkpoint. Keeps the newest `keep` checkpoints and every `keep_every`-th step's."""
-    ckpt_dir = Path(ckpt_dir)
-    tag = tag_for_step(state.step)
-    tag_dir = ckpt_dir / tag
-    rank = dist.get_rank()
+    files = RankFiles(Path(ckpt_dir) / tag_for_step(state.step), dist.get_rank())
+    stage(engine, ckpt_dir, tokenizer_file, files)
+    return commit(files, state, keep, keep_every, engine.device)
+
+
+def stage(engine, ckpt_dir: Path, tokenizer_file: Path, files: RankFiles) -> None:
+    """Hand every file of this rank's part of the checkpoint `files.tag_dir` to `files`: its DeepSpeed shards, its
+    RNG states, and on rank 0 the tokenizer. Collective (DeepSpeed's barriers, ZeRO-3's gathers); a directory of
+    an earlier save of the same step (a run restarted over its own directory) is removed first."""
+    tag_dir, rank = files.tag_dir, dist.get_rank()
     if rank == 0 and tag_dir.exists():
-        shutil.rmtree(tag_dir)  # an older save of this step (a run restarted over its own directory)
+        shutil.rmtree(tag_dir)
     dist.barrier()
-    failure = _write_shards(engine, ckpt_dir, tag)
-    if failure is None:
-        failure = _attempt(lambda path: torch.save(_rng_state(), path), tag_dir / f"rng_rank{rank:05d}.pt")
-    _raise_if_any_failed(failure, engine.device, tag_dir)  # also the barrier: every rank's shards are on disk
+    with routing_checkpoint_writes(engine, files.add):
+        engine.save_checkpoint(str(ckpt_dir), tag=tag_dir.name, save_latest=False)
+    files.add(_rng_state(), tag_dir / f"rng_rank{rank:05d}.pt")
     if rank == 0:
-        failure = _attempt(lambda path: _publish(tag_dir, state, tokenizer_file), tag_dir / STATE_FILE)
-    _raise_if_any_failed(failure, engine.device, tag_dir)
+        files.add(None, tag_dir / TOKENIZER_FILE, lambda _, path: shutil.copyfile(tokenizer_file, path))
+
+
+def commit(files: RankFiles, state: RunState, keep: int, keep_every: int | None, device, group=None,
+           protect: set[str] = frozenset()) -> Path:
+    """Once this rank's `files` are written: the ranks agree over `group` that every rank's files are durable; only
+    then rank 0 writes distlm_state.json (listing every file with its size) and moves `latest`, both durably, and
+    prunes old checkpoints (never one named in `protect`). Collective over `group` (its tensors on `device`). If any
+    rank failed, every rank raises the same CheckpointError and the partial directory is removed."""
+    tag_dir, rank = files.tag_dir, dist.get_rank()
+    files.finish()
+    _raise_if_any_failed(files.failure, device, tag_dir, group)  # also the barrier: every rank's files are durable
+    failure = _attempt(lambda path: _publish(tag_dir, state), tag_dir / STATE_FILE) if rank == 0 else None
+    _raise_if_any_failed(failure, device, tag_dir, group)
     if rank == 0:
-        _prune(ckpt_dir, keep, keep_every)
-    dist.barrier()
+        _prune(tag_dir.parent, keep, keep_every, protect)
+    dist.barrier(group=group)
     return tag_dir
 
 
-def _publish(tag_dir: Path, state: RunState, tokenizer_file: Path) -> None:
-    shutil.copyfile(tokenizer_file, tag_dir / TOKENIZER_FILE)
-    write_atomic(tag_dir / STATE_FILE, json.dumps(asdict(replace(state, files=_list_files(tag_dir))), indent=1))
-    write_atomic(tag_dir.parent / LATEST_FILE, tag_dir.name)
+def _publish(tag_dir: Path, state: RunState) -> None:
+    write_atomic(tag_dir / STATE_FILE, json.dumps(asdict(replace(state, files=_list_files(tag_dir))), indent=1),
+                 durable=True)
+    write_atomic(tag_dir.parent / LATEST_FILE, tag_dir.name, durable=True)
 
 
-def _prune(ckpt_dir: Path, keep: int, keep_every: int | None) -> None:
-    """Delete all but the newest `keep` checkpoints, except permanent ones (a step divisible by keep_every)."""
-    for old in complete_tags(ckpt_dir)[:-keep]:
-        step = re.fullmatch(r"step(\d+)", old)
-        if not (keep_every and step and int(step.group(1)) % keep_every == 0):
+def prunable(tags: list[str], keep: int, keep_every: int | None) -> list[str]:
+    """Of complete tags (oldest first), those retention deletes: all but the newest `keep`, except permanent ones
+    (a step divisible by keep_every)."""
+    def permanent(tag: str) -> bool:
+        step = re.fullmatch(r"step(\d+)", tag)
+        return bool(keep_every and step and int(step.group(1)) % keep_every == 0)
+    return [tag for tag in tags[:-keep] if not permanent(tag)]
+
+
+def _prune(ckpt_dir: Path, keep: int, keep_every: int | None, protect: set[str] = frozenset()) -> None:
+    """Delete what `prunable` names among the complete checkpoints, except those in `protect` (being uploaded).
+    A checkpoint being written is not complete, so never a candidate; nor is the newest complete one (keep >= 1)."""
+    for old in prunable(complete_tags(ckpt_dir), keep, keep_every):
+        if old not in protect:
             shutil.rmtree(ckpt_dir / old, ignore_errors=True)
-
-
-Failure = tuple[Path, BaseException]  # the file being written and what went wrong
 
 
 def _attempt(write, path: Path) -> Failure | None:
@@ -223,25 +248,16 @@ def _attempt(write, path: Path) -> Failure | None:
         return path, e
 
 
-def _write_shards(engine, ckpt_dir: Path, tag: str) -> Failure | None:
-    """engine.save_checkpoint with this rank's failed write recorded, not raised: a rank that raised inside
-    it would leave the other ranks waiting in DeepSpeed's barriers. After a failure it writes nothing more."""
-    failures: list[Failure] = []
-    with recording_write_failures(engine, failures):
-        engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
-    return failures[0] if failures else None
-
-
-def _raise_if_any_failed(failure: Failure | None, device, tag_dir: Path) -> None:
-    """Collective: if any rank failed, every rank raises the lowest failed rank's description."""
+def _raise_if_any_failed(failure: Failure | None, device, tag_dir: Path, group=None) -> None:
+    """Collective over `group`: if any rank failed, every rank raises the lowest failed rank's description."""
     world = dist.get_world_size()
     first = torch.tensor([dist.get_rank() if failure else world], device=device)
-    dist.all_reduce(first, op=dist.ReduceOp.MIN)
+    dist.all_reduce(first, op=dist.ReduceOp.MIN, group=group)
     first = int(first.item())
     if first == world:
         return
     message = [_describe(failure, tag_dir) if failure and dist.get_rank() == first else None]
-    dist.broadcast_object_list(message, src=first)
+    dist.broadcast_object_list(message, src=first, group=group)
     if dist.get_rank() == 0:
         shutil.rmtree(tag_dir, ignore_errors=True)  # never published; frees the space it took
     raise CheckpointError(f"rank {first}: {message[0]}")

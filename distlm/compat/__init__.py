@@ -7,7 +7,9 @@ breaking a run or applying a correction twice.
 
 deepspeed.py (DeepSpeed 0.19.8)
     shared_fp32_partitions        ZeRO-3 keeps a second fp32 copy of fp32 weights (a device compared with a string)
-    recording_write_failures      a failed checkpoint write on one rank would hang the others in DeepSpeed's barriers
+    routing_checkpoint_writes     DeepSpeed writes checkpoint files itself, synchronously, from the live tensors: distlm
+                                  writes them (durably, or from a host snapshot in the background), and a failed write
+                                  on one rank would hang the others in DeepSpeed's barriers
     run_ds_to_universal           the universal-checkpoint converter has no API but its command line; its parallel
                                   phases run on a process pool, which distlm replaces by Ray tasks
     drop_accumulated_gradients    no API forgets the gradients of a step's earlier micro-batches (NaN/spike skips)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -48,23 +48,23 @@ def shared_fp32_partitions() -> Iterator[None]:
 
 
 @contextmanager
-def recording_write_failures(engine, failures: list[tuple[Path, BaseException]]) -> Iterator[None]:
-    """During `engine.save_checkpoint`: a file write that fails is appended to `failures` (path, error) instead
-    of raised, and every later write of this rank is skipped.
+def routing_checkpoint_writes(engine, write: Callable[[Any, Path, Callable[[Any, str], None]], None]) -> Iterator[None]:
+    """During `engine.save_checkpoint`: every file DeepSpeed writes goes to `write(state_dict, path, save)` instead,
+    where `save(state_dict, path)` is DeepSpeed's own writer (torch.save with its serialization options). DeepSpeed
+    goes on with its next file when `write` returns.
 
-    Gap: DeepSpeed writes every file through `engine.checkpoint_engine.save(state_dict, path)` and waits in
-    barriers between them; a rank that raised inside would leave the others waiting forever. Recording lets
-    every rank reach the end and agree on the failure (distlm/checkpoint/store.py)."""
+    Gap: DeepSpeed writes every file of a checkpoint through `engine.checkpoint_engine.save(state_dict, path)`, with
+    the live tensors, between barriers, and has no asynchronous writer distlm can use (0.19.8: Nebula removed; the
+    decoupled engine needs DeepSpeed's launcher, refuses ZeRO-1/2 optimizer state and commits only in
+    `engine.step()`, which pipelines bypass). Routing the files lets distlm (checkpoint/writer.py) write each one
+    durably under a temporary name, or copy its tensors to host memory and write them in the background; and record
+    a failed write instead of raising, since a rank that raised inside would leave the others waiting in
+    DeepSpeed's barriers."""
     writer = engine.checkpoint_engine
     original = writer.save
 
     def save(state_dict, path):
-        if failures:
-            return
-        try:
-            original(state_dict, str(path))
-        except Exception as e:  # OSError, or torch's RuntimeError for a failed zip write (errno lost)
-            failures.append((Path(path), e))
+        write(state_dict, Path(path), original)
 
     writer.save = save
     try:

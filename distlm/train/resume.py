@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 
-from distlm.checkpoint import store, universal, weights
+from distlm.checkpoint import mirror, store, universal, weights
 from distlm.checkpoint.store import RunState
 from distlm.config import CheckpointError, Config, ConfigError, to_dict
 
@@ -58,12 +58,15 @@ class ResumePlan:
 
 
 def checkpoint_to_resume(c: Config) -> Path | None:
-    """The checkpoint (tag dir) `trainer.resume` asks for, or None to start fresh."""
+    """The checkpoint (tag dir) `trainer.resume` asks for, or None to start fresh. With trainer.checkpoint_mirror,
+    `auto` downloads the mirror's newest checkpoint when run_dir has none."""
     if c.trainer.resume == "never":
         return None
     if c.trainer.resume == "auto":
         ckpt_dir = Path(c.run_dir) / "checkpoints"
         tag = store.find_latest(ckpt_dir)
+        if tag is None and c.trainer.checkpoint_mirror:  # a new cluster, an empty run_dir: the mirror's newest
+            tag = mirror.fetch_newest(c.trainer.checkpoint_mirror, ckpt_dir)
         return ckpt_dir / tag if tag else None
     return Path(*store.resolve(Path(c.trainer.resume)))
 

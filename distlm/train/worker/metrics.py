@@ -4,7 +4,8 @@ distlm/train/driver/progress.py).
 Per step rank 0 records loss, lr, grad_norm, tokens_per_s, tokens_seen, step_seconds, data_wait_seconds
 (time spent waiting for the next batch), rss_gib (and gpu_mem_gib / gpu_mem_reserved_gib, the step's peak,
 on GPUs) and mfu where the device's peak is known; at evaluations val_loss and val_ppl, plus a few greedy
-continuations of validation prompts (samples.jsonl and a W&B table); at checkpoints checkpoint_seconds. With
+continuations of validation prompts (samples.jsonl and a W&B table); at checkpoints checkpoint_seconds (how long
+the save stopped training) and checkpoint_wait_seconds (of it, waiting for the previous save to be written). With
 sparse blocks (model.moe) also moe_aux_loss and moe_z_loss (means over the sparse blocks and micro-batches of the
 step) and moe_load_max_over_mean (the busiest expert's tokens over the mean per expert: 1 is perfect balance; mean
 over blocks, and its worst block as moe_load_max_over_mean_worst).

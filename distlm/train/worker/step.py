@@ -44,19 +44,19 @@ def after_step(step: int, end: int, t: TrainerConfig, stop_requested: bool, save
 @dataclass
 class StepResult:
     micro_losses: list[float]  # each micro-batch's loss averaged over all ranks
-    rank0_flags: list[float]  # rank 0's control flags, as every rank received them
+    flags: list[float]  # the control flags, summed over ranks
     why_skipped: str | None
 
 
-def accumulate_and_step(engine, loss_of, batches, grad_accum: int, rank0_flags, why_skip_step) -> StepResult:
+def accumulate_and_step(engine, loss_of, batches, grad_accum: int, control_flags, why_skip_step) -> StepResult:
     """One optimizer step of a (non-pipeline) DeepSpeed engine over grad_accum micro-batches of `batches`
     ((inputs, labels) pairs; `loss_of(inputs, labels)` runs the engine's forward), with one collective and one
     host sync per step, not per micro-batch.
 
-    The micro-batches' losses stay on the device until the last forward; then they and `rank0_flags()` (rank 0's
-    flags: stop requested, save due; zeros on the other ranks, so the sum is rank 0's value) travel in one
-    all-reduce, read before the last backward. `why_skip_step(micro_losses)` (the same on every rank) says why the
-    step must be skipped, or None. A skipped step runs no last backward, no optimizer step and no LR-schedule
+    The micro-batches' losses stay on the device until the last forward; then they and `control_flags()` (rank 0's
+    stop requested and save due, zeros on the other ranks, so the sum is rank 0's value; each rank's "my save in
+    flight failed") travel in one all-reduce, summed, read before the last backward. `why_skip_step(micro_losses)`
+    (the same on every rank) says why the step must be skipped, or None. A skipped step runs no last backward, no optimizer step and no LR-schedule
     step (as DeepSpeed's own fp16-overflow skip), and the gradients the earlier micro-batches accumulated are
     dropped; all its micro-batches were read, so the data position is the same as if it had run."""
     micro_losses = []
@@ -67,7 +67,7 @@ def accumulate_and_step(engine, loss_of, batches, grad_accum: int, rank0_flags, 
         if i < grad_accum - 1:
             engine.backward(micro_loss)
             engine.step()  # not at the accumulation boundary: no update yet
-    shared = torch.cat([torch.stack(micro_losses), torch.tensor(rank0_flags(), device=engine.device)])
+    shared = torch.cat([torch.stack(micro_losses), torch.tensor(control_flags(), device=engine.device)])
     dist.all_reduce(shared)
     values = shared.tolist()
     world = dist.get_world_size()

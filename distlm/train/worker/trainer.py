@@ -14,8 +14,9 @@ import torch
 import torch.distributed as dist
 
 from distlm.checkpoint import store
+from distlm.checkpoint.saver import Checkpointer
 from distlm.checkpoint.store import STOP_FILE, RunState
-from distlm.config import Config, to_dict
+from distlm.config import CheckpointError, Config, to_dict
 from distlm.data.loading.loader import ShardLoader
 from distlm.data.loading.mixture import MixtureStream, main_dir
 from distlm.data.shards import Manifest
@@ -56,6 +57,8 @@ class Trainer:
                                    weights=resume.imported_weights(self.plan))
         self.device = self.engine.device
         self.resumed = self._restore()
+        self.checkpoints = Checkpointer(self.engine, Path(c.run_dir) / "checkpoints", self.manifest.tokenizer_path,
+                                        c.trainer)
         self._compile()
         self.metrics = self._start_metrics()
         self.train_data, self.val_data, self.val_sources = self._loaders()
@@ -159,35 +162,35 @@ class Trainer:
         doc_ids, positions = (None, *extra) if len(extra) == 1 else extra
         return self.engine(ids, labels, doc_ids=doc_ids, position_ids=positions)
 
-    def _train_step(self, batches, rank0_flags) -> tuple[float, str | None, list[float]]:
+    def _train_step(self, batches, control_flags) -> tuple[float, str | None, list[float]]:
         """One optimizer step -> (its loss averaged over micro-batches and replicas, why it was skipped or None,
-        rank 0's control flags as every rank received them). See `accumulate_and_step`."""
+        the control flags summed over ranks). See `accumulate_and_step`."""
         if self.pipelined:
-            return self._pipeline_step(batches, rank0_flags)
+            return self._pipeline_step(batches, control_flags)
         t = self.c.trainer
 
         def why_skip_step(micro_losses: list[float]) -> str | None:  # the first bad micro-batch skips the step
             return next(filter(None, (why_skip(loss, self.state.recent_losses, t.skip_spike_factor,
                                                t.spike_min_history) for loss in micro_losses)), None)
 
-        result = accumulate_and_step(self.engine, self._loss, batches, t.grad_accum, rank0_flags, why_skip_step)
+        result = accumulate_and_step(self.engine, self._loss, batches, t.grad_accum, control_flags, why_skip_step)
         loss = statistics.fmean(result.micro_losses)
         if result.why_skipped:
             bad = next(x for x in result.micro_losses if why_skip_step([x]))
-            return bad, result.why_skipped, result.rank0_flags
+            return bad, result.why_skipped, result.flags
         if self.engine.skipped_steps > self.ds_skipped:  # DeepSpeed's own check: non-finite gradients
             self.ds_skipped = self.engine.skipped_steps
-            return loss, "DeepSpeed found non-finite gradients and skipped the update", result.rank0_flags
-        return loss, None, result.rank0_flags
+            return loss, "DeepSpeed found non-finite gradients and skipped the update", result.flags
+        return loss, None, result.flags
 
-    def _pipeline_step(self, batches, rank0_flags) -> tuple[float, str | None, list[float]]:
+    def _pipeline_step(self, batches, control_flags) -> tuple[float, str | None, list[float]]:
         """DeepSpeed's train_batch runs forward, backward and the optimizer step together: the loss is known
         only after the update. Non-finite gradients are caught by its ZeRO-1 optimizer (it skips the update,
         counted here); a ZeRO-0 pipeline has no such check, so a non-finite loss there stops the run before a
         checkpoint could store the damaged weights. A spike cannot be undone: it is only logged."""
         loss = self.engine.train_batch(data_iter=batches).item()  # 1F1B schedule; the loss reaches every stage
-        flags = torch.tensor(rank0_flags(), device=self.device)
-        dist.all_reduce(flags)  # rank 0's flags (the others send zeros); a pipeline step syncs many times anyway
+        flags = torch.tensor(control_flags(), device=self.device)
+        dist.all_reduce(flags)  # summed over ranks (see _control_flags); a pipeline step syncs many times anyway
         flags = flags.tolist()
         if self.engine.skipped_steps > self.ds_skipped:
             self.ds_skipped = self.engine.skipped_steps
@@ -245,14 +248,21 @@ class Trainer:
                                          self.manifest.tokenizer_path)
 
     def save(self) -> None:
+        """Collective. Asynchronous (trainer.async_checkpoint): training is stopped only while the rank's states are
+        copied to host memory (and while a previous save still being written is waited for)."""
         start = time.perf_counter()
-        store.save(self.engine, Path(self.c.run_dir) / "checkpoints", self.state, self.manifest.tokenizer_path,
-                   keep=self.c.trainer.keep_checkpoints, keep_every=self.c.trainer.keep_every)
+        waited = self.checkpoints.save(self.state)
         self.last_save = time.monotonic()
         if self.metrics:
             seconds = time.perf_counter() - start
-            self.metrics.log(self.state.step, checkpoint_seconds=round(seconds, 3))
-            log.info("step %d: checkpoint saved in %.1fs", self.state.step, seconds)
+            self.metrics.log(self.state.step, checkpoint_seconds=round(seconds, 3),
+                             checkpoint_wait_seconds=round(waited, 3))
+            if self.checkpoints.asynchronous:
+                log.info("step %d: checkpoint copied in %.1fs (%.0f MB on rank 0%s); it is written in the background",
+                         self.state.step, seconds, self.checkpoints.snapshot_bytes / 1e6,
+                         f", {waited:.1f}s of it waiting for the previous save" if waited >= 0.1 else "")
+            else:
+                log.info("step %d: checkpoint saved in %.1fs", self.state.step, seconds)
 
     def fit(self) -> None:
         c, t = self.c, self.c.trainer
@@ -269,10 +279,12 @@ class Trainer:
         self.last_save = time.monotonic()
         self.ds_skipped = self.engine.skipped_steps
         self.compile_seconds_logged = 0.0
+        stopped = False
         while self.state.step < end:
             lr = self.engine.get_lr()[0]  # what this step's update uses (the schedule moves after it)
             start = time.perf_counter()
-            loss, skipped, (stop_requested, save_due) = self._train_step(batches, self._rank0_flags)
+            loss, skipped, (stop_requested, save_due, checkpoint_failed) = self._train_step(batches,
+                                                                                           self._control_flags)
             seconds = time.perf_counter() - start
             self.state.step += 1
             self.state.samples_seen += c.global_batch_size
@@ -280,6 +292,8 @@ class Trainer:
             self._count(loss, skipped)
             self._log_step(loss, lr, seconds, skipped,
                            moe_metrics(self.engine.module, self.device) if c.model.moe else {})
+            if checkpoint_failed:  # a background write failed: every rank raises its CheckpointError at this step
+                self.checkpoints.wait()
             self._raise_if_diverging(skipped)
             todo = after_step(self.state.step, end, t, bool(stop_requested), bool(save_due))
             if todo.evaluate:
@@ -287,9 +301,11 @@ class Trainer:
             if todo.save:
                 self.save()
             if todo.stop:
-                if self.rank == 0:
-                    log.info("step %d: stopping as asked (%s), checkpoint saved", self.state.step, STOP_FILE)
+                stopped = True
                 break
+        self.checkpoints.close()  # the end, a stop (SIGTERM, a resize): the save in flight completes first
+        if stopped and self.rank == 0:
+            log.info("step %d: stopping as asked (%s), checkpoint saved", self.state.step, STOP_FILE)
         if self.metrics:
             self.metrics.close()
 
@@ -308,6 +324,10 @@ class Trainer:
     def _raise_if_diverging(self, skipped: str | None) -> None:
         t = self.c.trainer
         if self.skipped_in_a_row > t.max_skipped_in_a_row:
+            try:
+                self.checkpoints.close()  # the save in flight completes (it holds weights from before the skips)
+            except CheckpointError as e:
+                log.error("%s", e)
             raise FloatingPointError(
                 f"step {self.state.step}: {self.skipped_in_a_row} steps in a row were skipped ({skipped}), more "
                 f"than trainer.max_skipped_in_a_row={t.max_skipped_in_a_row}: the run is diverging or the data is "
@@ -315,15 +335,17 @@ class Trainer:
                 f"{store.find_latest(Path(self.c.run_dir) / 'checkpoints')}); resume with a lower optimizer.lr, "
                 f"or skip the data")
 
-    def _rank0_flags(self) -> list[float]:
-        """[a stop was requested, checkpoint_minutes have passed since the last save] on rank 0 (a file check
-        and a clock read: microseconds), zeros on the others. They ride on the step's loss all-reduce, so every
-        rank saves and stops at the same step without a collective of their own."""
+    def _control_flags(self) -> list[float]:
+        """[a stop was requested, checkpoint_minutes have passed since the last save] on rank 0 (a file check and a
+        clock read: microseconds; zeros on the others), and [this rank's save in flight failed] on every rank. They
+        ride on the step's loss all-reduce, summed, so every rank saves, stops and raises at the same step without a
+        collective of their own."""
+        failed = float(self.checkpoints.failed)
         if self.rank != 0:
-            return [0.0, 0.0]
+            return [0.0, 0.0, failed]
         minutes = self.c.trainer.checkpoint_minutes
         return [float((Path(self.c.run_dir) / STOP_FILE).exists()),
-                float(minutes is not None and time.monotonic() - self.last_save >= minutes * 60)]
+                float(minutes is not None and time.monotonic() - self.last_save >= minutes * 60), failed]
 
     def _source_metrics(self) -> dict[str, int]:
         """With data.mix: tokens_seen/NAME and epoch/NAME per source; a log line when a source was exhausted
