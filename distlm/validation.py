@@ -339,9 +339,9 @@ def elastic_problems(c: Config) -> list[str]:
     p: list[str] = []
     _check(p, cl.elastic_check_seconds > 0, f"cluster.elastic_check_seconds={cl.elastic_check_seconds} must be positive")
     _check(p, mp <= cl.min_workers <= cl.num_workers,
-           f"cluster.min_workers={cl.min_workers} must be in [parallel.tp x parallel.pp x parallel.cp = {mp}, "
-           f"cluster.num_workers="
-           f"{cl.num_workers}]: one model replica needs {mp} workers (or null for a fixed size)")
+           f"cluster.min_workers={cl.min_workers} must be in [parallel.tp x parallel.pp"
+           f"{' x parallel.cp' if c.parallel.cp > 1 else ''} = {mp}, cluster.num_workers={cl.num_workers}]: one model "
+           f"replica needs {mp} workers (or null for a fixed size)")
     return p
 
 
