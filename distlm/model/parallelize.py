@@ -54,7 +54,7 @@ def build_model(cfg: ModelConfig, layout: Layout, source, partition: str, checkp
     for moe in (m for m in module.modules() if isinstance(m, MoE)):
         moe.aux_grad_scale = 1.0 / grad_accum
     # Saved with every checkpoint, so that it can be resumed at any other layout.
-    module.universal_checkpoint_info = universal_checkpoint_info(cfg.vocab_size)
+    module.universal_checkpoint_info = universal_checkpoint_info(cfg.vocab_size, moe=cfg.moe is not None)
     return module
 
 
@@ -230,16 +230,20 @@ def pipeline_stages(cfg: ModelConfig, layout: Layout, partition: str, checkpoint
                           checkpointable_layers=["BlockStage"])
 
 
-def universal_checkpoint_info(vocab_size: int) -> dict:
+def universal_checkpoint_info(vocab_size: int, moe: bool = False) -> dict:
     """How each parameter is split, for DeepSpeed's universal checkpoints (`ds_to_universal` merges the
     slices of a checkpoint by these rules; loading re-slices them for any other layout). Patterns are
-    `re.match`ed against parameter names of any layout (`5.layers.3.self_attn.o_proj.weight`, ...).
+    `re.match`ed against parameter names of any layout (`5.layers.3.self_attn.o_proj.weight`, ...), and each must
+    match some parameter (DeepSpeed asserts it): the experts' and the router's only with sparse blocks (`moe`).
     Column-parallel weights (q/k/v, gate/up) are DeepSpeed's default: split along dim 0."""
+    row_parallel, replicated = [r".*\.(o_proj|down_proj)\.weight$"], [r".*norm\.weight$"]
+    if moe:  # experts' units are split like a dense MLP's (gate_proj and up_proj rows, down_proj columns); the
+        row_parallel.append(r".*\.experts\.down_proj$")  # router is replicated
+        replicated.append(r".*\.mlp\.gate\.weight$")
     return {
         uc.UNIVERSAL_CHECKPOINT_VERSION_KEY: uc.UNIVERSAL_CHECKPOINT_VERSION_VALUE,
-        # Experts' units are split like a dense MLP's: gate_proj and up_proj rows, down_proj columns.
-        uc.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: [r".*\.(o_proj|down_proj)\.weight$", r".*\.experts\.down_proj$"],
-        uc.TP_REPLICATED_PARAMETER_PATTERNS: [r".*norm\.weight$", r".*\.mlp\.gate\.weight$"],  # and the router
+        uc.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: row_parallel,
+        uc.TP_REPLICATED_PARAMETER_PATTERNS: replicated,
         # Split along the (padded) vocabulary: the merge drops the padding, loading pads for the new tp.
         uc.VOCABULARY_PARAMETER_PATTERNS: [r"(.*\.)?(embed_tokens|lm_head)\.weight$"],
         uc.ORIGINAL_VOCAB_SIZE: vocab_size,
