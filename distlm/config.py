@@ -62,6 +62,11 @@ class RopeScaling:
     original_max_seq_len: int = MISSING
 
 
+def describe_layout(tp: int, pp: int, cp: int, dp: int) -> str:
+    """"tp 2 x pp 2 x dp 4", with "x cp N" only where context parallelism is used (logs, metrics, plans)."""
+    return f"tp {tp} x pp {pp}{f' x cp {cp}' if cp > 1 else ''} x dp {dp}"
+
+
 @dataclass
 class MoeConfig:
     """Sparse blocks: each token's SwiGLU MLP is the weighted sum of `top_k` of `experts` experts that a router

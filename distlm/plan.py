@@ -97,7 +97,7 @@ import math
 import os
 from dataclasses import dataclass, field
 
-from distlm.config import Config, ModelConfig, Precision, raise_if
+from distlm.config import Config, ModelConfig, Precision, describe_layout, raise_if
 from distlm.parallel.sequence import kv_replication
 from distlm.parallel.tensor import padded_vocab_size
 from distlm.validation import node_placement_problems, validate_cluster, validate_layout
@@ -679,8 +679,8 @@ def print_plan(c: Config) -> MemoryPlan:
         + (f"top-{m.moe.top_k} of {m.moe.experts} experts of ffn {m.moe.expert_ffn_dim} every {m.moe.every} "
            f"layer(s): {active_params(m) / 1e9:.3f} B active per token, " if m.moe else f"ffn {m.ffn_dim}, ")
         + f"vocab {m.vocab_size})",
-        f"layout       {cl.num_workers} {'GPUs' if p.on_gpu else 'CPU processes'} = tp {par.tp} x pp {par.pp}"
-        f"{f' x cp {par.cp}' if par.cp > 1 else ''} x dp {c.data_parallel_size} on {nodes} node(s) of "
+        f"layout       {cl.num_workers} {'GPUs' if p.on_gpu else 'CPU processes'} = "
+        f"{describe_layout(par.tp, par.pp, par.cp, c.data_parallel_size)} on {nodes} node(s) of "
         f"{p.workers_per_node} workers; ZeRO-{par.zero_stage}; {c.trainer.precision.value}; micro-batch "
         f"{c.trainer.micro_batch_size} x {c.data.seq_len} tokens, grad accum {c.trainer.grad_accum}",
         f"per rank     {p.params_per_rank / 1e6:,.1f} M parameters held"

@@ -212,10 +212,10 @@ def test_wandb_gets_each_step_once_across_the_resume_with_best_and_last_and_nume
 def test_the_report_plot_shows_the_late_curve_validation_points_resumes_lr_and_final_numbers(tmp_path):
     from distlm.run_report import figure
 
-    rows = [{"step": 0, "attempt": 1, "workers": 2, "layout": "tp 1 x pp 1 x cp 1 x dp 2"}, {"step": 0, "val_loss": 8.3}]
+    rows = [{"step": 0, "attempt": 1, "workers": 2, "layout": "tp 1 x pp 1 x dp 2"}, {"step": 0, "val_loss": 8.3}]
     for s in range(1, 201):
         if s == 101:   # a resume on fewer workers
-            rows.append({"step": 100, "attempt": 1, "workers": 1, "layout": "tp 1 x pp 1 x cp 1 x dp 1"})
+            rows.append({"step": 100, "attempt": 1, "workers": 1, "layout": "tp 1 x pp 1 x dp 1"})
         rows.append({"step": s, "loss": 3.5 + 5 * math.exp(-s / 10) + 0.02 * (s % 3), "lr": 1e-3 * (1 - s / 200),
                      "tokens_per_s": 9000 if s <= 100 else 5000})
         if s % 50 == 0:

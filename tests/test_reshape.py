@@ -190,7 +190,7 @@ def test_the_plan_says_how_the_checkpoint_resumes(written, bible_shards):
     other = plan(layout_config(bible_shards, run_dir, "single"))
     assert (other.kind, other.tag_dir, other.load_universal) == (ResumeKind.universal, tag_dir, True)
     assert other.layout == {"tp": 1, "pp": 1, "cp": 1, "dp": 1, "zero_stage": 1}
-    assert ("written at tp 1 x pp 1 x cp 1 x dp 2, ZeRO-1, through its universal form at tp 1 x pp 1 x cp 1 x dp 1"
+    assert ("written at tp 1 x pp 1 x dp 2, ZeRO-1, through its universal form at tp 1 x pp 1 x dp 1"
             in other.describe())
     assert plan(layout_config(bible_shards, run_dir, "dp2", "trainer.resume=never")).kind is ResumeKind.fresh
     assert other.existing == store.snapshot(run_dir / "checkpoints")  # what a restart compares against

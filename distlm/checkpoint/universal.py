@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from distlm.config import describe_layout
+
 log = logging.getLogger(__name__)
 
 UNIVERSAL_DIR = "universal"
@@ -44,8 +46,7 @@ def layout_of(config: dict[str, Any]) -> dict[str, int]:
 
 
 def describe(layout: dict[str, int]) -> str:
-    return (f"tp {layout['tp']} x pp {layout['pp']} x cp {layout.get('cp', 1)} x dp {layout['dp']}, "
-            f"ZeRO-{layout['zero_stage']}")
+    return f"{describe_layout(layout['tp'], layout['pp'], layout.get('cp', 1), layout['dp'])}, ZeRO-{layout['zero_stage']}"
 
 
 def needs_universal(was: dict[str, int], now: dict[str, int]) -> bool:

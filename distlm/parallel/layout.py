@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch.distributed as dist
 from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology, PipelineParallelGrid
 
+from distlm.config import describe_layout
+
 
 @dataclass
 class Layout:
@@ -58,7 +60,7 @@ class Layout:
         return self.stage == self.pp - 1
 
     def describe(self) -> str:
-        return f"tp {self.tp} x pp {self.pp} x cp {self.cp} x dp {self.dp}"
+        return describe_layout(self.tp, self.pp, self.cp, self.dp)
 
 
 def make_layout(tp: int, pp: int, cp: int = 1) -> Layout:

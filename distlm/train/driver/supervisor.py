@@ -34,7 +34,7 @@ import ray
 
 from distlm.checkpoint import store
 from distlm.compat.ray import is_start_failure, kill_train_controller, remove_placement_groups
-from distlm.config import Config
+from distlm.config import Config, describe_layout
 from distlm.files import write_atomic
 from distlm.train.driver import nodes
 from distlm.validation import data_parallel_for
@@ -56,8 +56,9 @@ class Attempt:
 
     def describe(self) -> str:
         par = self.config.parallel
-        return (f"{self.config.cluster.num_workers} workers = tp {par.tp} x pp {par.pp} x cp {par.cp} x dp "
-                f"{self.config.data_parallel_size}, grad_accum {self.config.trainer.grad_accum}")
+        return (f"{self.config.cluster.num_workers} workers = "
+                f"{describe_layout(par.tp, par.pp, par.cp, self.config.data_parallel_size)}, "
+                f"grad_accum {self.config.trainer.grad_accum}")
 
 
 class StartTimeout(RuntimeError):
