@@ -173,8 +173,11 @@ def steps_of(run_dir: Path, attempt: dict) -> list[dict]:
 
 def test_a_lost_node_shrinks_the_run_and_its_return_grows_it_back(two_nodes, straight, bible_shards, tmp_path):
     run_dir = tmp_path / "run"
+    # Synchronous saves: with asynchronous ones the 2-worker run finished its 100 steps before the node's return was
+    # noticed (the test would race the run, not check the grow).
     proc = run_train(two_nodes, overrides(bible_shards, run_dir, "cluster.min_workers=2", "cluster.max_failures=2",
-                                          "cluster.elastic_check_seconds=2"), tmp_path / "driver.log")
+                                          "cluster.elastic_check_seconds=2", "trainer.async_checkpoint=false"),
+                     tmp_path / "driver.log")
     wait_until(lambda: any(s >= 15 for s in losses(run_dir)), "step 15")  # the checkpoint of step 10 is on disk
     killed_at, killed_time = max(losses(run_dir)), time.time()
     assert two_nodes.kill_node(1) > 0
