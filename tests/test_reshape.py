@@ -35,6 +35,10 @@ LAYOUTS = {
     "dp2": (2, ["parallel=dp", "trainer.micro_batch_size=4"]),
     "zero3_dp2": (2, ["parallel=zero3", "trainer.micro_batch_size=4"]),
     "zero3_single": (1, ["parallel=zero3", "trainer.micro_batch_size=8"]),
+    "zero3_dp2_one_sub_group": (2, ["parallel=zero3", "trainer.micro_batch_size=4",
+                                    "parallel.zero3_sub_group_blocks=1000"]),
+    "zero3_single_one_sub_group": (1, ["parallel=zero3", "trainer.micro_batch_size=8",
+                                       "parallel.zero3_sub_group_blocks=1000"]),
     "tp2_pp2": (4, ["parallel=tp2_pp2", "trainer.micro_batch_size=4", "trainer.grad_accum=2"]),
     "tp2_tied": (2, ["parallel=tp2", "trainer.micro_batch_size=8", "model.tie_embeddings=true"]),
     "pp2_tied": (2, ["parallel=pp2", "trainer.micro_batch_size=4", "trainer.grad_accum=2",
@@ -101,14 +105,16 @@ def written(bible_shards, tmp_path_factory):
     return make
 
 
-# zero3_dp2 -> zero3_single: step 5 differs by 4.5e-4 (relative) since this round's branches were merged, with
-# synchronous saves too; open (the stop's note), reported rather than fatal until found.
+# zero3_dp2 -> zero3_single at conf's defaults fails (step 5 differs by 4.5e-4): with ZeRO-3 optimizer sub-groups
+# smaller than a rank's partition (parallel.zero3_sub_group_blocks=1, the training-memory default), the optimizer
+# states loaded through the universal form at another dp are not the ones saved. With one sub-group per partition
+# it continues exactly (the _one_sub_group pair). strict: the day it is fixed, this marker must go.
 ZERO3_RESUME = pytest.param("zero3_dp2", "zero3_single", marks=pytest.mark.xfail(
-    reason="step 5 differs by 4.5e-4 since this round's merges; open", strict=False))
+    reason="ZeRO-3 sub-groups smaller than the partition break a universal resume at another dp; open", strict=True))
 
 
 @pytest.mark.parametrize("was, now", [("dp2", "single"), ("tp2_pp2", "single"), ("single", "tp2_pp2"), ZERO3_RESUME,
-                                     ("cp2", "single"), ("single", "cp2")])
+                                     ("zero3_dp2_one_sub_group", "zero3_single_one_sub_group"), ("cp2", "single"), ("single", "cp2")])
 def test_resume_at_another_layout_continues_the_run(was, now, written, straight, bible_shards, tmp_path):
     run_dir = tmp_path / "run"
     tag_dir = run_dir / "checkpoints" / store.tag_for_step(STOP)
